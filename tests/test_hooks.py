@@ -1,0 +1,216 @@
+"""Invariants of the hook module on tiny random models of each architecture."""
+
+import pytest
+import torch
+
+from lib.hooks import (Intervention, SiteError, apply_intervention, capture, count_hooks, patch,
+                       run_with_cache)
+from lib.models import load_model
+from lib.patching import sweep_logits, sweep_logits_naive
+from lib.sites import LAYER_SITES, all_sites, parse_site, site_name
+
+FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
+BASE = "The cat sat on the mat"
+SOURCE = "A dog ran in the parks"  # same byte length as BASE, so same token count
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def lm(request):
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def ids(lm):
+    base, source = lm.tokenize(BASE), lm.tokenize(SOURCE)
+    assert base.shape == source.shape
+    return base, source
+
+
+def logits_of(lm, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits
+
+
+def test_every_site_resolves_with_documented_shape(lm, ids):
+    base, _ = ids
+    sites = all_sites(lm.n_layers)
+    logits, cache = run_with_cache(lm, base, sites)
+    assert set(cache) == set(sites)
+    batch, pos = base.shape
+    for site in sites:
+        kind, _ = parse_site(site)
+        expected = (batch, pos, lm.n_heads, lm.d_head) if kind == "head_out" else \
+            (batch, pos, lm.d_model)
+        assert tuple(cache[site].shape) == expected, site
+    # resid_post of the last block feeds the final norm: re-applying it gives the logits.
+    final_norm = lm.model.get_submodule(lm.spec.final_norm_path)
+    with torch.no_grad():
+        head = lm.model.get_output_embeddings()
+        rebuilt = head(final_norm(cache[site_name("resid_post", lm.n_layers - 1)]))
+    assert torch.allclose(rebuilt, logits, atol=1e-5)
+    # resid_post of layer l is resid_pre of layer l + 1
+    for layer in range(lm.n_layers - 1):
+        assert torch.equal(cache[f"blocks.{layer}.resid_post"], cache[f"blocks.{layer + 1}.resid_pre"])
+
+
+def test_capture_positions_selects_tokens(lm, ids):
+    base, _ = ids
+    with capture(lm, ["blocks.0.mlp_out"]) as full, torch.no_grad():
+        lm.model(input_ids=base)
+    with capture(lm, ["blocks.0.mlp_out"], positions=[0, 3]) as part, torch.no_grad():
+        lm.model(input_ids=base)
+    assert torch.equal(part["blocks.0.mlp_out"], full["blocks.0.mlp_out"][:, [0, 3]])
+
+
+@pytest.mark.parametrize("kind", LAYER_SITES)
+def test_patching_own_activations_changes_nothing(lm, ids, kind):
+    base, _ = ids
+    clean = logits_of(lm, base)
+    for layer in range(lm.n_layers):
+        site = site_name(kind, layer)
+        _, cache = run_with_cache(lm, base, [site])
+        with patch(lm, [Intervention(site, value=cache[site], source="self")]):
+            patched = logits_of(lm, base)
+        assert (patched - clean).abs().max().item() == 0.0, site
+
+
+def test_resid_pre_layer0_all_positions_equals_source_run(lm, ids):
+    base, source = ids
+    _, cache = run_with_cache(lm, source, ["blocks.0.resid_pre"])
+    with patch(lm, [Intervention("blocks.0.resid_pre", value=cache["blocks.0.resid_pre"])]):
+        patched = logits_of(lm, base)
+    assert torch.allclose(patched, logits_of(lm, source), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "attn_in", "attn_out", "mlp_out", "resid_post"])
+def test_last_position_patch_leaves_earlier_logits_bitwise(lm, ids, kind):
+    base, source = ids
+    last = base.shape[1] - 1
+    site = site_name(kind, 0)
+    _, cache = run_with_cache(lm, source, [site], positions=[last])
+    clean = logits_of(lm, base)
+    with patch(lm, [Intervention(site, positions=(last,), value=cache[site])]):
+        patched = logits_of(lm, base)
+    assert torch.equal(patched[:, :last], clean[:, :last])
+    assert not torch.equal(patched[:, last], clean[:, last])
+
+
+def _sweep_rows(lm, source_cache, seq_len):
+    rows = []
+    for layer in range(lm.n_layers):
+        for kind in ("attn_in", "mlp_out", "resid_pre", "head_out"):
+            site = site_name(kind, layer)
+            for pos in range(seq_len):
+                rows.append([Intervention(site, positions=(pos,),
+                                          value=source_cache[site][:, [pos]])])
+    return rows
+
+
+def test_batched_sweep_equals_one_at_a_time(lm, ids):
+    base, source = ids
+    sites = [site_name(k, l) for l in range(lm.n_layers)
+             for k in ("attn_in", "mlp_out", "resid_pre", "head_out")]
+    _, cache = run_with_cache(lm, source, sites)
+    rows = _sweep_rows(lm, cache, base.shape[1])
+    naive = sweep_logits_naive(lm, base, rows)
+    batched = sweep_logits(lm, base, rows, batch_size=16, prefix_cache=False)
+    assert (batched - naive).abs().max().item() <= 1e-5
+    # last-position rows with the key/value prefix cache
+    last = base.shape[1] - 1
+    last_rows = [r for r in rows if r[0].positions == (last,)]
+    cached = sweep_logits(lm, base, last_rows, batch_size=5, prefix_cache=True)
+    assert (cached - sweep_logits_naive(lm, base, last_rows)).abs().max().item() <= 1e-5
+    # and the sweep changes something
+    assert (naive - logits_of(lm, base)[:, -1]).abs().max().item() > 1e-3
+
+
+def test_different_interventions_per_row(lm, ids):
+    base, source = ids
+    two = torch.cat([base, base])
+    _, cache = run_with_cache(lm, source, ["blocks.0.mlp_out"])
+    ivs = [Intervention("blocks.0.mlp_out", rows=(1,), positions=(2,),
+                        value=cache["blocks.0.mlp_out"][:, [2]])]
+    with patch(lm, ivs):
+        out = logits_of(lm, two)
+    clean = logits_of(lm, base)
+    assert torch.equal(out[0], clean[0])
+    assert not torch.equal(out[1], clean[0])
+
+
+def test_all_heads_equals_whole_attention_before_projection(lm, ids):
+    base, source = ids
+    layer = lm.n_layers - 1
+    site = site_name("head_out", layer)
+    _, cache = run_with_cache(lm, source, [site])
+    src = cache[site]
+    per_head = [Intervention(site, heads=(h,), value=src[:, :, [h]]) for h in range(lm.n_heads)]
+    with patch(lm, per_head):
+        by_heads = logits_of(lm, base)
+    with patch(lm, [Intervention(site, value=src)]):
+        whole = logits_of(lm, base)
+    assert torch.equal(by_heads, whole)
+    # Patching the whole pre-projection output equals patching attn_out with the source's.
+    _, out_cache = run_with_cache(lm, source, [site_name("attn_out", layer)])
+    with patch(lm, [Intervention(site_name("attn_out", layer),
+                                 value=out_cache[site_name("attn_out", layer)])]):
+        via_out = logits_of(lm, base)
+    assert torch.allclose(whole, via_out, atol=1e-5)
+
+
+def test_add_zero_function_kinds(lm, ids):
+    base, _ = ids
+    _, cache = run_with_cache(lm, base, ["blocks.0.mlp_out"])
+    x = cache["blocks.0.mlp_out"]
+    added = apply_intervention(x, Intervention("blocks.0.mlp_out", positions=(1,), kind="add",
+                                               value=torch.ones(lm.d_model)))
+    assert torch.allclose(added[:, 1] - x[:, 1], torch.ones(lm.d_model))
+    assert torch.equal(added[:, 0], x[:, 0])
+    zeroed = apply_intervention(x, Intervention("blocks.0.mlp_out", kind="zero"))
+    assert zeroed.abs().sum() == 0
+    doubled = apply_intervention(x, Intervention("blocks.0.mlp_out", kind="function",
+                                                 fn=lambda t: 2 * t))
+    assert torch.allclose(doubled, 2 * x)
+
+
+def test_no_hook_remains_after_block_or_exception(lm, ids):
+    base, _ = ids
+    assert count_hooks(lm.model) == 0
+    sites = all_sites(lm.n_layers)
+    with capture(lm, sites), patch(lm, [Intervention("blocks.0.mlp_out", kind="zero")]):
+        assert count_hooks(lm.model) == len(sites) + 1
+        logits_of(lm, base)
+    assert count_hooks(lm.model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(lm, sites), patch(lm, [Intervention("embed", kind="zero")]):
+            raise RuntimeError("boom")
+    assert count_hooks(lm.model) == 0
+    # an error raised by a hook during the forward pass also cleans up
+    bad = Intervention("blocks.0.mlp_out", positions=(999,), kind="zero")
+    with pytest.raises(SiteError, match="positions"):
+        with patch(lm, [bad]):
+            logits_of(lm, base)
+    assert count_hooks(lm.model) == 0
+
+
+def test_out_of_range_and_unknown_sites_are_clear(lm, ids):
+    with pytest.raises(SiteError, match=f"layer {lm.n_layers} is out of range"):
+        with capture(lm, [site_name("mlp_out", lm.n_layers)]):
+            pass
+    with pytest.raises(ValueError, match="unknown site"):
+        Intervention("blocks.0.mlp_output", kind="zero")
+    with pytest.raises(ValueError, match="unknown site kind"):
+        site_name("attention_input", 0)
+    with pytest.raises(ValueError, match="heads only apply"):
+        Intervention("blocks.0.mlp_out", kind="zero", heads=(0,))
+    with pytest.raises(ValueError, match="needs a value"):
+        Intervention("blocks.0.mlp_out", kind="replace")
+    assert count_hooks(lm.model) == 0
+
+
+def test_intervention_json_round_trip():
+    iv = Intervention("blocks.2.head_out", positions=[3], rows=[0, 1], heads=[1], kind="replace",
+                      value=torch.zeros(1), source="run:source")
+    data = iv.to_dict()
+    assert data == {"site": "blocks.2.head_out", "positions": [3], "kind": "replace",
+                    "rows": [0, 1], "heads": [1], "source": "run:source"}
+    assert Intervention.from_dict(data, value=torch.zeros(1)) == iv
