@@ -1,0 +1,47 @@
+"""Figures: plot functions return plotnine objects; :func:`save_figure` writes PNG and PDF.
+
+Notebooks display the returned figure inline and save it with the one helper, so every figure
+of the repository lands under ``graphs/<model>/`` as ``<name>.png`` (for reading) and
+``<name>.pdf`` (for papers), written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from lib import paths
+
+
+def save_figure(fig, name: str, model_slug: str | None = None,
+                graphs_dir: str | os.PathLike | None = None, width: float = 7,
+                height: float = 4.5, dpi: int = 150) -> list[Path]:
+    """Save a plotnine ggplot (or matplotlib Figure) as ``<graphs_dir>/<model_slug>/<name>.png``
+    and ``.pdf``. Returns the two paths."""
+    folder = Path(graphs_dir) if graphs_dir else paths.GRAPHS
+    if model_slug:
+        folder = folder / model_slug
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in ("png", "pdf"):
+        target = folder / f"{name}.{ext}"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=f".{ext}")
+        os.close(fd)
+        # A fixed creation date keeps PDFs byte-stable between identical runs.
+        meta = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        try:
+            if hasattr(fig, "save"):  # plotnine
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fig.save(tmp, format=ext, width=width, height=height, dpi=dpi,
+                             verbose=False, metadata=meta)
+            else:  # matplotlib
+                fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight", metadata=meta)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written

@@ -1,0 +1,80 @@
+"""Result files: provenance, atomic writes, byte-stable reruns, resumable units, figures."""
+
+import json
+import os
+
+import pytest
+
+from lib import io
+from lib.models import load_model
+
+
+def test_write_json_has_provenance_and_is_byte_stable(tmp_path, monkeypatch):
+    lm = load_model("tiny-random")
+    target = tmp_path / "out" / "result.json"
+    payload = {"scores": [0.1, 0.2, float("nan")], "n": 3}
+    io.write_json(target, payload, io.provenance(lm, {"k": 5}, seed=0))
+    data = json.loads(target.read_text())
+    prov = data["provenance"]
+    assert prov["model"]["name"] == "tiny-random" and prov["seed"] == 0
+    assert prov["parameters"] == {"k": 5}
+    assert {"torch", "transformers", "python"} <= set(prov["versions"])
+    assert "git_commit" in prov and prov["created_utc"].endswith("+00:00")
+    assert data["scores"][2] is None  # NaN is not valid JSON
+    before = target.read_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # a later run, a different time
+    io.write_json(target, payload, io.provenance(lm, {"k": 5}, seed=0))
+    assert target.read_bytes() == before
+    io.write_json(target, {**payload, "n": 4}, io.provenance(lm, {"k": 5}, seed=0))
+    assert json.loads(target.read_text())["n"] == 4
+    assert json.loads(target.read_text())["provenance"]["created_utc"] == "1970-01-01T00:00:00+00:00"
+
+
+def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    io.write_json(target, {"a": 1})
+
+    def broken_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_unit_store_resumes_and_respects_params_and_force(tmp_path):
+    calls = []
+    store = io.UnitStore(tmp_path, {"layers": [1, 2]})
+    assert store.get_or_compute("pair a", lambda: calls.append(1) or {"x": 1}) == {"x": 1}
+    assert io.UnitStore(tmp_path, {"layers": [1, 2]}).get_or_compute(
+        "pair a", lambda: calls.append(2) or {"x": 2}) == {"x": 1}
+    assert calls == [1]
+    assert io.UnitStore(tmp_path, {"layers": [1]}).get("pair a") is None
+    assert io.UnitStore(tmp_path, {"layers": [1, 2]}, force=True).get("pair a") is None
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        io.read_json(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        io.read_json(bad)
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    import pandas as pd
+    from plotnine import aes, geom_point, ggplot
+
+    from lib.plots import save_figure
+
+    fig = ggplot(pd.DataFrame({"x": [1, 2], "y": [3, 4]}), aes("x", "y")) + geom_point()
+    written = save_figure(fig, "demo", "tiny", graphs_dir=tmp_path)
+    assert [p.name for p in written] == ["demo.png", "demo.pdf"]
+    assert written[0].read_bytes()[:4] == b"\x89PNG" and written[1].read_bytes()[:4] == b"%PDF"
+    first_pdf = written[1].read_bytes()
+    save_figure(fig, "demo", "tiny", graphs_dir=tmp_path)
+    assert written[1].read_bytes() == first_pdf
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["demo.pdf", "demo.png"]
