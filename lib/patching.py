@@ -21,12 +21,11 @@ import torch
 from lib.hooks import Intervention, patch
 
 
-def _first_position(rows: Sequence[Sequence[Intervention]], seq_len: int) -> int:
-    starts = [min(iv.positions) if iv.positions is not None else 0
-              for row in rows for iv in row]
-    if any(iv.site == "embed" and iv.positions is None for row in rows for iv in row):
+def _row_start(row: Sequence[Intervention]) -> int:
+    """First position a row of interventions touches (0 when any covers all positions)."""
+    if any(iv.positions is None for iv in row):
         return 0
-    return min(starts, default=seq_len - 1)
+    return min((min(iv.positions) for iv in row), default=0)
 
 
 @torch.no_grad()
@@ -36,9 +35,12 @@ def sweep_logits(lm, input_ids: torch.Tensor, rows: Sequence[Sequence[Interventi
     """Last-position logits (len(rows), vocab), float32, one row per intervention list.
 
     ``input_ids`` is (1, pos) (the same base for every row) or (len(rows), pos). Each row's
-    interventions get ``rows=(batch index,)``; their own ``rows`` field is ignored. With
-    ``prefix_cache`` the key/value cache of positions before the earliest patched position is
-    computed once (shared base) or once per batch (per-row bases).
+    interventions get ``rows=(batch index,)``; their own ``rows`` field is ignored.
+
+    With ``prefix_cache`` and a shared base, rows are grouped by the first position they touch;
+    each group runs only from that position on, continuing from the key/value cache of the
+    clean prefix, which is computed once per group. With per-row bases the earliest position
+    over all rows is used and the prefix is computed once per batch.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -46,35 +48,45 @@ def sweep_logits(lm, input_ids: torch.Tensor, rows: Sequence[Sequence[Interventi
     n_rows, seq_len = len(rows), input_ids.shape[1]
     if input_ids.shape[0] not in (1, n_rows):
         raise ValueError(f"input_ids has {input_ids.shape[0]} rows; expected 1 or {n_rows}")
-    start = _first_position(rows, seq_len) if prefix_cache else 0
-    start = min(start, seq_len - 1)  # at least the last token runs per row
     shared = input_ids.shape[0] == 1
-    shared_past = None
-    if start > 0 and shared:
-        shared_past = lm.model(input_ids=input_ids[:, :start], use_cache=True).past_key_values
-
-    out = []
-    chunks = range(0, n_rows, batch_size)
+    # at least the last token runs per row
+    starts = [min(_row_start(row), seq_len - 1) if prefix_cache else 0 for row in rows]
+    if not shared:
+        starts = [min(starts, default=0)] * n_rows
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(starts):
+        groups.setdefault(s, []).append(i)
+    jobs = [(s, idx[lo:lo + batch_size]) for s, idx in sorted(groups.items())
+            for lo in range(0, len(idx), batch_size)]
     if progress:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="interventions", unit="batch")
-    for lo in chunks:
-        chunk = rows[lo:lo + batch_size]
-        n = len(chunk)
-        ids = input_ids.expand(n, -1) if shared else input_ids[lo:lo + n]
-        ivs = [replace(iv, rows=(j,)) for j, row in enumerate(chunk) for iv in row]
+        jobs = tqdm(jobs, desc="interventions", unit="batch")
+
+    out: list[torch.Tensor | None] = [None] * n_rows
+    shared_past, past_start = None, None
+    for start, idx in jobs:
+        n = len(idx)
+        ids = input_ids.expand(n, -1) if shared else input_ids[idx]
         kwargs = {}
         if start > 0:
             if shared:
+                if past_start != start:
+                    shared_past = lm.model(input_ids=input_ids[:, :start],
+                                           use_cache=True).past_key_values
+                    past_start = start
                 past = copy.deepcopy(shared_past)
                 past.batch_repeat_interleave(n)
             else:
                 past = lm.model(input_ids=ids[:, :start], use_cache=True).past_key_values
             kwargs = {"past_key_values": past, "use_cache": True}
+        ivs = [replace(iv, rows=(j,)) for j, i in enumerate(idx) for iv in rows[i]]
         with patch(lm, ivs, offset=start):
-            logits = lm.model(input_ids=ids[:, start:], **kwargs).logits
-        out.append(logits[:, -1].float())
-    return torch.cat(out) if out else torch.empty(0, lm.model.config.get_text_config().vocab_size)
+            logits = lm.model(input_ids=ids[:, start:], **kwargs).logits[:, -1].float()
+        for j, i in enumerate(idx):
+            out[i] = logits[j]
+    if not out:
+        return torch.empty(0, lm.model.get_output_embeddings().weight.shape[0])
+    return torch.stack(out)
 
 
 @torch.no_grad()

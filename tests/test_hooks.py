@@ -115,6 +115,9 @@ def test_batched_sweep_equals_one_at_a_time(lm, ids):
     naive = sweep_logits_naive(lm, base, rows)
     batched = sweep_logits(lm, base, rows, batch_size=16, prefix_cache=False)
     assert (batched - naive).abs().max().item() <= 1e-5
+    # grouped by position, each group continuing from its clean key/value prefix
+    grouped = sweep_logits(lm, base, rows, batch_size=16, prefix_cache=True)
+    assert (grouped - naive).abs().max().item() <= 1e-5
     # last-position rows with the key/value prefix cache
     last = base.shape[1] - 1
     last_rows = [r for r in rows if r[0].positions == (last,)]
