@@ -1,0 +1,699 @@
+"""Interchange intervention (activation patching) over components x layers x positions.
+
+The technique of pyvene's "Interchange Intervention" tutorial (Wu, Arora et al. 2024, "pyvene:
+A Library for Understanding and Improving PyTorch Models via Interventions"; the tutorial is
+ported from nano-causal-interventions), itself the interchange intervention of Geiger et al.
+2021 ("Causal Abstractions of Neural Networks") and the activation patching of Vig et al. 2020
+and Meng et al. 2022 ("Locating and Editing Factual Associations in GPT").
+
+Run the model on a *source* prompt and cache one component's activation; run it on a *base*
+prompt of the same token length, overwrite that component at one layer and one position with
+the source's value, and read the probability of each answer token at the last position:
+
+    p_t(c, l, p) = softmax(logits(base | c_l[p] := c_l^source[p]))[t]   at the last position.
+
+Components are :mod:`lib.sites` kinds. The tutorial's two are ``attn_in`` (pyvene's
+``attention_input``: the input of the self-attention module, after its norm, so only what
+attention reads at p changes: its query, key and value there) and ``mlp_out`` (pyvene's
+``mlp_output``: the MLP's output before the residual add). Nodes are labelled as in the
+tutorial: ``a{l}`` for ``attn_in``, ``f{l}`` for ``mlp_out``, ``{kind}{l}`` otherwise.
+
+The grid runs batched (one intervention per batch row). Two facts make it cheap
+(:func:`sweep_interchange`, engine ``"layer_skip"``):
+
+* a patch at position p changes nothing before p (causal attention): rows are grouped by
+  position and each group continues from the base's key/value cache of positions ``[0, p)``;
+* a patch at layer l changes nothing below l: a batch whose lowest patched layer is l0 starts
+  from the base's clean residual stream entering block l0 and skips blocks ``0..l0-1``.
+
+Only the last position's logits are projected onto the vocabulary. The engine checks itself
+against a plain forward pass on first use and falls back to ``"sweep_logits"`` (which uses
+:func:`lib.patching.sweep_logits` per position group) for an architecture where starting
+from a cached residual stream is not exact (e.g. GPT-2 adds position embeddings to its input).
+
+The same grid is estimated by attribution patching (:mod:`lib.attribution`) and compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from lib.attribution import attribution_patching, correlations
+from lib.hooks import Intervention, apply_intervention, patch, run_with_cache
+from lib.patching import sweep_logits, sweep_logits_naive
+from lib.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, parse_site, site_name
+
+DEFAULT_BASE = "The capital of Spain is"
+DEFAULT_SOURCE = "The capital of Italy is"
+DEFAULT_TOKENS = (" Madrid", " Rome")
+DEFAULT_COMPONENTS = ("mlp_out", "attn_in")
+ENGINES = ("layer_skip", "sweep_logits", "naive")
+NODE_PREFIX = {"attn_in": "a", "mlp_out": "f"}
+RECORD_KEYS = ("component", "layer", "position", "node", "token", "token_id", "prob", "logit")
+ATTRIBUTION_KEYS = ("component", "layer", "position", "node", "metric", "exact", "estimate",
+                    "delta_norm")
+
+
+class TokenizationMismatchError(ValueError):
+    """Base and source prompts tokenize to different lengths, so positions do not align."""
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+def parse_components(spec: str | Sequence[str]) -> list[str]:
+    """``"mlp_out,attn_in"`` or a list -> list of site kinds (checked against lib.sites)."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [s for s in items if s]
+    if not items:
+        raise ValueError("COMPONENTS is empty; give at least one site kind, e.g. 'mlp_out,attn_in'")
+    aliases = {"mlp_output": "mlp_out", "attention_input": "attn_in"}
+    out = []
+    for item in items:
+        kind = aliases.get(item, item)
+        if kind not in ALL_SITE_KINDS:
+            raise ValueError(f"unknown component {item!r}; use site kinds of lib.sites: "
+                             f"{', '.join(ALL_SITE_KINDS)} (pyvene's 'mlp_output' and "
+                             "'attention_input' are accepted as aliases)")
+        if kind not in out:
+            out.append(kind)
+    return out
+
+
+def parse_indices(spec: str | int | Sequence[int], n: int, what: str) -> list[int]:
+    """``"all"``, ``"0,3,5"``, an int or a list -> sorted distinct indices in ``[0, n)``.
+    Negative values count from the end (-1 = last)."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("all", ""):
+            return list(range(n))
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{what} must be 'all' or comma-separated integers like '0,3,5', "
+                             f"got {spec!r}") from None
+    elif isinstance(spec, int):
+        values = [spec]
+    else:
+        values = [int(v) for v in spec]
+    bad = [v for v in values if not -n <= v < n]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range: valid are 0 to {n - 1} (or -{n} to -1)")
+    if not values:
+        raise ValueError(f"{what} is empty; use 'all' or a list of integers")
+    return sorted({v % n for v in values})
+
+
+def align_prompts(lm, base: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (1, pos) of base and source; a clear error if their lengths differ."""
+    b = lm.tokenizer(base)["input_ids"]
+    s = lm.tokenizer(source)["input_ids"]
+    if len(b) != len(s):
+        raise TokenizationMismatchError(
+            f"base and source must tokenize to the same length for position-aligned patching, "
+            f"but for {lm.name} the base has {len(b)} tokens {lm.token_strings(b)} and the "
+            f"source has {len(s)} tokens {lm.token_strings(s)}. Reword one prompt so both have "
+            "the same number of tokens.")
+    return (torch.tensor([b], device=lm.device), torch.tensor([s], device=lm.device))
+
+
+def answer_token_ids(lm, tokens: Sequence[str]) -> list[int]:
+    """The single-token id of each answer string (e.g. " Madrid"); errors name the pieces."""
+    if not tokens:
+        raise ValueError("give at least one answer token, e.g. ' Madrid,  Rome'")
+    return [lm.token_id(t) for t in tokens]
+
+
+def node_label(kind: str, layer: int | None) -> str:
+    """``a3`` for attn_in, ``f3`` for mlp_out (as the tutorial), ``resid_pre3`` otherwise."""
+    if layer is None:
+        return kind
+    return f"{NODE_PREFIX.get(kind, kind)}{layer}"
+
+
+def node_order(components: Sequence[str], layers: Sequence[int]) -> list[str]:
+    """Nodes bottom-up in forward order: a0, f0, a1, f1, ... (embed first)."""
+    order = sorted(components, key=ALL_SITE_KINDS.index)
+    nodes = [k for k in order if k in GLOBAL_SITES]
+    nodes += [node_label(k, l) for l in layers for k in order if k in LAYER_SITES]
+    return nodes
+
+
+def grid_cells(components: Sequence[str], layers: Sequence[int], positions: Sequence[int]
+               ) -> list[tuple[str, int | None, int]]:
+    """Every (component, layer, position) cell; ``embed`` has no layer (None)."""
+    cells = []
+    for kind in components:
+        for layer in ([None] if kind in GLOBAL_SITES else layers):
+            for pos in positions:
+                cells.append((kind, layer, pos))
+    return cells
+
+
+def _site(kind: str, layer: int | None) -> str:
+    return site_name(kind, layer) if kind not in GLOBAL_SITES else kind
+
+
+# --- clean runs ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def last_logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    """Last-position logits (vocab,), float32, of one prompt."""
+    return lm.model(input_ids=ids.to(lm.device)).logits[0, -1].float()
+
+
+def top_tokens(lm, logits: torch.Tensor, k: int = 10) -> list[dict]:
+    """The ``k`` most probable next tokens: rank, token string, token id, probability."""
+    probs = logits.float().softmax(-1)
+    top = probs.topk(k)
+    return [{"rank": r + 1, "token": lm.tokenizer.decode([i]), "token_id": int(i),
+             "prob": float(p)} for r, (p, i) in enumerate(zip(top.values.tolist(),
+                                                             top.indices.tolist()))]
+
+
+# --- the batched sweep ----------------------------------------------------------------------
+
+def interchange_rows(lm, source_ids: torch.Tensor, cells) -> list[list[Intervention]]:
+    """One row (a list with one replace :class:`Intervention`) per cell, the value cut from a
+    single forward pass on the source."""
+    sites = list(dict.fromkeys(_site(k, l) for k, l, _ in cells))
+    _, cache = run_with_cache(lm, source_ids, sites)
+    return [[Intervention(_site(k, l), positions=(p,), value=cache[_site(k, l)][:, [p]],
+                          source=f"run:source position {p}")] for k, l, p in cells]
+
+
+class _SkippedBlock(torch.nn.Module):
+    """Stands in for a block below every patched layer: passes the residual stream through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def _skip_blocks(lm, n_skip: int):
+    """Replace blocks ``0..n_skip-1`` by pass-throughs inside the block (restored on exit)."""
+    blocks = lm.spec.blocks(lm.model)
+    saved = [blocks[i] for i in range(n_skip)]
+    try:
+        for i in range(n_skip):
+            blocks[i] = _SkippedBlock()
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+def _row_start(row: Sequence[Intervention], seq_len: int) -> tuple[int, int]:
+    """(first patched position, first patched layer; -1 for ``embed``) of one row. Every site
+    of layer l lives in block l or on its input, so a run may start at block l."""
+    pos, layer = seq_len - 1, 10 ** 9
+    for iv in row:
+        _, lay = parse_site(iv.site)
+        pos = min(pos, 0 if iv.positions is None else min(iv.positions))
+        layer = min(layer, -1 if lay is None else lay)
+    return pos, layer
+
+
+def _supports(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Engine:
+    """Shared state of a layer-skip sweep on one base prompt."""
+
+    def __init__(self, lm, base_ids: torch.Tensor):
+        self.lm = lm
+        self.ids = base_ids.to(lm.device)
+        self.seq_len = self.ids.shape[1]
+        sites = [site_name("resid_pre", l) for l in range(lm.n_layers)]
+        self.clean_logits, cache = run_with_cache(lm, self.ids, sites)
+        self.resid_pre = [cache[s] for s in sites]
+        # Only the last position goes through the LM head. An index tensor (not the int 1)
+        # makes transformers gather a contiguous slice; a strided one makes the head's matmul
+        # several times slower on CPU.
+        self.keep_last = _supports(lm.model.forward, "logits_to_keep")
+        self.prefix: dict[int, object] = {}
+
+    def past(self, pos: int, n: int):
+        if pos == 0:
+            return None
+        if pos not in self.prefix:
+            self.prefix[pos] = self.lm.model(input_ids=self.ids[:, :pos],
+                                             use_cache=True).past_key_values
+        past = copy.deepcopy(self.prefix[pos])
+        past.batch_repeat_interleave(n)
+        return past
+
+    def run(self, rows: Sequence[Sequence[Intervention]], pos: int, start_layer: int,
+            skip: bool) -> torch.Tensor:
+        """Last-position logits (len(rows), vocab) for rows whose patches are all at positions
+        >= pos and layers >= start_layer."""
+        n = len(rows)
+        n_skip = max(start_layer, 0) if skip else 0
+        if n_skip > 0:
+            inputs = {"inputs_embeds": self.resid_pre[n_skip][:, pos:].expand(n, -1, -1)
+                      .contiguous()}
+        else:
+            inputs = {"input_ids": self.ids[:, pos:].expand(n, -1)}
+        past = self.past(pos, n)
+        if past is not None:
+            inputs.update(past_key_values=past, use_cache=True)
+        ivs = [replace(iv, rows=(j,)) for j, row in enumerate(rows) for iv in row]
+        if self.keep_last:
+            inputs["logits_to_keep"] = torch.tensor([self.seq_len - pos - 1],
+                                                    device=self.ids.device)
+        with patch(self.lm, ivs, offset=pos), _skip_blocks(self.lm, n_skip):
+            logits = self.lm.model(**inputs).logits
+        return logits[:, -1].float()
+
+    def self_check(self) -> float:
+        """Largest |logit| difference between a clean run started mid-stack at a middle
+        position and the plain forward pass (0 up to rounding when skipping is exact)."""
+        layer = self.lm.n_layers // 2
+        pos = self.seq_len // 2
+        with torch.no_grad():
+            got = self.run([[]], pos, layer, skip=True)[0]
+        return float((got - self.clean_logits[0, -1]).abs().max())
+
+
+def _noop_rows(lm, base_ids: torch.Tensor, rows) -> tuple[torch.Tensor, list[int]]:
+    """Clean last logits (1, vocab) of the base, and the indices of rows that would not change
+    any activation of the base run (checked by applying them to the clean activations)."""
+    sites = list(dict.fromkeys(iv.site for row in rows for iv in row))
+    logits, cache = run_with_cache(lm, base_ids, sites)
+    noop = []
+    for i, row in enumerate(rows):
+        current = {}
+        for iv in row:
+            x = current.get(iv.site, cache[iv.site])
+            current[iv.site] = apply_intervention(x, replace(iv, rows=None))
+        if all(torch.equal(current[site], cache[site]) for site in current):
+            noop.append(i)
+    return logits[:, -1], noop
+
+
+def _tolerance(lm, logits: torch.Tensor) -> float:
+    scale = max(1.0, float(logits.abs().max()))
+    return (1e-4 if lm.dtype == torch.float32 else 5e-2) * scale
+
+
+@torch.no_grad()
+def sweep_interchange(lm, base_ids: torch.Tensor, rows: Sequence[Sequence[Intervention]],
+                      batch_size: int = 16, engine: str = "layer_skip",
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      skip_noops: bool = True, progress: bool = False) -> torch.Tensor:
+    """Last-position results of each row (``reduce(logits)``, default the float32 logits),
+    in the order of ``rows``.
+
+    Engines: ``"layer_skip"`` (grouped by position, key/value prefix of the base reused, blocks
+    below a batch's lowest patched layer skipped, only the last position projected to the
+    vocabulary), ``"sweep_logits"`` (:func:`lib.patching.sweep_logits` once per position group,
+    sharing the key/value prefix) and ``"naive"`` (one full forward per row).
+
+    With ``skip_noops`` (not for ``"naive"``), a row whose interventions leave the base's own
+    activations unchanged bit for bit (e.g. a source that shares the base's first tokens,
+    patched at one of those positions) is not run: its result is the clean base run's, which
+    is exactly what running it would give.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    reduce = reduce or (lambda x: x)
+    if base_ids.dim() == 1:
+        base_ids = base_ids[None]
+    base_ids = base_ids.to(lm.device)
+    seq_len = base_ids.shape[1]
+    if engine == "naive":
+        it = range(len(rows))
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc="interventions (naive)", unit="row")
+        return torch.cat([reduce(sweep_logits_naive(lm, base_ids, [rows[i]])) for i in it])
+
+    results: list[torch.Tensor | None] = [None] * len(rows)
+    todo = list(range(len(rows)))
+    if skip_noops and rows:
+        clean_logits, noop = _noop_rows(lm, base_ids, rows)
+        clean_out = reduce(clean_logits)[0]
+        for i in noop:
+            results[i] = clean_out
+        skipped = set(noop)
+        todo = [i for i in todo if i not in skipped]
+
+    starts = {i: _row_start(rows[i], seq_len) for i in todo}
+    order = sorted(todo, key=lambda i: (starts[i][0], starts[i][1], i))
+    batches: list[list[int]] = []
+    for i in order:  # batches never mix positions
+        if batches and len(batches[-1]) < batch_size and \
+                starts[batches[-1][0]][0] == starts[i][0]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+
+    skip = False
+    state = None
+    if engine == "layer_skip" and batches:
+        state = _Engine(lm, base_ids)
+        err = state.self_check()
+        skip = err <= _tolerance(lm, state.clean_logits)
+        if not skip:
+            warnings.warn(f"{lm.name}: starting mid-stack is not exact for this architecture "
+                          f"(clean logits differ by {err:.3g}); not skipping blocks")
+
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(batches, desc=f"interventions ({engine})", unit="batch")
+    for batch in it:
+        chunk = [rows[i] for i in batch]
+        pos = starts[batch[0]][0]
+        if state is not None:
+            start_layer = min(starts[i][1] for i in batch)
+            out = reduce(state.run(chunk, pos, start_layer, skip))
+        else:
+            out = reduce(sweep_logits(lm, base_ids, chunk, batch_size=len(chunk),
+                                      prefix_cache=True))
+        for j, i in enumerate(batch):
+            results[i] = out[j]
+    if not rows:
+        return torch.empty(0)
+    return torch.stack(results)
+
+
+# --- the whole experiment -------------------------------------------------------------------
+
+def _metrics(token_ids: Sequence[int], tokens: Sequence[str]) -> tuple[dict, dict]:
+    """Metrics of the last-position logits used for attribution, and their definitions."""
+    fns, defs = {}, {}
+    for tok, tid in zip(tokens, token_ids):
+        fns[f"p({tok})"] = lambda z, tid=tid: z.softmax(-1)[tid]
+        defs[f"p({tok})"] = f"probability of {tok!r} (id {tid}) at the last position"
+    if len(token_ids) >= 2:
+        fns["logit_diff"] = lambda z: z[token_ids[1]] - z[token_ids[0]]
+        defs["logit_diff"] = (f"logit of {tokens[1]!r} minus logit of {tokens[0]!r} "
+                              "(source answer minus base answer) at the last position")
+    return fns, defs
+
+
+def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
+                    tokens: Sequence[str] = DEFAULT_TOKENS,
+                    components: str | Sequence[str] = DEFAULT_COMPONENTS,
+                    layers: str | Sequence[int] = "all", positions: str | Sequence[int] = "all",
+                    batch_size: int = 16, engine: str = "layer_skip", top_k: int = 10,
+                    attribution: bool = True, progress: bool = True) -> dict:
+    """The full experiment as a JSON-ready dict (see the README of notebook 05).
+
+    Keys: ``base``/``source`` (prompt, tokens, ids, clean top-k), ``answers`` (clean
+    probabilities and logits of each answer token on base and source), ``components``,
+    ``layers``, ``positions``, ``nodes`` (plot order), ``records`` (one per component, layer,
+    position and token: ``prob`` and ``logit`` at the last position after the patch) and,
+    with ``attribution``, ``attribution`` (estimates next to exact effects, correlations).
+    """
+    components = parse_components(components)
+    base_ids, source_ids = align_prompts(lm, base, source)
+    seq_len = base_ids.shape[1]
+    layers = parse_indices(layers, lm.n_layers, "LAYERS")
+    positions = parse_indices(positions, seq_len, "POSITIONS")
+    tokens = list(tokens)
+    token_ids = answer_token_ids(lm, tokens)
+    ids_t = torch.tensor(token_ids, device=lm.device)
+
+    clean = {"base": last_logits(lm, base_ids), "source": last_logits(lm, source_ids)}
+    payload: dict = {"method": "interchange intervention (activation patching), pyvene tutorial "
+                               "semantics: one component x layer x position patched per run"}
+    for name, text, ids in (("base", base, base_ids), ("source", source, source_ids)):
+        payload[name] = {"prompt": text, "token_ids": ids[0].tolist(),
+                         "tokens": lm.token_strings(ids[0]),
+                         "top": top_tokens(lm, clean[name], top_k)}
+    payload["answers"] = [
+        {"token": tok, "token_id": tid,
+         "p_base": float(clean["base"].softmax(-1)[tid]),
+         "p_source": float(clean["source"].softmax(-1)[tid]),
+         "logit_base": float(clean["base"][tid]), "logit_source": float(clean["source"][tid])}
+        for tok, tid in zip(tokens, token_ids)]
+    payload.update(components=components, layers=layers, positions=positions,
+                   nodes=node_order(components, layers), engine=engine)
+
+    cells = grid_cells(components, layers, positions)
+    rows = interchange_rows(lm, source_ids, cells)
+
+    def reduce(logits):
+        return torch.stack([logits.softmax(-1)[:, ids_t], logits[:, ids_t]], dim=-1)
+
+    out = sweep_interchange(lm, base_ids, rows, batch_size=batch_size, engine=engine,
+                            reduce=reduce, progress=progress).cpu()
+    records = []
+    for (kind, layer, pos), res in zip(cells, out):
+        for t, (tok, tid) in enumerate(zip(tokens, token_ids)):
+            records.append({"component": kind, "layer": layer, "position": pos,
+                            "node": node_label(kind, layer), "token": tok, "token_id": tid,
+                            "prob": float(res[t, 0]), "logit": float(res[t, 1])})
+    payload["records"] = records
+
+    if attribution:
+        payload["attribution"] = attribution_vs_exact(lm, base_ids, source_ids, cells, out,
+                                                      tokens, token_ids, clean["base"])
+    return payload
+
+
+def attribution_vs_exact(lm, base_ids, source_ids, cells, exact_out, tokens, token_ids,
+                         clean_base_logits) -> dict:
+    """Attribution-patching estimates next to the exact effects of the same cells.
+
+    ``exact_out`` is (cells, tokens, 2): probability and logit of each answer token after the
+    patch. The exact effect of a cell on a metric is ``metric(patched) - metric(base)``.
+    """
+    fns, defs = _metrics(token_ids, tokens)
+    sites = list(dict.fromkeys(_site(k, l) for k, l, _ in cells))
+    est, delta_norm, clean = attribution_patching(lm, base_ids, source_ids, sites, fns)
+    exact = {}
+    for t, tok in enumerate(tokens):
+        exact[f"p({tok})"] = exact_out[:, t, 0] - float(clean_base_logits.softmax(-1)[token_ids[t]])
+    if "logit_diff" in fns:
+        clean_diff = float(clean_base_logits[token_ids[1]] - clean_base_logits[token_ids[0]])
+        exact["logit_diff"] = (exact_out[:, 1, 1] - exact_out[:, 0, 1]) - clean_diff
+    records, corr = [], {}
+    for metric in fns:
+        ex, es, changed = [], [], []
+        for c, (kind, layer, pos) in enumerate(cells):
+            site = _site(kind, layer)
+            e, a, d = float(exact[metric][c]), float(est[metric][site][pos]), \
+                float(delta_norm[site][pos])
+            records.append({"component": kind, "layer": layer, "position": pos,
+                            "node": node_label(kind, layer), "metric": metric, "exact": e,
+                            "estimate": a, "delta_norm": d})
+            ex.append(e)
+            es.append(a)
+            changed.append(d > 0)
+        corr[metric] = {"all_cells": correlations(ex, es),
+                        "changed_cells": correlations([x for x, k in zip(ex, changed) if k],
+                                                      [y for y, k in zip(es, changed) if k])}
+    return {"metrics": defs, "clean": clean,
+            "estimate": "(a_source - a_base) . d metric / d a, at a_base (one forward and one "
+                        "backward pass on the base per metric)",
+            "exact": "metric(patched) - metric(base), from the interchange grid",
+            "records": records, "correlation": corr}
+
+
+def set_threads(n: int = 0) -> int:
+    """Set torch's CPU threads: ``n`` > 0 as given; 0 means half the CPU cores (at least 1),
+    which on a shared machine is faster than oversubscribing. Returns the number set."""
+    import os
+
+    if n < 0:
+        raise ValueError(f"THREADS must be >= 0, got {n}")
+    n = n or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(n)
+    return n
+
+
+def cached_result(path, key_params: dict, force: bool = False) -> dict | None:
+    """The stored payload at ``path`` if it was computed with the same ``key_params``
+    (compared through :func:`lib.io.params_key`) and ``force`` is off; else None."""
+    from pathlib import Path
+
+    from lib.io import params_key, read_json
+
+    path = Path(path)
+    if force or not path.exists():
+        return None
+    try:
+        stored = read_json(path)
+    except ValueError:
+        return None
+    return stored if stored.get("params_key") == params_key(key_params) else None
+
+
+# --- tables and figures ---------------------------------------------------------------------
+
+def records_frame(payload: dict):
+    """The records as a pandas DataFrame with ordered ``node`` and ``token`` categories and a
+    ``position_label`` column (``"3: Spain|Italy"``)."""
+    import pandas as pd
+
+    df = pd.DataFrame(payload["records"], columns=list(RECORD_KEYS))
+    df["node"] = pd.Categorical(df["node"], categories=payload["nodes"], ordered=True)
+    df["token"] = pd.Categorical(df["token"], categories=[a["token"] for a in payload["answers"]],
+                                 ordered=True)
+    labels = position_labels(payload)
+    df["position_label"] = pd.Categorical([labels[p] for p in df["position"]],
+                                          categories=[labels[p] for p in payload["positions"]],
+                                          ordered=True)
+    return df
+
+
+def position_labels(payload: dict) -> dict[int, str]:
+    """``{position: "p: token"}``; where base and source differ, ``"p: base|source"``."""
+    out = {}
+    for p in payload["positions"]:
+        b, s = payload["base"]["tokens"][p], payload["source"]["tokens"][p]
+        out[p] = f"{p}: {b.strip() or repr(b)}" + ("" if b == s else f"|{s.strip() or repr(s)}")
+    return out
+
+
+def strongest_cells(payload: dict, n: int = 5) -> list[dict]:
+    """Per answer token, the ``n`` cells that move its probability most (either way)."""
+    import pandas as pd
+
+    df = pd.DataFrame(payload["records"])
+    out = []
+    for ans in payload["answers"]:
+        sub = df[df["token"] == ans["token"]].copy()
+        sub["change"] = sub["prob"] - ans["p_base"]
+        sub = sub.reindex(sub["change"].abs().sort_values(ascending=False).index).head(n)
+        out.extend(sub[["token", "node", "position", "prob", "change"]].to_dict("records"))
+    return out
+
+
+def plot_heatmap(payload: dict, title: str = ""):
+    """Tutorial plot 1: probability of each answer token by position (x) and node (y)."""
+    from plotnine import (aes, element_text, facet_wrap, geom_tile, ggplot, labs,
+                          scale_fill_cmap, scale_color_cmap, theme, theme_bw)
+
+    df = records_frame(payload)
+    return (ggplot(df, aes("position_label", "node", fill="prob", color="prob"))
+            + geom_tile()
+            + facet_wrap("~token")
+            + scale_fill_cmap("viridis") + scale_color_cmap("viridis", guide=None)
+            + labs(x="position (base|source token)", y="node (a = attention input, "
+                   "f = MLP output)", fill="prob", title=title)
+            + theme_bw()
+            + theme(axis_text_x=element_text(rotation=90), axis_text_y=element_text(size=6)))
+
+
+def plot_layer_bars(payload: dict, position: int = -1, title: str = ""):
+    """Tutorial plot 2: probability per node at one position on a log scale, one facet per
+    token; the dashed line is the clean base probability."""
+    import math
+
+    import pandas as pd
+    from plotnine import (aes, element_text, facet_wrap, geom_hline, geom_rect, ggplot, labs,
+                          scale_x_continuous, scale_y_log10, theme, theme_bw)
+
+    position = parse_indices(position, len(payload["base"]["tokens"]), "BAR_POSITION")[0]
+    if position not in payload["positions"]:
+        raise ValueError(f"position {position} was not patched; patched positions: "
+                         f"{payload['positions']}")
+    df = records_frame(payload)
+    df = df[df["position"] == position].copy()
+    nodes = [n for n in payload["nodes"] if n in set(df["node"].astype(str))]
+    index = {n: i for i, n in enumerate(nodes)}
+    df["x"] = [index[str(n)] for n in df["node"]]
+    # Bars start at a floor below the smallest probability (a log axis has no zero).
+    positive = [p for p in df["prob"] if p > 0] + [a["p_base"] for a in payload["answers"]
+                                                   if a["p_base"] > 0]
+    floor = 10.0 ** math.floor(math.log10(min(positive))) if positive else 1e-12
+    df["floor"] = floor
+    df["top"] = df["prob"].clip(lower=floor)
+    clean = pd.DataFrame({"token": pd.Categorical([a["token"] for a in payload["answers"]],
+                                                  categories=df["token"].cat.categories),
+                          "p_base": [a["p_base"] for a in payload["answers"]]})
+    label = position_labels(payload)[position]
+    return (ggplot(df)
+            + geom_rect(aes(xmin="x - 0.4", xmax="x + 0.4", ymin="floor", ymax="top",
+                            fill="token"))
+            + geom_hline(clean, aes(yintercept="p_base"), linetype="dashed")
+            + scale_x_continuous(breaks=list(range(len(nodes))), labels=nodes,
+                                 expand=(0, 0.6))
+            + scale_y_log10()
+            + facet_wrap("~token", ncol=1)
+            + labs(x="node", y="probability (log scale)",
+                   title=title or f"patch at position {label}; dashed: clean base")
+            + theme_bw()
+            + theme(axis_text_x=element_text(rotation=90, size=6), legend_position="none"))
+
+
+def attribution_frame(payload: dict):
+    """Attribution records in long form: one row per cell, metric and method (exact or
+    attribution patching)."""
+    import pandas as pd
+
+    att = payload["attribution"]
+    df = pd.DataFrame(att["records"], columns=list(ATTRIBUTION_KEYS))
+    long = df.melt(id_vars=["component", "layer", "position", "node", "metric"],
+                   value_vars=["exact", "estimate"], var_name="method", value_name="effect")
+    long["method"] = pd.Categorical(long["method"].map({"exact": "exact patching",
+                                                        "estimate": "attribution patching"}),
+                                    categories=["exact patching", "attribution patching"],
+                                    ordered=True)
+    long["node"] = pd.Categorical(long["node"], categories=payload["nodes"], ordered=True)
+    labels = position_labels(payload)
+    long["position_label"] = pd.Categorical([labels[p] for p in long["position"]],
+                                            categories=[labels[p] for p in payload["positions"]],
+                                            ordered=True)
+    return long
+
+
+def plot_attribution(payload: dict, metric: str = "logit_diff", title: str = ""):
+    """Exact patching effect and its attribution-patching estimate side by side (same cells,
+    same colour scale) for one metric."""
+    from plotnine import (aes, element_text, facet_wrap, geom_tile, ggplot, labs,
+                          scale_fill_gradient2, theme, theme_bw)
+
+    df = attribution_frame(payload)
+    if metric not in set(df["metric"]):
+        raise ValueError(f"unknown metric {metric!r}; available: {sorted(set(df['metric']))}")
+    df = df[df["metric"] == metric]
+    c = payload["attribution"]["correlation"][metric]["all_cells"]
+    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+    return (ggplot(df, aes("position_label", "node", fill="effect"))
+            + geom_tile()
+            + facet_wrap("~method")
+            + scale_fill_gradient2(low="#2166ac", mid="white", high="#b2182b", midpoint=0)
+            + labs(x="position", y="node", fill=f"change in\n{metric}",
+                   title=title or f"{metric}: Pearson {fmt(c['pearson'])}, "
+                                  f"Spearman {fmt(c['spearman'])} (all cells)")
+            + theme_bw()
+            + theme(axis_text_x=element_text(rotation=90), axis_text_y=element_text(size=6)))
+
+
+def plot_attribution_scatter(payload: dict, title: str = ""):
+    """Estimate against exact effect for every cell, one facet per metric (free scales)."""
+    import pandas as pd
+    from plotnine import (aes, facet_wrap, geom_abline, geom_point, ggplot, labs, theme_bw)
+
+    att = payload["attribution"]
+    df = pd.DataFrame(att["records"], columns=list(ATTRIBUTION_KEYS))
+    fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
+    names = {m: f"{m}  (r={fmt(c['all_cells']['pearson'])}, "
+                f"rho={fmt(c['all_cells']['spearman'])})"
+             for m, c in att["correlation"].items()}
+    df["metric"] = pd.Categorical(df["metric"].map(names), categories=list(names.values()),
+                                  ordered=True)
+    return (ggplot(df, aes("exact", "estimate", color="component"))
+            + geom_abline(slope=1, intercept=0, linetype="dashed", color="grey")
+            + geom_point(alpha=0.7, size=1.5)
+            + facet_wrap("~metric", scales="free")
+            + labs(x="exact patching effect", y="attribution-patching estimate",
+                   title=title or "attribution patching vs exact interchange")
+            + theme_bw())
