@@ -255,8 +255,13 @@ def capture(lm, sites: Iterable[str], positions: Sequence[int] | None = None, of
             def record(x, site=site):
                 idx = _positions_index(positions, x.shape[1], offset, site)
                 val = x if idx is None else x[:, idx.to(x.device)]
-                cache[site] = val.detach().clone() if detach else val
-                return None
+                if detach:
+                    cache[site] = val.detach().clone()
+                    return None
+                cache[site] = val
+                # Feed the recorded tensor back in, so that it is the one the rest of the
+                # forward pass uses and gradients reach it (head_out records a reshaped view).
+                return val if idx is None else None
             hooks.add(point, record)
         yield cache
     finally:

@@ -79,6 +79,23 @@ class NotebookFailed(RuntimeError):
     pass
 
 
+def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> None:
+    """Record repository-relative input/output paths in the executed copy's metadata, so that
+    committed copies do not carry this machine's absolute paths."""
+    import nbformat
+
+    nb = nbformat.read(str(executed), as_version=4)
+    meta = nb.metadata.get("papermill", {})
+
+    def rel(path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(paths.REPO_ROOT))
+        except ValueError:
+            return Path(path).name
+    meta["input_path"], meta["output_path"] = rel(source), rel(target)
+    nbformat.write(nb, str(executed))
+
+
 def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None = None,
                   runs_dir: Path = paths.RUNS, timeout: int | None = None,
                   kernel_name: str = "python3", progress: bool = True) -> list[Path]:
@@ -112,6 +129,7 @@ def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None 
                 f"{nb.name} failed for model {model!r} in cell {err.cell_index} "
                 f"(execution {err.exec_count}):\n{source}\n  {err.ename}: {err.evalue}\n"
                 f"  executed copy with the traceback: {failed}") from None
+        _relative_papermill_paths(tmp, nb, target)
         os.replace(tmp, target)
         done.append(target)
     return done

@@ -217,3 +217,19 @@ def test_intervention_json_round_trip():
     assert data == {"site": "blocks.2.head_out", "positions": [3], "kind": "replace",
                     "rows": [0, 1], "heads": [1], "source": "run:source"}
     assert Intervention.from_dict(data, value=torch.zeros(1)) == iv
+
+
+def test_capture_without_detach_gives_gradients_at_every_site(lm, ids):
+    """Attribution patching needs d(output)/d(activation) at each captured site."""
+    base, _ = ids
+    sites = ["embed"] + [site_name(k, 0) for k in LAYER_SITES]
+    grads = {}
+    with capture(lm, sites, detach=False) as cache:
+        embed = lm.model.get_input_embeddings()(base).detach().requires_grad_(True)
+        logits = lm.model(inputs_embeds=embed).logits
+    for site in sites[1:]:  # embed is bypassed by inputs_embeds
+        cache[site].register_hook(lambda g, site=site: grads.__setitem__(site, g))
+    logits[0, -1].max().backward()
+    for site in sites[1:]:
+        assert site in grads and grads[site].abs().sum() > 0, site
+        assert grads[site].shape == cache[site].shape
