@@ -1,0 +1,857 @@
+"""Domain swaps at the last token: cross-swap interventions, the reverse intervention that finds
+characteristic tokens, zero ablation and concept-vector injection.
+
+This is the causal half of the domain-separation study (seed: ``causal_intervention_README.md``,
+ManjotSingh08x/causal_intervention): where does a model keep "which domain am I in" (C++ vs
+Python, finance vs medical, ...), and do the layers where two domains separate best (Fisher,
+MMD, Wasserstein scores of notebook 00) also matter most causally? The intervention is an
+interchange intervention (activation patching; Vig et al. 2020 "Causal mediation analysis for
+interpreting neural NLP"; Geiger et al. 2021 "Causal abstractions of neural networks") on the
+output of one attention or MLP module at the prompt's last token, between the two prompts of a
+minimal pair (the same task in domain A and in domain B).
+
+Definitions (A and B are ``PromptPairs.domains[0]`` and ``[1]``; p(.) is the next-token
+distribution at the last prompt position):
+
+* **Sides.** ``b_into_a``: base = the domain-A prompt, its last-token component output at one
+  layer replaced by the paired domain-B prompt's. ``a_into_b``: base = the B prompt with A's
+  activation. Zero ablation and injection use the same base prompts (``b_into_a`` = runs on A).
+* **KL** = KL(p_base || p_intervened) = sum_t p_base(t) (log p_base(t) - log p_intervened(t)).
+* **Masses.** mass_A = sum of p over the token set of A (from ``token_sets/<model>.json``),
+  mass_B likewise, before (base run) and after (intervened run).
+* **Bias shift** Δ = (mass_B - mass_A)_after - (mass_B - mass_A)_before, on both sides with
+  the same sign convention as the seed (positive = moved toward B). A swap that carries domain
+  information gives Δ > 0 on ``b_into_a`` and Δ < 0 on ``a_into_b``.
+* **Zero ablation**: the component's last-token output set to 0; KL and Δ against the base.
+* **Concept-vector injection** at one layer: add α·(mean_B - mean_A) of the component's
+  last-token outputs (means over all prompts of the pair) to A's runs (``b_into_a``), and
+  α·(mean_A - mean_B) to B's runs (``a_into_b``); masses, bias and KL per α.
+* **Reverse intervention** (notebook 01): score_B(t) = mean over prompts, layers and components
+  of p_swapped(t) - p_base(t) on side ``b_into_a`` (B's activation promotes t in A's run, so t
+  is characteristic of B); score_A(t) likewise on side ``a_into_b``. Note: the seed notebook
+  filed the tokens promoted on ``b_into_a`` under A; we follow the study's definition and file
+  them under B. :func:`select_token_sets` keeps the top N of each domain, disjoint (below).
+  :func:`assign_token_sets` with ``assignment="base"`` gives the seed's filing instead (it only
+  exchanges the two lists' labels). On smollm2-135m the ``source`` filing puts context words of
+  the *base* domain into the other domain's set (e.g. medical words under finance), because a
+  last-token swap mostly perturbs the distribution toward tokens that fit the unchanged context.
+
+Efficiency. A last-token intervention cannot change earlier positions (causal attention), so
+for each base prompt the key/value cache of all tokens but the last is computed once and every
+intervention (every layer x component swap, zero, injection, and the clean base itself) runs as
+one row of a batch of single-token forwards (:func:`lib.patching.sweep_logits`). Source
+activations of all layers come from one batched forward per group of prompts
+(:func:`lib.activations.collect_last_token`). :func:`run_pair_naive` is the seed's algorithm
+(one unbatched full forward for each capture, each baseline and each intervention), kept for
+tests and the benchmark (``benchmarks/bench_domain_swap.py``).
+
+Result file of notebook 02, ``full_compute/<model>.json``::
+
+    {"model": str, "metric": "fisher", "components": ["attn_out", "mlp_out"],
+     "sides": {"b_into_a": "base = A prompt, B's activation", "a_into_b": ...},
+     "pairs": {"cpp_python": {
+        "domains": ["cpp", "python"], "n_prompts": int, "layers": [ints evaluated],
+        "token_set_sizes": {"cpp": int, "python": int},
+        "layer_ranking": {component: [layers, most separable first]},
+        "top_layers": {component: [k layers]}, "bottom_layers": {component: [k layers]},
+        "swap": {component: {
+            "per_layer": [{"layer": l, "score": float|null, "rank": int|null,
+                           "group": "top"|"bottom"|"middle",
+                           "sides": {side: {"kl": STAT, "delta": STAT, "mass_a_before": STAT,
+                                            "mass_a_after": STAT, "mass_b_before": STAT,
+                                            "mass_b_after": STAT}}}, ...],
+            "top_vs_bottom": {"k": int, "top_layers": [...], "bottom_layers": [...],
+                              side|"both": {effect: {"top": STAT, "bottom": STAT, "diff": STAT,
+                                                     "p_value": float, "test": str, ...}}},
+            "spearman": {side|"both": {effect: {"rho", "p_value", "n"}}}}},
+        "zero_ablation": {component: {"per_layer": [{"layer", "score", "group",
+                                                     "sides": {side: {"kl": STAT, "delta": STAT}}}],
+                                      "spearman": {...}}},
+        "injection": {component: {"layer": int, "alphas": [...], "vector_norm": float,
+                                  "sides": {side: [{"alpha", "kl": STAT, "mass_a": STAT,
+                                                    "mass_b": STAT, "bias": STAT,
+                                                    "delta": STAT}]}}}}},
+     "provenance": {...}}
+
+where STAT = {"mean", "std", "n", "ci_low", "ci_high"} (95 % percentile bootstrap of the mean
+over prompts, seeded) and effect is ``kl`` or ``abs_delta`` (|Δ|). ``top_vs_bottom`` compares,
+per prompt, the mean effect over the top-k layers with the mean over the bottom-k layers: "top"
+and "bottom" summarise those per-prompt means, "diff" their per-prompt difference, and the
+p-value is a paired sign-flip permutation test over prompts (:func:`lib.stats.permutation_test`).
+"both" averages the two sides per prompt. ``spearman`` correlates the per-layer separability
+score with the per-layer mean effect over all evaluated layers that have a score.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib import paths
+from lib.activations import collect_last_token
+from lib.hooks import Intervention, capture, patch
+from lib.io import read_json
+from lib.prompts import PromptPairs
+from lib.sites import site_name
+from lib.stats import permutation_test, spearman, summarize
+
+COMPONENTS = ("attn_out", "mlp_out")
+SIDES = ("b_into_a", "a_into_b")
+SIDE_DOC = {"b_into_a": "base = domain-A prompt, last-token output replaced by the paired "
+                        "domain-B prompt's (injection: + alpha (mean_B - mean_A))",
+            "a_into_b": "base = domain-B prompt, last-token output replaced by the paired "
+                        "domain-A prompt's (injection: + alpha (mean_A - mean_B))"}
+EFFECTS = ("kl", "abs_delta")
+_BASE_OF = {"b_into_a": 0, "a_into_b": 1}  # index of the base domain
+
+
+class TokenSetMissingError(FileNotFoundError):
+    """No token set file for a model (notebook 01 has not been run for it)."""
+
+
+class ScoresMissingError(FileNotFoundError):
+    """No separability scores for a model, pair, component or metric (notebook 00)."""
+
+
+# --- per-prompt engine ----------------------------------------------------------------------
+
+@dataclass
+class PairRun:
+    """Per-prompt results of one domain pair. Arrays are float64 numpy.
+
+    ``base[side]``: masses of the clean base run, ``{"mass_a", "mass_b"}`` of shape (n,).
+    ``swap[side]`` / ``zero[side]``: ``{"kl", "mass_a", "mass_b"}`` of shape
+    (n, len(components), len(layers)). ``inject[side]``: same keys, shape (n, len(components),
+    len(alphas)). ``dprob[side]``: sum over prompts, components and layers of
+    p_swapped - p_base (vocab,), float64 torch tensor (only with ``accumulate_dprob``).
+    """
+
+    name: str
+    domains: tuple[str, str]
+    layers: list[int]
+    components: list[str]
+    n: int
+    base: dict = field(default_factory=dict)
+    swap: dict = field(default_factory=dict)
+    zero: dict = field(default_factory=dict)
+    inject: dict = field(default_factory=dict)
+    inject_layers: dict = field(default_factory=dict)
+    inject_norms: dict = field(default_factory=dict)
+    alphas: list[float] = field(default_factory=list)
+    dprob: dict = field(default_factory=dict)
+
+    def delta(self, kind: str, side: str) -> np.ndarray:
+        """Bias shift Δ = (mass_B - mass_A)_after - (mass_B - mass_A)_before, per prompt."""
+        after = getattr(self, kind)[side]
+        before = self.base[side]
+        bias_before = (before["mass_b"] - before["mass_a"])[:, None, None]
+        return (after["mass_b"] - after["mass_a"]) - bias_before
+
+
+def _ids_tensor(ids: Sequence[int] | None, device) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    return torch.as_tensor(list(ids), dtype=torch.long, device=device)
+
+
+def _row_metrics(logits: torch.Tensor, ids_a, ids_b, keep_probs: bool = False,
+                 chunk: int = 32) -> dict:
+    """KL(row 0 || row r), token-set masses per row (and, with ``keep_probs``, the float64
+    probabilities) from last-position logits (rows, vocab). Computed in float64, in chunks of
+    rows, so a KL is never negative by more than float64 round-off."""
+    base = torch.log_softmax(logits[0].double(), dim=-1)
+    base_p = base.exp()
+    kl, mass_a, mass_b, probs = [], [], [], []
+    for lo in range(0, logits.shape[0], chunk):
+        logp = torch.log_softmax(logits[lo:lo + chunk].double(), dim=-1)
+        p = logp.exp()
+        kl.append((base_p * (base - logp)).sum(-1))
+        if ids_a is not None:
+            mass_a.append(p[:, ids_a].sum(-1))
+            mass_b.append(p[:, ids_b].sum(-1))
+        if keep_probs:
+            probs.append(p)
+    out = {"kl": torch.cat(kl)}
+    if ids_a is not None:
+        out["mass_a"] = torch.cat(mass_a)
+        out["mass_b"] = torch.cat(mass_b)
+    if keep_probs:
+        out["probs"] = torch.cat(probs)
+    return out
+
+
+def _check_layers(lm, layers: Sequence[int]) -> list[int]:
+    layers = [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < lm.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for {lm.name}: it has {lm.n_layers} layers "
+                         f"(0 to {lm.n_layers - 1})")
+    if not layers:
+        raise ValueError("no layers to intervene on")
+    return layers
+
+
+def _check_components(components: Sequence[str]) -> list[str]:
+    components = list(components)
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad or not components:
+        raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {components}")
+    return components
+
+
+@torch.no_grad()
+def prefix_cache(lm, ids: torch.Tensor):
+    """Key/value cache of all tokens of ``ids`` (1, pos) but the last; None for one token."""
+    if ids.shape[1] < 2:
+        return None
+    return lm.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+
+
+def _repeat_past(past, n: int):
+    if past is None:
+        return None
+    out = copy.deepcopy(past)
+    if n > 1:
+        out.batch_repeat_interleave(n)
+    return out
+
+
+@torch.no_grad()
+def last_token_base(lm, ids: torch.Tensor, past, sites: Sequence[str]):
+    """Clean run of the last token of ``ids`` over ``past``: (logits (vocab,) float32,
+    {site: activation (d,)} at the last position)."""
+    last = ids.shape[1] - 1
+    kwargs = {"past_key_values": _repeat_past(past, 1), "use_cache": True} if past is not None else {}
+    with capture(lm, sites, positions=[last], offset=last) as cache:
+        logits = lm.model(input_ids=ids[:, last:], **kwargs).logits[0, -1].float()
+    return logits, {s: cache[s][0, 0] for s in sites}
+
+
+@torch.no_grad()
+def last_token_rows(lm, ids: torch.Tensor, past, rows: Sequence[Sequence[Intervention]],
+                    batch_size: int = 64) -> torch.Tensor:
+    """Last-position logits (len(rows), vocab), float32: row r runs the last token of ``ids``
+    over the prefix cache ``past`` with the interventions ``rows[r]`` (all at the last
+    position). The same computation as :func:`lib.patching.sweep_logits` with a prefix cache,
+    but the cache is computed once by the caller and shared with the clean base run."""
+    last = ids.shape[1] - 1
+    bad = [iv.site for row in rows for iv in row if iv.positions != (last,)]
+    if bad:
+        raise ValueError(f"last_token_rows only runs interventions at the last position {last}; "
+                         f"got other positions at {bad[:3]}")
+    out = []
+    n_chunks = max(1, math.ceil(len(rows) / max(1, batch_size)))
+    size = math.ceil(len(rows) / n_chunks)  # near-equal chunks: 130 rows at 64 -> 44, 43, 43
+    for lo in range(0, len(rows), size):
+        chunk = rows[lo:lo + size]
+        n = len(chunk)
+        ivs = [replace(iv, rows=(j,)) for j, row in enumerate(chunk) for iv in row]
+        kwargs = ({"past_key_values": _repeat_past(past, n), "use_cache": True}
+                  if past is not None else {})
+        with patch(lm, ivs, offset=last):
+            logits = lm.model(input_ids=ids[:, last:].expand(n, -1), **kwargs).logits
+        out.append(logits[:, -1].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
+             components: Sequence[str] = COMPONENTS,
+             token_ids: tuple[Sequence[int], Sequence[int]] | None = None, *,
+             zero: bool = False, inject: dict[str, int] | None = None,
+             alphas: Sequence[float] = (), accumulate_dprob: bool = False,
+             batch_size: int = 64, act_batch_size: int = 16, progress: bool = True) -> PairRun:
+    """Last-token swaps (and optionally zero ablation and injection) for every prompt pair.
+
+    ``token_ids`` = (ids of A's token set, ids of B's) enables masses and Δ. ``inject`` maps a
+    component to the layer where ``alphas`` x concept vector are added (the vector's means come
+    from one batched pass over the pair's prompts, :func:`lib.activations.collect_last_token`).
+
+    Per prompt pair: for each of the two prompts, the key/value cache of all tokens but the last
+    is computed once; one single-token forward over it gives the clean next-token logits and the
+    last-token outputs of every (component, layer) at once; then every intervention on that
+    prompt (swaps from the paired prompt, zeros, injections) runs as one row of a batch of
+    single-token forwards over the same cache (:func:`last_token_rows`).
+    """
+    layers = _check_layers(lm, layers)
+    components = _check_components(components)
+    inject = dict(inject or {})
+    alphas = [float(a) for a in alphas]
+    if inject and not alphas:
+        raise ValueError("inject needs a non-empty list of alphas")
+    n, n_c, n_l, n_a = len(pairs), len(components), len(layers), len(alphas)
+    if n == 0:
+        raise ValueError(f"{pairs.name}: no prompt pairs")
+    swap_sites = [site_name(c, l) for c in components for l in layers]
+    inject_sites = {c: site_name(c, _check_layers(lm, [l])[0]) for c, l in inject.items()}
+    vectors = {}
+    if inject_sites:
+        isites = list(inject_sites.values())
+        mean_a = collect_last_token(lm, list(pairs.a), isites, act_batch_size, progress=False)
+        mean_b = collect_last_token(lm, list(pairs.b), isites, act_batch_size, progress=False)
+        for c, site in inject_sites.items():
+            diff = (mean_b[site].mean(0) - mean_a[site].mean(0)).to(lm.device)  # mean_B - mean_A
+            vectors[c] = {"b_into_a": diff, "a_into_b": -diff}
+    ids_a = _ids_tensor(token_ids[0], lm.device) if token_ids else None
+    ids_b = _ids_tensor(token_ids[1], lm.device) if token_ids else None
+
+    run = PairRun(pairs.name, tuple(pairs.domains), layers, components, n, alphas=alphas,
+                  inject_layers={c: int(l) for c, l in inject.items()},
+                  inject_norms={c: float(v["b_into_a"].norm()) for c, v in vectors.items()})
+    keys = ["kl"] + (["mass_a", "mass_b"] if token_ids else [])
+    for side in SIDES:
+        run.base[side] = {k: np.zeros(n) for k in keys if k != "kl"}
+        run.swap[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
+        if zero:
+            run.zero[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
+        if inject:
+            run.inject[side] = {k: np.full((n, n_c, n_a), np.nan) for k in keys}
+        if accumulate_dprob:
+            run.dprob[side] = torch.zeros(lm.model.get_output_embeddings().weight.shape[0],
+                                          dtype=torch.float64)
+
+    items = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc=f"{pairs.name}", unit="pair")
+    n_swap = n_c * n_l
+    for i in items:
+        ids, pasts, base_logits, acts = [], [], [], []
+        for text in (pairs.a[i], pairs.b[i]):
+            ids.append(lm.tokenize(text))
+            pasts.append(prefix_cache(lm, ids[-1]))
+            logits, act = last_token_base(lm, ids[-1], pasts[-1], swap_sites)
+            base_logits.append(logits)
+            acts.append(act)
+        for side in SIDES:
+            d = _BASE_OF[side]
+            last = ids[d].shape[1] - 1
+            source = acts[1 - d]
+            rows: list[list[Intervention]] = [
+                [Intervention(site, positions=(last,), value=source[site].view(1, 1, -1),
+                              source=f"{pairs.name}:{side}:{i}")] for site in swap_sites]
+            if zero:
+                rows += [[Intervention(site, positions=(last,), kind="zero")] for site in swap_sites]
+            inj_rows = []
+            for ci, c in enumerate(components):
+                if c not in inject_sites:
+                    continue
+                for ai, alpha in enumerate(alphas):
+                    inj_rows.append((ci, ai))
+                    rows.append([Intervention(inject_sites[c], positions=(last,), kind="add",
+                                              value=(alpha * vectors[c][side]).view(1, 1, -1))])
+            logits = torch.cat([base_logits[d][None],
+                                last_token_rows(lm, ids[d], pasts[d], rows, batch_size)])
+            m = _row_metrics(logits, ids_a, ids_b, keep_probs=accumulate_dprob)
+            for k in keys:
+                vals = m[k].double().cpu().numpy()
+                if k != "kl":
+                    run.base[side][k][i] = vals[0]
+                run.swap[side][k][i] = vals[1:1 + n_swap].reshape(n_c, n_l)
+                off = 1 + n_swap
+                if zero:
+                    run.zero[side][k][i] = vals[off:off + n_swap].reshape(n_c, n_l)
+                    off += n_swap
+                for j, (ci, ai) in enumerate(inj_rows):
+                    run.inject[side][k][i, ci, ai] = vals[off + j]
+            if accumulate_dprob:
+                probs = m["probs"]
+                run.dprob[side] += (probs[1:1 + n_swap].sum(0) - n_swap * probs[0]).cpu()
+    return run
+
+
+@torch.no_grad()
+def run_pair_naive(lm, pairs: PromptPairs, layers: Sequence[int],
+                   components: Sequence[str] = COMPONENTS,
+                   token_ids: tuple[Sequence[int], Sequence[int]] | None = None, *,
+                   zero: bool = False, progress: bool = False) -> PairRun:
+    """The seed's algorithm, for tests and the benchmark: for every prompt pair and every
+    (component, layer), one unbatched full forward to capture A, one to capture B, one baseline
+    each, and one swapped run each (6 forwards; zero ablation adds 2). Same output as
+    :func:`run_pair` (without injection and ``dprob``)."""
+    layers = _check_layers(lm, layers)
+    components = _check_components(components)
+    n, n_c, n_l = len(pairs), len(components), len(layers)
+    ids_a = _ids_tensor(token_ids[0], lm.device) if token_ids else None
+    ids_b = _ids_tensor(token_ids[1], lm.device) if token_ids else None
+    run = PairRun(pairs.name, tuple(pairs.domains), layers, components, n)
+    keys = ["kl"] + (["mass_a", "mass_b"] if token_ids else [])
+    for side in SIDES:
+        run.base[side] = {k: np.zeros(n) for k in keys if k != "kl"}
+        run.swap[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
+        if zero:
+            run.zero[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
+
+    def last_logits(ids):
+        return lm.model(input_ids=ids).logits[:, -1].float()
+
+    items = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc=f"{pairs.name} (naive)", unit="pair")
+    for i in items:
+        ids = [lm.tokenize(pairs.a[i]), lm.tokenize(pairs.b[i])]
+        for ci, c in enumerate(components):
+            for li, layer in enumerate(layers):
+                site = site_name(c, layer)
+                captured = []
+                for d in range(2):
+                    with capture(lm, [site]) as cache:
+                        lm.model(input_ids=ids[d])
+                    captured.append(cache[site][:, -1:])
+                for side in SIDES:
+                    d = _BASE_OF[side]
+                    last = ids[d].shape[1] - 1
+                    base = last_logits(ids[d])
+                    with patch(lm, [Intervention(site, positions=(last,), value=captured[1 - d])]):
+                        swapped = last_logits(ids[d])
+                    outs = [base, swapped]
+                    if zero:
+                        with patch(lm, [Intervention(site, positions=(last,), kind="zero")]):
+                            outs.append(last_logits(ids[d]))
+                    m = _row_metrics(torch.cat(outs), ids_a, ids_b)
+                    for k in keys:
+                        vals = m[k].double().cpu().numpy()
+                        if k != "kl":
+                            run.base[side][k][i] = vals[0]
+                        run.swap[side][k][i, ci, li] = vals[1]
+                        if zero:
+                            run.zero[side][k][i, ci, li] = vals[2]
+    return run
+
+
+# --- reverse intervention and token sets ----------------------------------------------------
+
+def reverse_intervention_scores(run: PairRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score_A, score_B), each (vocab,): mean over prompts, components and layers of
+    p_swapped - p_base. B's tokens are those promoted on ``b_into_a`` (B's activation in A's
+    run), A's those promoted on ``a_into_b``."""
+    if not run.dprob:
+        raise ValueError("run_pair was called without accumulate_dprob=True")
+    count = run.n * len(run.components) * len(run.layers)
+    return run.dprob["a_into_b"] / count, run.dprob["b_into_a"] / count
+
+
+def select_token_sets(score_a: torch.Tensor, score_b: torch.Tensor, top_n: int,
+                      exclude_ids: Sequence[int] = ()) -> tuple[list[tuple[int, float]],
+                                                                list[tuple[int, float]]]:
+    """Top ``top_n`` promoted tokens of each domain, disjoint between the two.
+
+    A token is a candidate for a domain when its score there is positive (it was promoted on
+    average). A token that is a candidate for both belongs to the domain where its score is
+    larger and is dropped from the weaker side, whose list is filled up from its next-ranked
+    tokens (ties, which practically never happen, drop the token from both). Tokens in
+    ``exclude_ids`` (e.g. special tokens) are never kept. Returns two lists of (id, score),
+    highest score first; a list is shorter than ``top_n`` when fewer tokens were promoted.
+    """
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    a = score_a.double().cpu().clone()
+    b = score_b.double().cpu().clone()
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"scores must be two vectors of equal length, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    excluded = torch.zeros_like(a, dtype=torch.bool)
+    ex = [i for i in exclude_ids if 0 <= i < a.numel()]
+    if ex:
+        excluded[torch.tensor(ex)] = True
+    own_a = (a > 0) & (a > b) & ~excluded
+    own_b = (b > 0) & (b > a) & ~excluded
+
+    def top(scores, own):
+        idx = torch.nonzero(own).view(-1)
+        vals = scores[idx]
+        # stable order: score descending, then id ascending
+        order = sorted(range(idx.numel()), key=lambda j: (-vals[j].item(), idx[j].item()))[:top_n]
+        return [(int(idx[j]), float(vals[j])) for j in order]
+
+    return top(a, own_a), top(b, own_b)
+
+
+def token_entries(lm, ranked: Sequence[tuple[int, float]]) -> list[dict]:
+    """``[{"id", "token", "score"}]`` with each id decoded by the model's tokenizer."""
+    strings = lm.token_strings([i for i, _ in ranked])
+    return [{"id": int(i), "token": s, "score": float(v)} for (i, v), s in zip(ranked, strings)]
+
+
+def token_sets_path(model: str, token_sets_dir: str | Path | None = None) -> Path:
+    """``<token_sets_dir>/<model slug>.json``."""
+    slug = model.strip("/").replace("/", "__")
+    return Path(token_sets_dir or paths.TOKEN_SETS) / f"{slug}.json"
+
+
+def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dict:
+    """The token-set file of ``model`` (name or slug); a clear error when it is missing."""
+    path = token_sets_path(model, token_sets_dir)
+    if not path.exists():
+        raise TokenSetMissingError(
+            f"token set missing for model {model}: run 01_reverse_intervention for it "
+            f"(python -m lib.runner --notebooks 01 --models {model}); expected {path}")
+    data = read_json(path)
+    for key in ("model", "top_n", "pairs"):
+        if key not in data:
+            raise ValueError(f"{path} has no {key!r}: not a token-set file written by "
+                             "01_reverse_intervention; rerun it with FORCE=True")
+    slug = model.strip("/").replace("/", "__")
+    if data["model"].strip("/").replace("/", "__") != slug:
+        raise ValueError(f"{path} holds token sets of model {data['model']!r}, not {model!r}; "
+                         "token ids belong to one tokenizer, so rerun 01_reverse_intervention")
+    return data
+
+
+def token_set_ids(token_sets: dict, pair: str, domain: str) -> list[int]:
+    """Token ids of ``domain`` in ``pair``; a clear error when they are not there."""
+    pairs = token_sets.get("pairs", {})
+    if pair not in pairs:
+        raise TokenSetMissingError(
+            f"token set of model {token_sets.get('model')} has no pair {pair!r} (it has "
+            f"{sorted(pairs)}): run 01_reverse_intervention with this prompt file")
+    if domain not in pairs[pair]:
+        raise TokenSetMissingError(f"token set pair {pair!r} has domains {sorted(pairs[pair])}, "
+                                   f"not {domain!r}")
+    ids = [int(e["id"]) for e in pairs[pair][domain]]
+    if not ids:
+        raise ValueError(f"token set {pair}/{domain} of model {token_sets.get('model')} is empty")
+    return ids
+
+
+# --- separability scores --------------------------------------------------------------------
+
+def load_scores(model: str, scores_dir: str | Path | None = None) -> dict:
+    """``scores/<model slug>.json`` from notebook 00; a clear error when it is missing."""
+    slug = model.strip("/").replace("/", "__")
+    path = Path(scores_dir or paths.SCORES) / f"{slug}.json"
+    if not path.exists():
+        raise ScoresMissingError(
+            f"separability scores missing for model {model}: run 00_layer_scores for it "
+            f"(python -m lib.runner --notebooks 00 --models {model}); expected {path}")
+    return read_json(path)
+
+
+def pair_layer_scores(scores: dict, pair: str, component: str, metric: str) -> dict[int, float]:
+    """``{layer: score}`` of the "pair" comparison ``pair`` (layers with a null score left out)."""
+    comps = [c for c in scores.get("comparisons", [])
+             if c.get("name") == pair and c.get("kind", "pair") == "pair"]
+    if not comps:
+        have = sorted({c.get("name") for c in scores.get("comparisons", [])})
+        raise ScoresMissingError(f"scores of model {scores.get('model')} have no 'pair' comparison "
+                                 f"{pair!r} (they have {have}); rerun 00_layer_scores with this "
+                                 "prompt file")
+    table = comps[0].get("scores", {})
+    if component not in table:
+        raise ScoresMissingError(f"scores for {pair!r} have no component {component!r} "
+                                 f"(they have {sorted(table)}); rerun 00_layer_scores")
+    if metric not in table[component]:
+        raise ScoresMissingError(f"scores for {pair!r}/{component} have no metric {metric!r} "
+                                 f"(they have {sorted(table[component])})")
+    values = table[component][metric]
+    layers = scores.get("layers") or list(range(len(values)))
+    if len(layers) != len(values):
+        raise ValueError(f"scores for {pair!r}/{component}/{metric}: {len(values)} values for "
+                         f"{len(layers)} layers")
+    return {int(l): float(v) for l, v in zip(layers, values)
+            if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def rank_layers(layer_scores: dict[int, float], layers: Sequence[int] | None = None) -> list[int]:
+    """Layers (restricted to ``layers`` when given) from most to least separable; ties by layer."""
+    items = [(l, s) for l, s in layer_scores.items() if layers is None or l in set(layers)]
+    return [l for l, _ in sorted(items, key=lambda t: (-t[1], t[0]))]
+
+
+def top_bottom(ranking: Sequence[int], k: int) -> tuple[list[int], list[int]]:
+    """The ``k`` most and ``k`` least separable layers; k shrinks to len(ranking) // 2 so the
+    two groups never overlap (a clear error when fewer than two layers are ranked)."""
+    if len(ranking) < 2:
+        raise ValueError(f"need at least two ranked layers for a top/bottom comparison, got "
+                         f"{list(ranking)}")
+    k = max(1, min(int(k), len(ranking) // 2))
+    return list(ranking[:k]), list(ranking[-k:][::-1])
+
+
+# --- summaries for full_compute/<model>.json ------------------------------------------------
+
+def _stat(values, n_bootstrap, seed):
+    return summarize(np.asarray(values, dtype=np.float64), n_bootstrap, seed)
+
+
+def _effects(run: PairRun, kind: str, side: str) -> dict[str, np.ndarray]:
+    """Per-prompt effects (n, C, L): KL and, with token sets, |Δ|."""
+    out = {"kl": getattr(run, kind)[side]["kl"]}
+    if run.base[side]:
+        out["abs_delta"] = np.abs(run.delta(kind, side))
+    return out
+
+
+def _top_vs_bottom(run, kind, ci, top, bottom, n_bootstrap, n_permutations, seed):
+    li = {l: j for j, l in enumerate(run.layers)}
+    t_idx = [li[l] for l in top]
+    b_idx = [li[l] for l in bottom]
+    out = {"k": len(top), "top_layers": list(top), "bottom_layers": list(bottom)}
+    per_side = {side: _effects(run, kind, side) for side in SIDES}
+    per_side["both"] = {e: (per_side[SIDES[0]][e] + per_side[SIDES[1]][e]) / 2
+                        for e in per_side[SIDES[0]]}
+    for side, effects in per_side.items():
+        out[side] = {}
+        for effect, arr in effects.items():
+            top_vals = arr[:, ci, t_idx].mean(axis=1)
+            bot_vals = arr[:, ci, b_idx].mean(axis=1)
+            test = permutation_test(top_vals, bot_vals, n_permutations, seed, paired=True)
+            out[side][effect] = {
+                "top": _stat(top_vals, n_bootstrap, seed),
+                "bottom": _stat(bot_vals, n_bootstrap, seed),
+                "diff": _stat(top_vals - bot_vals, n_bootstrap, seed),
+                "p_value": test["p_value"], "n_permutations": test["n_permutations"],
+                "test": "paired sign-flip permutation over prompts, two-sided, of "
+                        "mean(top-k layers) - mean(bottom-k layers)"}
+    return out
+
+
+def _spearman_block(run, kind, ci, scores_by_layer):
+    per_side = {side: _effects(run, kind, side) for side in SIDES}
+    per_side["both"] = {e: (per_side[SIDES[0]][e] + per_side[SIDES[1]][e]) / 2
+                        for e in per_side[SIDES[0]]}
+    layers = [l for l in run.layers if l in scores_by_layer]
+    idx = [run.layers.index(l) for l in layers]
+    x = [scores_by_layer[l] for l in layers]
+    return {side: {e: spearman(x, arr[:, ci, idx].mean(axis=0)) for e, arr in effects.items()}
+            for side, effects in per_side.items()}
+
+
+def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: int,
+                   n_bootstrap: int = 2000, n_permutations: int = 10000, seed: int = 0,
+                   token_set_sizes: dict | None = None, store_per_prompt: bool = False) -> dict:
+    """The JSON unit of one pair in ``full_compute/<model>.json`` (schema in the module
+    docstring). ``layer_scores[component]`` = ``{layer: separability score}``."""
+    out = {"domains": list(run.domains), "n_prompts": run.n, "layers": list(run.layers),
+           "token_set_sizes": token_set_sizes or {}, "layer_ranking": {}, "top_layers": {},
+           "bottom_layers": {}, "swap": {}, "zero_ablation": {}, "injection": {}}
+    has_masses = bool(run.base[SIDES[0]])
+    for ci, comp in enumerate(run.components):
+        scores = layer_scores[comp]
+        ranking = rank_layers(scores, run.layers)
+        top, bottom = top_bottom(ranking, k)
+        out["layer_ranking"][comp] = ranking
+        out["top_layers"][comp] = top
+        out["bottom_layers"][comp] = bottom
+        rank_of = {l: r for r, l in enumerate(ranking)}
+
+        def layer_head(l):
+            return {"layer": l, "score": scores.get(l), "rank": rank_of.get(l),
+                    "group": "top" if l in top else "bottom" if l in bottom else "middle"}
+
+        per_layer = []
+        for li, l in enumerate(run.layers):
+            entry = layer_head(l)
+            entry["sides"] = {}
+            for side in SIDES:
+                s = {"kl": _stat(run.swap[side]["kl"][:, ci, li], n_bootstrap, seed)}
+                if has_masses:
+                    s["delta"] = _stat(run.delta("swap", side)[:, ci, li], n_bootstrap, seed)
+                    for m in ("mass_a", "mass_b"):
+                        s[f"{m}_before"] = _stat(run.base[side][m], n_bootstrap, seed)
+                        s[f"{m}_after"] = _stat(run.swap[side][m][:, ci, li], n_bootstrap, seed)
+                if store_per_prompt:
+                    s["per_prompt"] = {"kl": run.swap[side]["kl"][:, ci, li]}
+                    if has_masses:
+                        s["per_prompt"]["delta"] = run.delta("swap", side)[:, ci, li]
+                entry["sides"][side] = s
+            per_layer.append(entry)
+        out["swap"][comp] = {
+            "per_layer": per_layer,
+            "top_vs_bottom": _top_vs_bottom(run, "swap", ci, top, bottom, n_bootstrap,
+                                            n_permutations, seed),
+            "spearman": _spearman_block(run, "swap", ci, scores)}
+        if run.zero:
+            zl = []
+            for li, l in enumerate(run.layers):
+                entry = layer_head(l)
+                entry["sides"] = {}
+                for side in SIDES:
+                    s = {"kl": _stat(run.zero[side]["kl"][:, ci, li], n_bootstrap, seed)}
+                    if has_masses:
+                        s["delta"] = _stat(run.delta("zero", side)[:, ci, li], n_bootstrap, seed)
+                    entry["sides"][side] = s
+                zl.append(entry)
+            out["zero_ablation"][comp] = {"per_layer": zl,
+                                          "spearman": _spearman_block(run, "zero", ci, scores)}
+        if run.inject and comp in run.inject_layers:
+            sides = {}
+            for side in SIDES:
+                rows = []
+                for ai, alpha in enumerate(run.alphas):
+                    r = {"alpha": alpha,
+                         "kl": _stat(run.inject[side]["kl"][:, ci, ai], n_bootstrap, seed)}
+                    if has_masses:
+                        ma = run.inject[side]["mass_a"][:, ci, ai]
+                        mb = run.inject[side]["mass_b"][:, ci, ai]
+                        before = run.base[side]["mass_b"] - run.base[side]["mass_a"]
+                        r["mass_a"] = _stat(ma, n_bootstrap, seed)
+                        r["mass_b"] = _stat(mb, n_bootstrap, seed)
+                        r["bias"] = _stat(mb - ma, n_bootstrap, seed)
+                        r["delta"] = _stat(mb - ma - before, n_bootstrap, seed)
+                    rows.append(r)
+                sides[side] = rows
+            out["injection"][comp] = {"layer": run.inject_layers[comp], "alphas": run.alphas,
+                                      "vector_norm": run.inject_norms[comp],
+                                      "layer_choice": "given", "sides": sides}
+    return out
+
+
+def parse_layers(value: str, n_layers: int) -> list[int]:
+    """``"all"`` -> every layer; ``"0,3,5"`` -> those (checked against ``n_layers``)."""
+    text = str(value).strip()
+    if text in ("", "all"):
+        return list(range(n_layers))
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"LAYERS must be 'all' or comma-separated integers like '0,3,5', got "
+                         f"{value!r}") from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"LAYERS {bad} out of range: the model has {n_layers} layers "
+                         f"(0 to {n_layers - 1})")
+    return sorted(dict.fromkeys(layers))
+
+
+def parse_list(value, cast=str) -> list:
+    """A notebook list parameter: a list (or tuple) as is, or a comma-separated string
+    (``"a, b"`` -> ``["a", "b"]``); ``cast`` is applied to each item."""
+    if isinstance(value, (list, tuple)):
+        return [cast(x) for x in value]
+    return [cast(x.strip()) for x in str(value).split(",") if x.strip()]
+
+
+# --- notebook-level units -------------------------------------------------------------------
+
+def token_set_unit(lm, pairs: PromptPairs, layers: Sequence[int],
+                   components: Sequence[str] = COMPONENTS, top_n: int = 50,
+                   exclude_special: bool = True, batch_size: int = 64,
+                   progress: bool = True) -> dict:
+    """Reverse intervention on one pair file (notebook 01's unit of work):
+    ``{"domains", "n_prompts", "n_candidates": {domain: int}, "sets": {domain: entries}}``
+    where entries are ``[{"id", "token", "score"}]``, best first, disjoint between domains."""
+    run = run_pair(lm, pairs, layers, components, accumulate_dprob=True, batch_size=batch_size,
+                   progress=progress)
+    score_a, score_b = reverse_intervention_scores(run)
+    exclude = list(lm.tokenizer.all_special_ids) if exclude_special else []
+    top_a, top_b = select_token_sets(score_a, score_b, top_n, exclude)
+    a, b = pairs.domains
+    excluded = torch.zeros_like(score_a, dtype=torch.bool)
+    if exclude:
+        excluded[torch.tensor([i for i in exclude if 0 <= i < excluded.numel()])] = True
+    return {"domains": [a, b], "n_prompts": len(pairs),
+            "n_candidates": {a: int(((score_a > 0) & (score_a > score_b) & ~excluded).sum()),
+                             b: int(((score_b > 0) & (score_b > score_a) & ~excluded).sum())},
+            "sets": {a: token_entries(lm, top_a), b: token_entries(lm, top_b)}}
+
+
+ASSIGNMENTS = {
+    "source": "tokens promoted when B's activation goes into A's run belong to B (the study's "
+              "definition: a domain's activations promote its tokens)",
+    "base": "tokens promoted in A's run (by B's activation) belong to A (what the seed "
+            "notebook's code does: a perturbation promotes tokens that fit the base context)",
+}
+
+
+def assign_token_sets(unit: dict, assignment: str = "source") -> dict:
+    """A :func:`token_set_unit` (computed with the ``source`` filing) under ``assignment`` (see
+    ``ASSIGNMENTS``): a copy whose ``sets`` and ``n_candidates`` follow that filing.
+
+    The disjoint selection is symmetric in the two score vectors, so ``base`` gives exactly the
+    ``source`` lists with the two domain labels exchanged; nothing is recomputed."""
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"ASSIGNMENT must be one of {sorted(ASSIGNMENTS)}, got {assignment!r}")
+    out = dict(unit)
+    if assignment == "base":
+        a, b = unit["domains"]
+        for key in ("sets", "n_candidates"):
+            out[key] = {a: unit[key][b], b: unit[key][a]}
+    return out
+
+
+def token_set_table(token_sets: dict, pair: str, n: int = 15):
+    """A pandas table of the top ``n`` tokens of both domains of ``pair`` side by side."""
+    import pandas as pd
+
+    sets = token_sets["pairs"][pair]
+    cols = {}
+    for domain, entries in sets.items():
+        cols[f"{domain} token"] = [repr(e["token"]) for e in entries[:n]]
+        cols[f"{domain} id"] = [e["id"] for e in entries[:n]]
+        cols[f"{domain} score"] = [e["score"] for e in entries[:n]]
+    length = max((len(v) for v in cols.values()), default=0)
+    cols = {k: list(v) + [None] * (length - len(v)) for k, v in cols.items()}
+    return pd.DataFrame(cols, index=pd.RangeIndex(1, length + 1, name="rank"))
+
+
+def full_compute_unit(lm, pairs: PromptPairs, layers: Sequence[int], token_sets: dict,
+                      scores: dict, *, metric: str = "fisher",
+                      components: Sequence[str] = COMPONENTS, k: int = 5,
+                      alphas: Sequence[float] = (0, 0.5, 1, 2, 4), inject_layer: int = -1,
+                      zero: bool = True, n_bootstrap: int = 2000, n_permutations: int = 10000,
+                      seed: int = 0, batch_size: int = 64, store_per_prompt: bool = False,
+                      progress: bool = True) -> dict:
+    """Everything notebook 02 computes for one pair file (its unit of work; schema in the module
+    docstring). Layers are ranked per component by ``metric`` from the "pair" comparison of
+    ``scores``; injection runs at ``inject_layer``, or at each component's most separable layer
+    when it is negative."""
+    a, b = pairs.domains
+    ids = (token_set_ids(token_sets, pairs.name, a), token_set_ids(token_sets, pairs.name, b))
+    layer_scores = {c: pair_layer_scores(scores, pairs.name, c, metric) for c in components}
+    inject = {}
+    choice = {}
+    for c in components:
+        ranking = rank_layers(layer_scores[c], layers)
+        if not ranking:
+            raise ScoresMissingError(f"no layer of {list(layers)} has a {metric} score for "
+                                     f"{pairs.name}/{c}; rerun 00_layer_scores with these layers")
+        if alphas:
+            inject[c] = int(inject_layer) if inject_layer >= 0 else ranking[0]
+            choice[c] = "given" if inject_layer >= 0 else f"most separable layer by {metric}"
+    run = run_pair(lm, pairs, layers, components, ids, zero=zero, inject=inject, alphas=alphas,
+                   batch_size=batch_size, progress=progress)
+    unit = summarize_pair(run, layer_scores, k, n_bootstrap, n_permutations, seed,
+                          token_set_sizes={a: len(ids[0]), b: len(ids[1])},
+                          store_per_prompt=store_per_prompt)
+    for c, text in choice.items():
+        unit["injection"][c]["layer_choice"] = text
+    return unit
+
+
+def load_full_compute(model: str, full_compute_dir: str | Path | None = None) -> dict:
+    """``full_compute/<model slug>.json`` of notebook 02; a clear error when it is missing."""
+    slug = model.strip("/").replace("/", "__")
+    path = Path(full_compute_dir or paths.FULL_COMPUTE) / f"{slug}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"cross-swap results missing for model {model}: run "
+                                f"02_all_model_causal for it (python -m lib.runner --notebooks 02 "
+                                f"--models {model}); expected {path}")
+    data = read_json(path)
+    if not isinstance(data, dict) or "pairs" not in data:
+        raise ValueError(f"{path} is not a result file of 02_all_model_causal (no 'pairs')")
+    return data
+
+
+def load_all_full_compute(full_compute_dir: str | Path | None = None) -> dict[str, dict]:
+    """Every ``full_compute/*.json`` written by notebook 02, by model name (files of other
+    notebooks, which have no per-pair ``swap`` results, are skipped)."""
+    folder = Path(full_compute_dir or paths.FULL_COMPUTE)
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = read_json(path)
+        except ValueError:
+            continue
+        pairs = data.get("pairs") if isinstance(data, dict) else None
+        if isinstance(pairs, dict) and pairs and all(isinstance(v, dict) and "swap" in v
+                                                     for v in pairs.values()):
+            out[data.get("model", path.stem)] = data
+    return out
