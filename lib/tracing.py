@@ -1,0 +1,790 @@
+"""Causal tracing: corrupt the subject with noise, restore clean states, measure p(answer).
+
+The method of Meng et al. 2022, "Locating and Editing Factual Associations in GPT" (ROME,
+arXiv 2202.05262), as packaged by ``chanind/causal-tracer`` (v1.1.0). Three runs:
+
+1. **clean**: the prompt as is. The answer is the clean greedy top-1 token (or a given one);
+   ``p_clean`` is its probability at the last position.
+2. **corrupted**: Gaussian noise ``nu * N(0, 1)`` is added to the token embeddings of the subject
+   (the ``embed`` site; Gemma's embedding output is already scaled by sqrt(d_model), so the noise
+   is added after that scaling). ``p_corrupt`` is the mean over ``samples`` noise draws.
+3. **restored**: corrupted, but some clean states are copied back in. ``"hidden"`` restores the
+   residual stream after block L (``blocks.L.resid_post``) at token t; ``"mlp"`` / ``"attention"``
+   restore ``mlp_out`` / ``attn_out`` at token t for a *window* of layers
+   ``range(max(0, L - w // 2), min(n_layers, L + ceil(w / 2)))`` (ROME's code; the paper text says
+   L-4..L+5). The score is the mean restored p(answer); its indirect effect is
+   ``IE = p_restored - p_corrupt``; the total effect is ``TE = p_clean - p_corrupt``.
+
+Noise draws are *common random numbers*: ``numpy.random.RandomState(seed).randn(samples,
+n_subject_tokens, d_model)``, the same draws for every restoration (as ROME and causal-tracer),
+so a seed fixes the whole trace. The noise scale ``nu`` follows one of three rules
+(:func:`noise_level`): ``"auto"`` = 3 x std of the whole embedding matrix (causal-tracer),
+``"subject"`` = 3 x std of the subject tokens' embeddings (ROME's "s3"), or a number.
+
+The *severed* trace (ROME Fig. 2 right, ``trace_with_repatch``) restores the hidden state at
+(t, L) while holding the MLP (or attention) outputs at token t, in every layer, at their values
+in the corrupted run *with the same noise draw* (ROME drew fresh noise in its second pass; see
+``methods.md`` 3.3 item 3).
+
+Speed: every (restoration, noise sample) pair is one row of a batched forward pass, patched
+through :mod:`lib.hooks`. A restoration at token t cannot change positions before t, so each
+row starts at t and reuses the key/value cache of the *corrupted* prefix ``[0, t)`` of its noise
+sample (computed once per t); only the last position's logits are computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tqdm.auto import tqdm
+
+from lib.hooks import Intervention, capture, patch
+from lib.io import dumps, params_key, provenance, read_json, write_json
+from lib.sites import site_name
+
+TRACE_KINDS = ("hidden", "mlp", "attention")
+KIND_SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attention": "attn_out"}
+DEFAULT_WINDOW = {"hidden": 1, "mlp": 10, "attention": 10}
+PALETTES = {"hidden": "Purples", "mlp": "Greens", "attention": "Reds"}
+SEVER_KINDS = ("mlp", "attention")
+
+
+class SubjectNotFoundError(ValueError):
+    """The subject string does not occur in the prompt."""
+
+
+# --- small rules ----------------------------------------------------------------------------
+
+def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
+    """Layers restored together for a window centred on ``layer`` (ROME's code):
+    ``range(max(0, layer - window // 2), min(n_layers, layer + ceil(window / 2)))``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is outside 0..{n_layers - 1}")
+    return list(range(max(0, layer - window // 2), min(n_layers, layer + math.ceil(window / 2))))
+
+
+def subject_token_range(lm, prompt: str, subject: str) -> tuple[int, int]:
+    """Token range ``(start, end)`` (end exclusive) of the *last* occurrence of ``subject`` in
+    ``prompt``: every token whose characters overlap the subject's. Raises
+    :class:`SubjectNotFoundError` if the subject is not an exact substring."""
+    if not subject or not subject.strip():
+        raise SubjectNotFoundError("the subject is empty; give the words of the prompt to corrupt")
+    char = prompt.rfind(subject)
+    if char < 0:
+        raise SubjectNotFoundError(
+            f"subject {subject!r} does not occur in prompt {prompt!r}; it must be an exact "
+            "substring (same case, spacing and punctuation) of the prompt")
+    end_char = char + len(subject)
+    enc = lm.tokenizer(prompt, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    offsets = enc.get("offset_mapping")
+    if offsets is None:  # slow tokenizer: rebuild the spans from decoded pieces
+        spans, pos = [], 0
+        for piece in lm.token_strings(ids):
+            found = prompt.find(piece, pos) if piece else -1
+            spans.append((found, found + len(piece)) if found >= 0 else (pos, pos))
+            pos = spans[-1][1]
+        offsets = spans
+    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < end_char and e > char]
+    if not hits:
+        raise SubjectNotFoundError(f"no token of {prompt!r} covers the subject {subject!r}")
+    return hits[0], hits[-1] + 1
+
+
+def answer_token_id(lm, answer: str) -> int:
+    """The first token of ``answer`` as a continuation (no special tokens), e.g. " Paris"."""
+    ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+    if not ids:
+        raise ValueError(f"answer {answer!r} gives no token; leave it empty to use the model's "
+                         "own top-1 token")
+    return int(ids[0])
+
+
+def make_noise(samples: int, n_tokens: int, d_model: int, seed: int) -> np.ndarray:
+    """Standard normal draws ``RandomState(seed).randn(samples, n_tokens, d_model)`` (float64),
+    exactly as ROME and causal-tracer draw them."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    return np.random.RandomState(seed).randn(samples, n_tokens, d_model)
+
+
+@torch.no_grad()
+def embedding_std(lm, chunk: int = 8192) -> float:
+    """Std (ddof=1, float64) of the ``embed`` site's output over the whole vocabulary, i.e. of
+    the embedding matrix times the module's own scale (sqrt(d_model) for Gemma, 1 otherwise)."""
+    module = lm.model.get_submodule(lm.spec.embed_path)
+    weight = module.weight
+    probe = torch.arange(min(64, weight.shape[0]), device=weight.device)
+    raw = weight[probe].double()
+    scale = float((module(probe).double() * raw).sum() / (raw * raw).sum())
+    n = weight.numel()
+    total = sum(float(weight[i:i + chunk].double().sum()) for i in range(0, weight.shape[0], chunk))
+    mean = total / n
+    sq = sum(float(((weight[i:i + chunk].double() - mean) ** 2).sum())
+             for i in range(0, weight.shape[0], chunk))
+    return abs(scale) * math.sqrt(sq / (n - 1))
+
+
+@torch.no_grad()
+def subject_embedding_std(lm, pairs: Iterable[tuple[str, str]]) -> float:
+    """Std (ddof=1, float64) of the ``embed`` site's output at the subject tokens of each
+    (prompt, subject) pair, all tokens pooled (ROME's rule, taken in context)."""
+    rows = []
+    for prompt, subject in pairs:
+        s0, s1 = subject_token_range(lm, prompt, subject)
+        ids = lm.tokenize(prompt)
+        with capture(lm, ["embed"], positions=list(range(s0, s1))) as cache:
+            lm.model.get_submodule(lm.spec.embed_path)(ids)
+        rows.append(cache["embed"][0].double().reshape(-1))
+    if not rows:
+        raise ValueError("noise rule 'subject' needs at least one (prompt, subject) pair")
+    return float(torch.cat(rows).std())
+
+
+def noise_level(lm, rule: str | float = "auto", pairs: Iterable[tuple[str, str]] = (),
+                multiplier: float = 3.0) -> float:
+    """The noise scale nu. ``"auto"``: ``multiplier`` x std of the whole embedding matrix (as
+    causal-tracer's ``pick_noise_level``, but of the embedding *output*, so Gemma's sqrt(d)
+    scale is included); ``"subject"``: ``multiplier`` x std of the subject-token embeddings of
+    ``pairs`` (ROME's "s3"); a number (or numeric string): that nu."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        value = float(rule)
+    elif isinstance(rule, str) and rule.strip().lower() == "auto":
+        return multiplier * embedding_std(lm)
+    elif isinstance(rule, str) and rule.strip().lower() == "subject":
+        return multiplier * subject_embedding_std(lm, pairs)
+    else:
+        try:
+            value = float(rule)
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown noise rule {rule!r}; use 'auto', 'subject' or a number "
+                             "such as 0.1") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"noise level must be a finite number >= 0, got {value}")
+    return value
+
+
+# --- restorations as data --------------------------------------------------------------------
+
+State = tuple[str, int, int]  # (site kind such as "resid_post", layer, token)
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """One corrupted run with some states changed, as data.
+
+    ``restore``: states copied back from the clean run. ``freeze``: states held at their value
+    in the corrupted run with the same noise draw (the severed trace). Site kinds are those of
+    :mod:`lib.sites` (``resid_post``, ``mlp_out``, ``attn_out``, ...).
+    """
+
+    restore: tuple[State, ...] = ()
+    freeze: tuple[State, ...] = ()
+
+    def __post_init__(self):
+        both = {(k, l, t) for k, l, t in self.restore} & {(k, l, t) for k, l, t in self.freeze}
+        if both:
+            raise ValueError(f"states {sorted(both)} are both restored and frozen")
+
+    @property
+    def tokens(self) -> set[int]:
+        return {t for _, _, t in self.restore + self.freeze}
+
+
+def grid_restorations(kind: str, n_layers: int, tokens: Sequence[int], layers: Sequence[int],
+                      window: int) -> list[Restoration]:
+    """One restoration per (token, centre layer), token-major: ``kind`` restored at that token
+    for the window of layers around the centre."""
+    if kind not in KIND_SITE:
+        raise ValueError(f"unknown trace kind {kind!r}; use one of {TRACE_KINDS}")
+    site = KIND_SITE[kind]
+    return [Restoration(restore=tuple((site, l, t) for l in window_layers(layer, window, n_layers)))
+            for t in tokens for layer in layers]
+
+
+def severed_restorations(token: int, n_layers: int, layers: Sequence[int],
+                         sever: str | None) -> list[Restoration]:
+    """Hidden state restored at (token, L) for each L, with the ``sever`` kind's outputs at
+    ``token`` frozen at their corrupted values in every layer (``None``: nothing frozen)."""
+    freeze = () if sever is None else tuple((KIND_SITE[sever], l, token) for l in range(n_layers))
+    return [Restoration(restore=(("resid_post", layer, token),), freeze=freeze) for layer in layers]
+
+
+# --- the tracer --------------------------------------------------------------------------------
+
+@dataclass
+class TraceResult:
+    """One causal-trace grid (tokens x layers) and everything needed to read it."""
+
+    kind: str
+    window: int
+    scores: np.ndarray                 # (n_tokens, n_layers) restored p(answer); NaN = not run
+    p_clean: float
+    p_corrupt: float
+    answer: str
+    answer_id: int
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    noise: float
+    samples: int
+    seed: int
+    prompt: str = ""
+    subject: str = ""
+    layers: list[int] = field(default_factory=list)       # centre layers that were run
+    token_rows: list[int] = field(default_factory=list)   # token rows that were run
+    prefix_rows: list[int] = field(default_factory=list)  # rows before the subject: = p_corrupt
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind, "window": self.window, "prompt": self.prompt,
+            "subject": self.subject, "answer": self.answer, "answer_id": self.answer_id,
+            "p_clean": self.p_clean, "p_corrupt": self.p_corrupt, "noise": self.noise,
+            "samples": self.samples, "seed": self.seed, "tokens": self.tokens,
+            "subject_range": list(self.subject_range), "layers": self.layers,
+            "token_rows": self.token_rows, "prefix_rows": self.prefix_rows,
+            "scores": [[None if math.isnan(v) else float(v) for v in row] for row in self.scores],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TraceResult":
+        scores = np.array([[np.nan if v is None else v for v in row] for row in data["scores"]],
+                          dtype=float)
+        keys = ("kind", "window", "p_clean", "p_corrupt", "answer", "answer_id", "tokens",
+                "noise", "samples", "seed", "prompt", "subject", "layers", "token_rows",
+                "prefix_rows")
+        return cls(scores=scores, subject_range=tuple(data["subject_range"]),
+                   **{k: data[k] for k in keys})
+
+
+class CausalTracer:
+    """Clean run, corrupted runs and batched restorations for one prompt.
+
+    ``answer=""`` uses the clean greedy top-1 token. ``noise`` is nu (see :func:`noise_level`).
+    The clean run happens at construction; the corrupted runs on first use.
+    """
+
+    CLEAN_SITES = ("resid_post", "mlp_out", "attn_out")
+
+    @torch.no_grad()
+    def __init__(self, lm, prompt: str, subject: str, answer: str = "", noise: float = 0.1,
+                 samples: int = 10, seed: int = 1):
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        self.lm, self.prompt, self.subject = lm, prompt, subject
+        self.noise, self.samples, self.seed = float(noise), int(samples), int(seed)
+        self.ids = lm.tokenize(prompt)
+        self.n_tokens = self.ids.shape[1]
+        self.tokens = lm.token_strings(self.ids[0])
+        self.subject_range = subject_token_range(lm, prompt, subject)
+        self.sites = [site_name(k, l) for k in self.CLEAN_SITES for l in range(lm.n_layers)]
+        with capture(lm, self.sites) as cache:
+            logits = lm.model(input_ids=self.ids, logits_to_keep=1).logits[0, -1].float()
+        self.clean = {s: v[0] for s, v in cache.items()}  # site -> (n_tokens, d)
+        probs = logits.softmax(-1)
+        self.top_id = int(logits.argmax())
+        self.answer_id = answer_token_id(lm, answer) if answer else self.top_id
+        self.answer = lm.tokenizer.decode([self.answer_id])
+        self.top_token = lm.tokenizer.decode([self.top_id])
+        self.p_clean = float(probs[self.answer_id])
+        self._noise = None
+        self._corrupt: dict[str, torch.Tensor] | None = None
+        self._prefix: dict[int, object] = {}
+        self._p_corrupt_rows: torch.Tensor | None = None
+
+    # -- noise and the corrupted run -----------------------------------------------------------
+
+    @property
+    def correct(self) -> bool:
+        """Whether the clean greedy top-1 token is the answer."""
+        return self.top_id == self.answer_id
+
+    @property
+    def noise_draws(self) -> torch.Tensor:
+        """(samples, n_subject_tokens, d_model) noise already scaled by nu, model dtype."""
+        if self._noise is None:
+            s0, s1 = self.subject_range
+            draws = make_noise(self.samples, s1 - s0, self.lm.d_model, self.seed) * self.noise
+            self._noise = torch.from_numpy(draws).to(self.lm.device, self.lm.dtype)
+        return self._noise
+
+    def _noise_iv(self, sample_idx: torch.Tensor, start: int, stop: int) -> list[Intervention]:
+        """Noise at the subject positions inside [start, stop) for rows of ``sample_idx``."""
+        s0, s1 = self.subject_range
+        lo, hi = max(s0, start), min(s1, stop)
+        if lo >= hi or self.noise == 0:
+            return []
+        value = self.noise_draws[sample_idx.to(self.noise_draws.device)][:, lo - s0:hi - s0]
+        return [Intervention("embed", positions=tuple(range(lo, hi)), kind="add", value=value,
+                             source=f"noise nu={self.noise:.6g} seed={self.seed}")]
+
+    @torch.no_grad()
+    def _ensure_corrupted(self):
+        if self._corrupt is not None:
+            return
+        n = self.samples
+        idx = torch.arange(n)
+        with capture(self.lm, self.sites) as cache, \
+                patch(self.lm, self._noise_iv(idx, 0, self.n_tokens)):
+            logits = self.lm.model(input_ids=self.ids.expand(n, -1), logits_to_keep=1).logits
+        self._corrupt = dict(cache)  # site -> (samples, n_tokens, d)
+        self._p_corrupt_rows = logits[:, -1].float().softmax(-1)[:, self.answer_id].double()
+
+    @property
+    def p_corrupt(self) -> float:
+        """Mean p(answer) over the noise samples with nothing restored."""
+        self._ensure_corrupted()
+        return float(self._p_corrupt_rows.mean())
+
+    @property
+    def corrupted(self) -> dict[str, torch.Tensor]:
+        """Activations of the corrupted runs: site -> (samples, n_tokens, d)."""
+        self._ensure_corrupted()
+        return self._corrupt
+
+    @torch.no_grad()
+    def _prefix_cache(self, start: int):
+        """Key/value cache of the corrupted prefix [0, start), one row per noise sample."""
+        if start not in self._prefix:
+            n = self.samples
+            with patch(self.lm, self._noise_iv(torch.arange(n), 0, start)):
+                out = self.lm.model(input_ids=self.ids[:, :start].expand(n, -1), use_cache=True,
+                                    logits_to_keep=1)
+            self._prefix[start] = out.past_key_values
+        return self._prefix[start]
+
+    # -- running restorations ----------------------------------------------------------------
+
+    def _interventions(self, jobs: Sequence[Restoration], rows: Sequence[tuple[int, int]],
+                       start: int) -> list[Intervention]:
+        sample_idx = torch.tensor([s for _, s in rows])
+        ivs = self._noise_iv(sample_idx, start, self.n_tokens)
+        restore, freeze = defaultdict(list), defaultdict(list)
+        for r, (j, _) in enumerate(rows):
+            for state in jobs[j].restore:
+                restore[state].append(r)
+            for state in jobs[j].freeze:
+                freeze[state].append(r)
+        for (kind, layer, tok), rr in restore.items():
+            site = site_name(kind, layer)
+            ivs.append(Intervention(site, positions=(tok,), rows=tuple(rr), kind="replace",
+                                    value=self.clean[site][tok], source="clean run"))
+        for (kind, layer, tok), rr in freeze.items():
+            site = site_name(kind, layer)
+            value = self.corrupted[site][sample_idx[rr].to(self.lm.device), tok][:, None, :]
+            ivs.append(Intervention(site, positions=(tok,), rows=tuple(rr), kind="replace",
+                                    value=value, source="corrupted run, same noise"))
+        return ivs
+
+    def _check(self, jobs: Sequence[Restoration]):
+        for job in jobs:
+            for kind, layer, tok in job.restore + job.freeze:
+                site = site_name(kind, layer)
+                if site not in self.clean:
+                    raise ValueError(f"site {site!r} is not recorded; restore or freeze one of "
+                                     f"{self.CLEAN_SITES} at layers 0..{self.lm.n_layers - 1}")
+                if not 0 <= tok < self.n_tokens:
+                    raise ValueError(f"token {tok} is outside the prompt (0..{self.n_tokens - 1})")
+
+    @torch.no_grad()
+    def scores(self, jobs: Sequence[Restoration], batch_size: int = 32,
+               progress: bool = False) -> np.ndarray:
+        """Mean restored p(answer) over the noise samples, one per job (float64 array).
+
+        Rows are (job, sample) pairs, ``batch_size`` per forward pass, grouped by the first
+        token the job touches; each row runs only from that token on, on top of the corrupted
+        key/value prefix of its own noise sample. A job that touches nothing gives p_corrupt.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        jobs = list(jobs)
+        self._check(jobs)
+        self._ensure_corrupted()
+        out = np.zeros(len(jobs))
+        groups: dict[int, list[int]] = defaultdict(list)
+        for j, job in enumerate(jobs):
+            if not job.tokens:
+                out[j] = self.p_corrupt
+            else:
+                groups[min(job.tokens)].append(j)
+        batches = []
+        for start in sorted(groups):
+            rows = [(j, s) for j in groups[start] for s in range(self.samples)]
+            batches += [(start, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        if progress:
+            batches = tqdm(batches, desc="restorations", unit="batch", leave=False)
+        for start, rows in batches:
+            probs = self._run_rows(jobs, rows, start)
+            for (j, _), p in zip(rows, probs.tolist()):
+                out[j] += p
+        for js in groups.values():
+            out[js] /= self.samples
+        return out
+
+    def _run_rows(self, jobs, rows, start) -> torch.Tensor:
+        n = len(rows)
+        kwargs = {}
+        if start > 0:
+            past = copy.deepcopy(self._prefix_cache(start))
+            past.batch_select_indices(torch.tensor([s for _, s in rows], device=self.lm.device))
+            kwargs = {"past_key_values": past, "use_cache": True}
+        with patch(self.lm, self._interventions(jobs, rows, start), offset=start):
+            logits = self.lm.model(input_ids=self.ids[:, start:].expand(n, -1),
+                                   logits_to_keep=1, **kwargs).logits
+        return logits[:, -1].float().softmax(-1)[:, self.answer_id].double()
+
+    @torch.no_grad()
+    def scores_naive(self, jobs: Sequence[Restoration], progress: bool = False) -> np.ndarray:
+        """Reference: one full, unbatched forward per (job, sample), no key/value reuse.
+        Frozen values come from unbatched corrupted runs. For tests and benchmarks."""
+        jobs = list(jobs)
+        self._check(jobs)
+        corrupt_rows = {}
+        if any(job.freeze for job in jobs):
+            for s in range(self.samples):
+                with capture(self.lm, self.sites) as cache, \
+                        patch(self.lm, self._noise_iv(torch.tensor([s]), 0, self.n_tokens)):
+                    self.lm.model(input_ids=self.ids, logits_to_keep=1)
+                corrupt_rows[s] = {k: v[0] for k, v in cache.items()}
+        out = np.zeros(len(jobs))
+        pairs = [(j, s) for j in range(len(jobs)) for s in range(self.samples)]
+        if progress:
+            pairs = tqdm(pairs, desc="naive", unit="run", leave=False)
+        for j, s in pairs:
+            ivs = self._noise_iv(torch.tensor([s]), 0, self.n_tokens)
+            for kind, layer, tok in jobs[j].restore:
+                site = site_name(kind, layer)
+                ivs.append(Intervention(site, positions=(tok,), value=self.clean[site][tok]))
+            for kind, layer, tok in jobs[j].freeze:
+                site = site_name(kind, layer)
+                ivs.append(Intervention(site, positions=(tok,),
+                                        value=corrupt_rows[s][site][tok]))
+            with patch(self.lm, ivs):
+                logits = self.lm.model(input_ids=self.ids, logits_to_keep=1).logits
+            out[j] += float(logits[0, -1].float().softmax(-1)[self.answer_id])
+        return out / self.samples
+
+    # -- grids ---------------------------------------------------------------------------------
+
+    def token_rows(self, subject_tokens_only: bool = False) -> list[int]:
+        s0, s1 = self.subject_range
+        return list(range(s0, s1)) if subject_tokens_only else list(range(s0, self.n_tokens))
+
+    def trace(self, kind: str = "hidden", window: int | None = None,
+              tokens: Sequence[int] | None = None, layers: Sequence[int] | None = None,
+              batch_size: int = 32, progress: bool = False, naive: bool = False) -> TraceResult:
+        """The (tokens x layers) grid of restored p(answer) for one kind.
+
+        ``tokens`` default: every token from the subject's first on. Rows before the subject
+        are not run: the noise cannot reach them, so restoring them changes nothing and their
+        score is p_corrupt (listed in ``prefix_rows``). Cells not run (``tokens`` / ``layers``
+        restricted) are NaN.
+        """
+        window = DEFAULT_WINDOW[kind] if window is None else int(window)
+        n_layers = self.lm.n_layers
+        tokens = self.token_rows() if tokens is None else [int(t) for t in tokens]
+        layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are outside 0..{n_layers - 1}")
+        jobs = grid_restorations(kind, n_layers, tokens, layers, window)
+        flat = self.scores_naive(jobs) if naive else self.scores(jobs, batch_size, progress)
+        grid = np.full((self.n_tokens, n_layers), np.nan)
+        grid[np.ix_(tokens, layers)] = flat.reshape(len(tokens), len(layers))
+        prefix = list(range(self.subject_range[0]))
+        grid[prefix] = self.p_corrupt
+        return TraceResult(kind=kind, window=window, scores=grid, p_clean=self.p_clean,
+                           p_corrupt=self.p_corrupt, answer=self.answer,
+                           answer_id=self.answer_id, tokens=self.tokens,
+                           subject_range=self.subject_range, noise=self.noise,
+                           samples=self.samples, seed=self.seed, prompt=self.prompt,
+                           subject=self.subject, layers=layers, token_rows=tokens,
+                           prefix_rows=prefix)
+
+    def severed(self, token: int | None = None, layers: Sequence[int] | None = None,
+                batch_size: int = 32, progress: bool = False) -> dict:
+        """Hidden-state restoration at ``token`` (default: last subject token) for each layer:
+        ordinary, with every MLP output at that token frozen at its corrupted value, and with
+        every attention output frozen. Returns curves of restored p(answer) per layer."""
+        token = self.subject_range[1] - 1 if token is None else int(token)
+        n_layers = self.lm.n_layers
+        layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
+        names = {None: "ordinary", "mlp": "mlp_severed", "attention": "attention_severed"}
+        jobs = [job for sever in names for job in severed_restorations(token, n_layers, layers,
+                                                                      sever)]
+        flat = self.scores(jobs, batch_size, progress).reshape(len(names), len(layers))
+        out = {"token": token, "token_str": self.tokens[token], "layers": layers,
+               "p_clean": self.p_clean, "p_corrupt": self.p_corrupt, "noise": self.noise,
+               "answer": self.answer, "answer_id": self.answer_id}
+        out.update({name: flat[i].tolist() for i, name in enumerate(names.values())})
+        return out
+
+
+# --- averages over a fact set ------------------------------------------------------------------
+
+def load_facts(path, n: int = 0) -> list[dict]:
+    """A fact file: JSON list of {"prompt", "subject", "answer"}; the first ``n`` (0 = all)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"fact file {path} does not exist")
+    facts = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(facts, list) or not facts:
+        raise ValueError(f"{path}: expected a non-empty JSON list of facts")
+    for i, fact in enumerate(facts):
+        missing = {"prompt", "subject", "answer"} - set(fact if isinstance(fact, dict) else {})
+        if missing:
+            raise ValueError(f"{path}: fact {i} lacks {sorted(missing)}; each fact needs "
+                             "'prompt', 'subject' and 'answer'")
+        if fact["subject"] not in fact["prompt"]:
+            raise ValueError(f"{path}: fact {i}: subject {fact['subject']!r} is not in its "
+                             f"prompt {fact['prompt']!r}")
+    return facts[:n] if n and n > 0 else facts
+
+
+TOKEN_BUCKETS = ("last_subject", "last")
+
+
+def trace_fact(lm, fact: dict, noise: float, samples: int = 10, seed: int = 1,
+               window: int = 10, kinds: Sequence[str] = TRACE_KINDS, severed: bool = True,
+               batch_size: int = 32, progress: bool = False) -> dict:
+    """Traces of one fact restricted to the last subject token and the last token (all
+    layers, each kind), plus the severed curves at the last subject token. A fact whose clean
+    greedy top-1 token is not the first token of its answer is only marked incorrect."""
+    tracer = CausalTracer(lm, fact["prompt"], fact["subject"], answer=fact["answer"],
+                          noise=noise, samples=samples, seed=seed)
+    out = {"prompt": fact["prompt"], "subject": fact["subject"], "answer": fact["answer"],
+           "answer_id": tracer.answer_id, "top_token": tracer.top_token,
+           "correct": tracer.correct, "p_clean": tracer.p_clean,
+           "subject_range": list(tracer.subject_range), "n_tokens": tracer.n_tokens}
+    if not tracer.correct:
+        return out
+    n_layers = lm.n_layers
+    rows = {"last_subject": tracer.subject_range[1] - 1, "last": tracer.n_tokens - 1}
+    layers = list(range(n_layers))
+    jobs, slices = [], {}
+    for kind in kinds:
+        w = DEFAULT_WINDOW[kind] if kind == "hidden" else window
+        for bucket, tok in rows.items():
+            slices[(kind, bucket)] = slice(len(jobs), len(jobs) + n_layers)
+            jobs += grid_restorations(kind, n_layers, [tok], layers, w)
+    if severed:
+        for sever in SEVER_KINDS:
+            slices[(f"hidden_{sever}_severed", "last_subject")] = slice(len(jobs),
+                                                                        len(jobs) + n_layers)
+            jobs += severed_restorations(rows["last_subject"], n_layers, layers, sever)
+    flat = tracer.scores(jobs, batch_size, progress)
+    out["p_corrupt"] = tracer.p_corrupt
+    out["rows"] = rows
+    out["scores"] = {}
+    for (kind, bucket), sl in slices.items():
+        out["scores"].setdefault(kind, {})[bucket] = flat[sl].tolist()
+    return out
+
+
+def average_effects(results: Sequence[dict]):
+    """Average indirect effect per (kind, token bucket, layer) over the correct facts, as a
+    long pandas DataFrame with mean, std (ddof=0, as ROME's notebook), n and a 95% interval
+    mean +- 1.96 std / sqrt(n). IE = p_restored - p_corrupt of the same fact."""
+    import pandas as pd
+
+    records = []
+    for res in results:
+        if not res.get("correct") or "scores" not in res:
+            continue
+        for kind, buckets in res["scores"].items():
+            for bucket, curve in buckets.items():
+                for layer, p in enumerate(curve):
+                    records.append({"kind": kind, "token": bucket, "layer": layer,
+                                    "ie": p - res["p_corrupt"]})
+    if not records:
+        raise ValueError("no correct facts to average; check FACTS_FILE and the model")
+    df = pd.DataFrame(records)
+    agg = df.groupby(["kind", "token", "layer"], sort=False)["ie"].agg(
+        mean="mean", std=lambda x: float(np.std(x.to_numpy())), n="count").reset_index()
+    half = 1.96 * agg["std"] / np.sqrt(agg["n"])
+    agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
+    return agg
+
+
+def summarize_facts(results: Sequence[dict], effects=None) -> dict:
+    """ATE = mean(p_clean - p_corrupt), mean p_clean / p_corrupt, counts, and the peak average
+    indirect effect per (kind, token bucket) with its layer."""
+    correct = [r for r in results if r.get("correct") and "p_corrupt" in r]
+    if not correct:
+        raise ValueError("no correct facts to summarise")
+    effects = average_effects(correct) if effects is None else effects
+    p_clean = np.array([r["p_clean"] for r in correct])
+    p_corrupt = np.array([r["p_corrupt"] for r in correct])
+    peaks = {}
+    for (kind, bucket), grp in effects.groupby(["kind", "token"], sort=False):
+        best = grp.loc[grp["mean"].idxmax()]
+        peaks.setdefault(kind, {})[bucket] = {"aie": float(best["mean"]),
+                                              "layer": int(best["layer"])}
+    return {"n_facts": len(results), "n_correct": len(correct),
+            "ate": float(np.mean(p_clean - p_corrupt)), "p_clean_mean": float(p_clean.mean()),
+            "p_corrupt_mean": float(p_corrupt.mean()), "peaks": peaks}
+
+
+# --- results on disk ---------------------------------------------------------------------------
+
+def read_if_current(path, parameters: dict):
+    """The JSON at ``path`` if it exists and was written with exactly ``parameters`` (as
+    stored in its provenance), else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path)
+    except ValueError:
+        return None
+    stored = (data.get("provenance") or {}).get("parameters")
+    return data if dumps(stored) == dumps(parameters) else None
+
+
+def load_or_compute(path, lm, parameters: dict, compute, force: bool = False,
+                    seed: int | None = None) -> dict:
+    """Read ``path`` when it holds a result of the same ``parameters`` (unless ``force``);
+    otherwise call ``compute()`` (a JSON-ready dict), write it atomically with provenance
+    and return it (without the provenance block)."""
+    found = None if force else read_if_current(path, parameters)
+    if found is not None:
+        found.pop("provenance", None)
+        return found
+    payload = compute()
+    write_json(path, payload, provenance(lm, parameters, seed))
+    return payload
+
+
+def fact_unit_name(index: int, fact: dict) -> str:
+    """Unit name of one fact: its index plus a hash of its text, so an edited fact file never
+    reuses a stale unit."""
+    return f"fact_{index:03d}_{params_key(fact)[:8]}"
+
+
+def trace_facts(lm, facts: Sequence[dict], store, noise: float, samples: int = 10,
+                seed: int = 1, window: int = 10, kinds: Sequence[str] = TRACE_KINDS,
+                severed: bool = True, batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """:func:`trace_fact` for every fact, one :class:`lib.io.UnitStore` unit each, so an
+    interrupted run resumes at the next unfinished fact."""
+    items = list(enumerate(facts))
+    if progress:
+        items = tqdm(items, desc="facts", unit="fact")
+    out = []
+    for i, fact in items:
+        out.append(store.get_or_compute(fact_unit_name(i, fact), lambda fact=fact: trace_fact(
+            lm, fact, noise, samples=samples, seed=seed, window=window, kinds=kinds,
+            severed=severed, batch_size=batch_size)))
+    return out
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def _token_labels(tokens: Sequence[str], subject_range: Sequence[int]) -> list[str]:
+    s0, s1 = subject_range
+    labels = []
+    for i, tok in enumerate(tokens):
+        text = repr(tok)[1:-1] if tok.strip() == "" or "\n" in tok else tok
+        labels.append(f"{text}*" if s0 <= i < s1 else text)
+    return labels
+
+
+def plot_trace_heatmap(result: TraceResult | dict, title: str | None = None):
+    """Heatmap like causal-tracer's: tokens down (first at top, subject tokens marked "*"),
+    layers across, colour = restored p(answer) from p_corrupt upwards."""
+    import pandas as pd
+    from plotnine import (aes, element_text, geom_tile, ggplot, labs, scale_fill_cmap,
+                          scale_x_continuous, scale_y_reverse, theme, theme_minimal)
+
+    res = result.to_dict() if isinstance(result, TraceResult) else result
+    scores = np.array([[np.nan if v is None else v for v in row] for row in res["scores"]],
+                      dtype=float)
+    n_tok, n_layers = scores.shape
+    df = pd.DataFrame([{"token": t, "layer": l, "p": scores[t, l]}
+                       for t in range(n_tok) for l in range(n_layers)])
+    df = df.dropna()
+    labels = _token_labels(res["tokens"], res["subject_range"])
+    kind, window = res["kind"], res["window"]
+    xlab = ("single restored layer" if kind == "hidden" and window == 1 else
+            f"center of interval of {window} restored {kind} layers")
+    hi = max(float(np.nanmax(scores)), res["p_corrupt"] + 1e-6)
+    title = title or f"Impact of restoring {kind} after corrupted input"
+    return (ggplot(df, aes("layer", "token", fill="p"))
+            + geom_tile()
+            + scale_fill_cmap(PALETTES.get(kind, "Purples"), limits=(res["p_corrupt"], hi),
+                              name=f"p({res['answer'].strip()})")
+            + scale_y_reverse(breaks=list(range(n_tok)), labels=labels, expand=(0, 0))
+            + scale_x_continuous(breaks=list(range(0, n_layers, 5)), expand=(0, 0))
+            + labs(x=xlab, y="", title=title,
+                   subtitle=f"p_clean={res['p_clean']:.3f}  p_corrupt={res['p_corrupt']:.3f}  "
+                            f"nu={res['noise']:.4g}  samples={res['samples']}")
+            + theme_minimal()
+            + theme(plot_title=element_text(size=10), plot_subtitle=element_text(size=8)))
+
+
+def plot_severed(curves: dict, title: str | None = None):
+    """Indirect effect of one restored hidden state per layer: ordinary vs MLP severed vs
+    attention severed (ROME Fig. 2 right)."""
+    import pandas as pd
+    from plotnine import (aes, geom_hline, geom_line, geom_point, ggplot, labs,
+                          scale_color_manual, theme_minimal)
+
+    names = {"ordinary": "ordinary", "mlp_severed": "MLP severed",
+             "attention_severed": "attention severed"}
+    df = pd.DataFrame([{"layer": l, "ie": p - curves["p_corrupt"], "curve": label}
+                       for key, label in names.items()
+                       for l, p in zip(curves["layers"], curves[key])])
+    df["curve"] = pd.Categorical(df["curve"], categories=list(names.values()))
+    title = title or (f"Restoring the hidden state at {curves['token_str'].strip()!r} "
+                      f"(token {curves['token']})")
+    return (ggplot(df, aes("layer", "ie", color="curve"))
+            + geom_hline(yintercept=0, linetype="dotted", color="grey")
+            + geom_line() + geom_point(size=1)
+            + scale_color_manual(values=["#6a51a3", "#238b45", "#cb181d"])
+            + labs(x="restored layer", y="indirect effect  p_restored - p_corrupt",
+                   color="", title=title)
+            + theme_minimal())
+
+
+CURVE_LABELS = {"hidden": "hidden", "mlp": "mlp", "attention": "attention",
+                "hidden_mlp_severed": "hidden, MLP severed",
+                "hidden_attention_severed": "hidden, attention severed"}
+CURVE_COLOURS = {"hidden": "#6a51a3", "mlp": "#238b45", "attention": "#cb181d",
+                 "hidden_mlp_severed": "#41ab5d", "hidden_attention_severed": "#fb6a4a"}
+
+
+def plot_average_effects(effects, title: str | None = None,
+                         xlab: str = "layer (centre of the window for mlp / attention)"):
+    """Average indirect effect per layer with 95% bands, per kind, at the last subject token
+    and the last token (ROME Fig. 3 style). ``effects`` comes from :func:`average_effects`."""
+    from plotnine import (aes, facet_wrap, geom_hline, geom_line, geom_ribbon, ggplot, labs,
+                          scale_color_manual, scale_fill_manual, theme, theme_minimal)
+
+    df = effects.copy()
+    df["token"] = df["token"].map({"last_subject": "last subject token",
+                                   "last": "last token"}).fillna(df["token"])
+    kinds = [k for k in CURVE_COLOURS if k in set(df["kind"])]
+    df["curve"] = df["kind"].map(CURVE_LABELS).fillna(df["kind"])
+    labels = [CURVE_LABELS[k] for k in kinds]
+    colours = [CURVE_COLOURS[k] for k in kinds]
+    n = int(df["n"].max())
+    return (ggplot(df, aes("layer", "mean", color="curve", fill="curve"))
+            + geom_hline(yintercept=0, linetype="dotted", color="grey")
+            + geom_ribbon(aes(ymin="lo", ymax="hi"), alpha=0.2, color="none")
+            + geom_line()
+            + facet_wrap("~token")
+            + scale_color_manual(values=colours, limits=labels)
+            + scale_fill_manual(values=colours, limits=labels)
+            + labs(x=xlab, y="average indirect effect", color="", fill="",
+                   title=title or f"Average indirect effect over {n} correct facts (95% band)")
+            + theme_minimal()
+            + theme(legend_position="bottom"))
