@@ -613,7 +613,14 @@ def average_effects(results: Sequence[dict]):
         mean="mean", std=lambda x: float(np.std(x.to_numpy())), n="count").reset_index()
     half = 1.96 * agg["std"] / np.sqrt(agg["n"])
     agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
-    return agg
+    # a fixed row order, whatever order the units' dicts came in (fresh or read back from disk)
+    kind_order = list(TRACE_KINDS) + [f"hidden_{k}_severed" for k in SEVER_KINDS]
+    rank = {k: i for i, k in enumerate(kind_order)}
+    bucket = {b: i for i, b in enumerate(TOKEN_BUCKETS)}
+    agg = agg.assign(_k=agg["kind"].map(lambda k: (rank.get(k, len(rank)), k)),
+                     _t=agg["token"].map(lambda t: (bucket.get(t, len(bucket)), t)))
+    agg = agg.sort_values(["_k", "_t", "layer"], kind="stable").drop(columns=["_k", "_t"])
+    return agg.reset_index(drop=True)
 
 
 def summarize_facts(results: Sequence[dict], effects=None) -> dict:
