@@ -1,5 +1,5 @@
 """Last-token domain swaps, reverse intervention and token sets (lib.domain_swap), plus the
-figure functions (lib.domain_plots), on tiny random models."""
+figure functions (lib.plots.domain), on tiny random models."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import domain_plots as dp
+from lib.plots import domain as dp
 from lib import domain_swap as ds
 from lib.hooks import Intervention, capture, patch
 from lib.models import load_model
