@@ -20,7 +20,8 @@ apart:
 
 The domain-separation study (causal-intervention seed) scores every layer and component at the
 last prompt token for each domain pair; :func:`score_layers` does that, :func:`validate_scores`
-checks the ``scores/<model>.json`` schema and :func:`plot_layer_scores` draws it.
+checks the ``scores/<model>.json`` schema and :func:`lib.plots.separability.plot_layer_scores`
+draws it.
 """
 
 from __future__ import annotations
@@ -430,27 +431,6 @@ def extreme_layers(payload: dict, metric: str = "fisher", kind: str = "pair"):
                      "most_separable_layer": int(top.layer), "max": float(top.value),
                      "least_separable_layer": int(low.layer), "min": float(low.value)})
     return pd.DataFrame(rows)
-
-
-def plot_layer_scores(payload: dict, kind: str = "pair"):
-    """Per-layer scores: rows = metrics (free y scales), columns = comparisons, one line per
-    component."""
-    import pandas as pd
-    import plotnine as p9
-
-    df = scores_frame(payload)
-    df = df[df.kind == kind].copy()
-    if df.empty:
-        raise ValueError(f"no comparisons of kind {kind!r} in the scores")
-    df["comparison"] = pd.Categorical(df.comparison, categories=list(dict.fromkeys(df.comparison)))
-    df["metric"] = df.metric.map({"fisher": "Fisher (held-out)", "mmd": "MMD²",
-                                  "wasserstein": "sliced W1"}).fillna(df.metric)
-    return (p9.ggplot(df, p9.aes("layer", "value", color="component"))
-            + p9.geom_line() + p9.geom_point(size=0.8)
-            + p9.facet_grid("metric ~ comparison", scales="free_y")
-            + p9.labs(x="layer", y="separability",
-                      title=f"{payload['model']}: last-token separability per layer")
-            + p9.theme_bw() + p9.theme(figure_size=(11, 6), legend_position="bottom"))
 
 
 def prompts_digest(pair_sets: Sequence) -> str:

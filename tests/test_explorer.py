@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lib import explorer as E
+from lib.plots import explorer as ep
 from lib.hooks import count_hooks
 from lib.models import load_model
 from lib.prompts import PromptPairs
@@ -79,7 +80,7 @@ def test_masses_are_sums_over_the_set(lm):
     row = table[(table.side == "b_into_a") & (table.token_set == "python")].iloc[0]
     assert row.clean == pytest.approx(float(clean_a[[top_ids[2], 7]].sum()), rel=1e-5)
     assert (table.change == table.swapped - table.clean).all()
-    assert E.plot_masses(view) is not None and E.plot_top_tokens(view) is not None
+    assert ep.plot_masses(view) is not None and ep.plot_top_tokens(view) is not None
 
 
 def test_swap_changes_something_at_some_layer(lm):
@@ -122,17 +123,17 @@ def test_bad_choices_are_refused(lm):
 
 
 def test_no_widgets_outside_a_front_end(lm, monkeypatch):
-    ok, why = E.widget_frontend(True)
+    ok, why = ep.widget_frontend(True)
     assert not ok and why
-    assert E.widget_frontend(False) == (False, "INTERACTIVE is False")
+    assert ep.widget_frontend(False) == (False, "INTERACTIVE is False")
     monkeypatch.setenv("CAUSAL_HEADLESS", "1")
-    assert E.widget_frontend(True)[0] is False
+    assert ep.widget_frontend(True)[0] is False
 
 
 def test_widgets_build_and_follow_changes(lm):
     pytest.importorskip("ipywidgets")
     ex = E.Explorer(lm, [PAIRS], top_k=3, n_continuation=1)
-    box = E.build_widgets(ex, "cpp_python", 0, 0, "mlp_out")
+    box = ep.build_widgets(ex, "cpp_python", 0, 0, "mlp_out")
     assert ("cpp_python", 0, 0, "mlp_out") in ex._cache
     layer_slider = box.children[1]
     layer_slider.value = 1

@@ -10,12 +10,13 @@ from lib.attribution import attribution_patching, correlations
 from lib.hooks import Intervention, patch, run_with_cache
 from lib.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
                              align_prompts, cached_result, grid_cells, interchange_rows,
-                             node_order, parse_components, parse_indices, plot_attribution,
-                             plot_attribution_scatter, plot_heatmap, plot_layer_bars,
-                             run_interchange, strongest_cells, sweep_interchange)
+                             node_order, parse_components, parse_indices, run_interchange,
+                             strongest_cells, sweep_interchange)
 from lib.io import params_key, provenance, read_json, write_json
 from lib.models import load_model
 from lib.patching import sweep_logits_naive
+from lib.plots.interchange import (plot_attribution, plot_attribution_scatter, plot_heatmap,
+                                   plot_layer_bars)
 from lib.sites import site_name
 
 FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]

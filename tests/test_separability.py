@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from lib import separability as S
+from lib.plots import separability as sp
 from lib.prompts import PromptPairs
 
 SHIFTS = [0.0, 1.0, 2.0, 4.0]
@@ -207,7 +208,7 @@ def test_score_layers_on_a_tiny_model_has_the_schema():
     assert again == result
     ext = S.extreme_layers(payload, "fisher", "pair")
     assert len(ext) == 2 * 3 and set(ext.most_separable_layer) <= {0, 1}
-    fig = S.plot_layer_scores(payload)
+    fig = sp.plot_layer_scores(payload)
     assert fig is not None
     # the validator can fail
     payload["comparisons"][0]["scores"]["mlp_out"]["mmd"] = [1.0]

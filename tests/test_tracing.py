@@ -13,6 +13,7 @@ from lib import tracing as tr
 from lib.hooks import count_hooks
 from lib.io import UnitStore, dumps
 from lib.models import load_model
+from lib.plots import tracing as tp
 
 FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 # Byte-level tokenizer: 1 token per byte plus <bos> (12 tokens). Short enough that the tiny
@@ -283,7 +284,7 @@ def test_average_effects_and_summary_by_hand():
     assert summary["peaks"]["hidden"]["last"] == {"aie": pytest.approx(0.2), "layer": 1}
     with pytest.raises(ValueError, match="no correct facts"):
         tr.average_effects([_fake(0.5, 0.1, [0.1], correct=False)])
-    tr.plot_average_effects(eff).draw()
+    tp.plot_average_effects(eff).draw()
 
 
 def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
@@ -340,8 +341,8 @@ def test_load_or_compute_skips_unless_parameters_change(tmp_path):
 
 def test_plots_build(tracer):
     res = tracer.trace("attention", window=2)
-    for fig in (tr.plot_trace_heatmap(res), tr.plot_trace_heatmap(res.to_dict()),
-                tr.plot_severed(tracer.severed())):
+    for fig in (tp.plot_trace_heatmap(res), tp.plot_trace_heatmap(res.to_dict()),
+                tp.plot_severed(tracer.severed())):
         assert hasattr(fig, "draw")
-    fig = tr.plot_trace_heatmap(res)
+    fig = tp.plot_trace_heatmap(res)
     fig.draw()
