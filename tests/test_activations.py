@@ -8,14 +8,8 @@ from lib.activations import (collect_last_token, collect_last_token_naive, right
 from lib.hooks import count_hooks
 from lib.models import load_model
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 PROMPTS = ["Write a C++ function.", "Hi", "How do I sort a list of integers in Python?",
            "abc", "The quick brown fox jumps over the lazy dog, twice.", "Hi there", "x y z"]
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
 
 
 def test_prompts_really_have_different_lengths(lm):

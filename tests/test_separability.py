@@ -192,10 +192,8 @@ def test_build_comparisons_names_and_kinds():
     assert len(S.build_comparisons([sets[0]], cross=False)) == 1
 
 
-def test_score_layers_on_a_tiny_model_has_the_schema():
-    from lib.models import load_model
-
-    lm = load_model("tiny-random-llama")
+def test_score_layers_on_a_tiny_model_has_the_schema(llama):
+    lm = llama
     sets = [_pairs("ab", "a", "b", 10), _pairs("cd", "c", "d", 10)]
     comps = S.build_comparisons(sets)
     result = S.score_layers(lm, comps, [0, 1], n_folds=2, n_projections=16, progress=False)
