@@ -180,16 +180,12 @@ def fisher_in_sample(X, Y, shrinkage: str | float = "ledoit-wolf") -> float:
 
 # --- MMD ----------------------------------------------------------------------------------------
 
-def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    d2 = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T
-    return np.maximum(d2, 0.0)
-
-
 def median_bandwidth(Z: np.ndarray) -> float:
-    """Median of the pairwise Euclidean distances between distinct rows of ``Z``."""
-    d2 = _sq_dists(Z, Z)
-    iu = np.triu_indices(len(Z), k=1)
-    med = float(np.median(np.sqrt(d2[iu])))
+    """Median of the pairwise Euclidean distances between distinct rows of ``Z``
+    (:func:`scipy.spatial.distance.pdist`)."""
+    from scipy.spatial.distance import pdist
+
+    med = float(np.median(pdist(Z, "euclidean")))
     return med if med > 0 else 1.0
 
 
@@ -201,11 +197,13 @@ def mmd2_unbiased(X, Y, bandwidth: float | None = None) -> float:
     diagonal terms are excluded, so the estimate is unbiased and ≈ 0 (possibly < 0) for two
     samples of one distribution.
     """
+    from scipy.spatial.distance import pdist, squareform
+
     X, Y = _check_pair(X, Y)
     n, m = len(X), len(Y)
     Z = np.concatenate([X, Y])
     sigma = median_bandwidth(Z) if bandwidth is None else float(bandwidth)
-    K = np.exp(-_sq_dists(Z, Z) / (2 * sigma ** 2))
+    K = np.exp(-squareform(pdist(Z, "sqeuclidean")) / (2 * sigma ** 2))
     kxx, kyy, kxy = K[:n, :n], K[n:, n:], K[:n, n:]
     term_x = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
     term_y = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
