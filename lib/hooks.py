@@ -10,7 +10,7 @@ Editing Factual Associations in GPT"). Sites are named by :mod:`lib.sites`.
   interventions run in one batched forward pass (one row each).
 
 Both remove their hooks when the block exits, errors included. Positions are absolute token
-positions; when a run continues from a cached prefix (see :mod:`lib.patching`), pass
+positions; when a run continues from a cached prefix (see :mod:`lib.engine`), pass
 ``offset`` = prefix length so positions still mean the same tokens.
 """
 
