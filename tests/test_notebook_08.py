@@ -4,6 +4,8 @@ rerun loads the stored results."""
 
 import json
 
+import pytest
+
 from lib import paths
 from lib.io import read_json
 from lib.runner import run_notebooks
@@ -22,6 +24,7 @@ def _stdout(executed) -> str:
                    for o in c.get("outputs", []) if o.get("output_type") == "stream")
 
 
+@pytest.mark.slow  # about 50 s on the shared 2-core CPU (two runs: compute, then load)
 def test_notebook_08_runs_and_writes_its_outputs(tmp_path):
     params = {**SMALL, "FULL_COMPUTE_DIR": str(tmp_path / "fc"),
               "GRAPHS_DIR": str(tmp_path / "graphs"), "CACHE_DIR": str(tmp_path / "cache")}
