@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
+SHUFFLES = ("examples", "batches")
 
 
 class DASError(ValueError):
@@ -325,7 +326,7 @@ def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor]
               train: InterchangeData, epochs: int = 10, batch_size: int = 6400,
               lr: float = 1e-3, seed: int = 0, eval_data: InterchangeData | None = None,
               temperature: tuple[float, float] = (10.0, 0.1), boundary_penalty: float = 0.0,
-              progress: bool = False) -> dict:
+              progress: bool = False, shuffle: str = "examples") -> dict:
     """Train ``module`` (only its parameters) with Adam on cross-entropy of ``head``'s output
     against the counterfactual label. The head (the network above the site) stays frozen.
 
@@ -334,12 +335,19 @@ def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor]
     A boundless module's temperature is annealed linearly from ``temperature[0]`` to
     ``temperature[1]`` over all steps; ``boundary_penalty`` adds that times the summed learned
     fractions to the loss.
+
+    ``shuffle``: ``"examples"`` reshuffles all examples every epoch; ``"batches"`` keeps each
+    run of ``batch_size`` consecutive examples together as one batch and shuffles only the
+    order of the batches (the DAS tutorial's sampler: with data drawn in blocks of
+    ``batch_size`` sharing one intervention set, every batch intervenes on one set).
     """
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(val, int) or val < 1:
             raise DASError(f"{name} must be a positive int, got {val!r}")
     if not lr > 0:
         raise DASError(f"lr must be positive, got {lr!r}")
+    if shuffle not in SHUFFLES:
+        raise DASError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise DASError("the intervention has no trainable parameters (a random control?)")
@@ -351,7 +359,11 @@ def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor]
     curve, step = [], 0
     for epoch in range(epochs):
         started = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
+        if shuffle == "examples":
+            order = torch.randperm(n, generator=gen)
+        else:
+            starts = torch.randperm(math.ceil(n / batch_size), generator=gen) * batch_size
+            order = torch.cat([torch.arange(int(a), min(int(a) + batch_size, n)) for a in starts])
         total, correct, seen = 0.0, 0, 0
         module.train()
         for start in range(0, n, batch_size):

@@ -116,6 +116,38 @@ def test_training_learns_a_planted_subspace_and_the_random_control_does_not():
         das.train_das(control, head, data, epochs=1)
 
 
+def test_batch_shuffle_keeps_each_block_of_batch_size_together():
+    """shuffle="batches" (the tutorial's sampler): every batch is one run of consecutive
+    examples; the loss seen per step equals that of training on exactly those blocks."""
+    n, bs = 96, 32
+    base, s1, _ = _acts(n, seed=11)
+    seen = []
+
+    def head(h):
+        seen.append(h.detach().clone())
+        return torch.stack([h[:, 0], -h[:, 0]], -1)
+
+    data = das.InterchangeData(base, s1[None], torch.zeros(n, 1, dtype=torch.bool),
+                               torch.zeros(n, dtype=torch.long))
+    iv = das.RotatedSpaceIntervention(D, seed=0)
+    das.train_das(iv, head, data, epochs=2, batch_size=bs, lr=1e-3, seed=0, shuffle="batches")
+    blocks = {tuple(base[i:i + bs].flatten().tolist()) for i in range(0, n, bs)}
+    assert len(seen) == 6
+    for h in seen:                                   # no swap: the head sees the bases
+        assert tuple(h.flatten().tolist()) in blocks
+    with pytest.raises(das.DASError, match="shuffle"):
+        das.train_das(iv, head, data, epochs=1, shuffle="rows")
+
+
+def test_mlp_init_torch_and_normal_differ_and_are_seeded():
+    a, b = MLP(16, 16, 3, seed=3, init="torch"), MLP(16, 16, 3, seed=3, init="torch")
+    c = MLP(16, 16, 3, seed=3, init="normal")
+    assert torch.equal(a.blocks[0].weight, b.blocks[0].weight)
+    assert float(c.blocks[0].weight.std()) == pytest.approx(0.02, rel=0.2)
+    assert float(a.blocks[0].weight.abs().max()) <= 0.25 + 1e-6   # U(-1/sqrt(16), 1/sqrt(16))
+    assert float(a.blocks[0].bias.abs().sum()) > 0 and float(c.blocks[0].bias.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("kind", ["full", "low_rank", "boundless"])
 def test_save_and_load_safetensors(tmp_path, kind):
     iv = das.build({"full": {"kind": "full", "d": D, "subspaces": [(0, 8), (8, 16)], "seed": 3},
