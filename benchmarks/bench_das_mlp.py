@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib import das_mlp, paths
+from lib import das, das_mlp, paths
 from lib.causal_model import hierarchical_equality
 from lib.io import atomic_write_text, dumps
 
@@ -64,7 +64,11 @@ def main(argv=None) -> int:
                    "train_masks": train.masks, "train_labels": train.labels,
                    "test_base": test.base_tensor(),
                    "test_sources": torch.stack(test.source_tensors()),
-                   "test_masks": test.masks, "test_labels": test.labels}, str(data_path))
+                   "test_masks": test.masks, "test_labels": test.labels,
+                   # the initial rotation das_at_layer starts from: both sides start equal
+                   "init_rotation": das.RotatedSpaceIntervention(
+                       16, [(0, 8), (8, 16)], seed=args.seed).R.detach().contiguous()},
+                  str(data_path))
         module, ours = das_mlp.das_at_layer(net, 0, train, test, args.epochs, args.batch_size,
                                             args.lr, args.seed)
         cmd = [args.pyvene_python, str(Path(__file__).with_name("pyvene_das_mlp.py")),

@@ -58,6 +58,9 @@ def main():
     intervenable.disable_model_gradients()
     first = next(iter(intervenable.interventions.values()))
     first = first[0] if isinstance(first, (tuple, list)) else first
+    if "init_rotation" in data:  # start from the same rotation as ours (through right_inverse)
+        with torch.no_grad():
+            first.rotate_layer.weight = data["init_rotation"].float()
     optimizer = torch.optim.Adam(first.rotate_layer.parameters(), lr=args.lr)
 
     def sources(split, idx):
