@@ -111,6 +111,15 @@ def provenance(lm=None, parameters: dict | None = None, seed: int | None = None)
             "created_utc": _utc_now()}
 
 
+def provenance_without_lm(model: dict, parameters: dict | None = None,
+                          seed: int | None = None) -> dict:
+    """Provenance for results that involve no language model (e.g. small networks trained in
+    the notebook): ``model`` is any JSON-ready description of what was run."""
+    prov = provenance(None, parameters, seed)
+    prov["model"] = _clean(model)
+    return prov
+
+
 def _without_time(payload: dict) -> dict:
     out = dict(payload)
     if isinstance(out.get("provenance"), dict):

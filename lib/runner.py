@@ -79,6 +79,15 @@ class NotebookFailed(RuntimeError):
     pass
 
 
+def takes_model(notebook: Path) -> bool:
+    """Whether the notebook's ``parameters`` cell has ``MODEL``. One that does not (a notebook
+    without a language model, like 08_das_mlp) runs once, whatever ``models`` says, and its
+    executed copy goes to ``runs/<name without the number>/``."""
+    import papermill as pm
+
+    return "MODEL" in pm.inspect_notebook(str(notebook))
+
+
 def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> None:
     """Record repository-relative input/output paths in the executed copy's metadata, so that
     committed copies do not carry this machine's absolute paths."""
@@ -107,16 +116,19 @@ def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None 
     from tqdm.auto import tqdm
 
     done = []
-    jobs = [(m, nb) for m in models for nb in notebooks]
+    with_model = {nb: takes_model(nb) for nb in notebooks}
+    jobs = [(m, nb) for m in models for nb in notebooks if with_model[nb]]
+    jobs += [(None, nb) for nb in notebooks if not with_model[nb]]
     bar = tqdm(jobs, desc="notebooks", unit="nb", disable=not progress)
     for model, nb in bar:
-        slug = model.strip("/").replace("/", "__")
+        slug = (model.strip("/").replace("/", "__") if model is not None
+                else nb.stem.split("_", 1)[-1])
         out_dir = Path(runs_dir) / slug
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / nb.name
         tmp = out_dir / f".{nb.stem}.running.ipynb"
         bar.set_postfix_str(f"{slug}: {nb.stem}")
-        run_params = {"MODEL": model, **(params or {})}
+        run_params = {**({"MODEL": model} if model is not None else {}), **(params or {})}
         try:
             pm.execute_notebook(str(nb), str(tmp), parameters=run_params, kernel_name=kernel_name,
                                 execution_timeout=timeout, progress_bar=False,

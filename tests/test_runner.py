@@ -52,3 +52,17 @@ def test_parse_params():
         {"A": 3, "B": True, "C": "x", "D": "hello", "E": [1, 2]}
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         runner.parse_params(["oops"])
+
+
+def test_notebook_without_model_runs_once_under_its_own_name(tmp_path):
+    notebooks = runner.select_notebooks(["00", "02"], NB_DIR)
+    assert runner.takes_model(notebooks[0]) and not runner.takes_model(notebooks[1])
+    done = runner.run_notebooks(notebooks, ["m1", "m2"], {"REPEAT": 3}, runs_dir=tmp_path,
+                                progress=False)
+    assert done == [tmp_path / "m1" / "00_ok.ipynb", tmp_path / "m2" / "00_ok.ipynb",
+                    tmp_path / "no_model" / "02_no_model.ipynb"]
+    nb = json.loads(done[2].read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "no modelno modelno model" in text
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "MODEL" not in "".join(injected[0]["source"])
