@@ -28,6 +28,7 @@ import torch
 
 from lib import interchange
 from lib.models import load_model
+from lib.params import parse_sites
 
 
 def main(argv=None) -> int:
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     lm = load_model(args.model, args.device, args.dtype)
     base_ids, source_ids = interchange.align_prompts(lm, interchange.DEFAULT_BASE,
                                                      interchange.DEFAULT_SOURCE)
-    components = interchange.parse_components(args.components)
+    components = parse_sites(args.components)
     cells = interchange.grid_cells(components, list(range(lm.n_layers)),
                                    list(range(base_ids.shape[1])))
     rows = interchange.interchange_rows(lm, source_ids, cells)

@@ -80,7 +80,8 @@ class Param:
     notebook: str      # the notebook's stem
 
     def describe(self) -> str:
-        return f"{self.name}: {self.type} = {json.dumps(self.default)}" + (
+        shown = str(self.default) if isinstance(self.default, bool) else json.dumps(self.default)
+        return f"{self.name}: {self.type} = {shown}" + (
             f"  # {self.help}" if self.help else "")
 
 
