@@ -52,7 +52,7 @@ def select_notebooks(selectors: list[str] | None, folder: Path = paths.NOTEBOOKS
         match = [p for p in available if p.stem == sel or p.stem.split("_")[0] == sel]
         if not match:
             names = ", ".join(p.stem for p in available) or "(none)"
-            raise SystemExit(f"no notebook matches {sel!r}; available: {names}")
+            raise ParameterError(f"no notebook matches {sel!r}; available: {names}")
         chosen.extend(m for m in match if m not in chosen)
     return sorted(chosen)
 
