@@ -126,6 +126,7 @@ def test_the_kernel_dies_with_the_runner(tmp_path):
     assert (tmp_path / "runs" / "tiny-random" / "00_sleep.failed.ipynb").exists()
 
 
+@pytest.mark.slow
 def test_a_small_notebook_rerun_gives_byte_identical_results(tmp_path, monkeypatch):
     """05 on a tiny model, twice, into two folders: the result JSON is the same byte for byte
     (the time is pinned with SOURCE_DATE_EPOCH; the rest of provenance has no timing)."""
