@@ -1,0 +1,850 @@
+"""The intervention engine: many interventions, batched forward passes, shared work done once.
+
+Every study in this repository (activation patching / interchange intervention, Vig et al. 2020
+and Geiger et al. 2021; causal tracing, Meng et al. 2022; the domain swaps of the seed study;
+path patching, Wang et al. 2022; distributed alignment search, Geiger, Wu et al. 2023) is the
+same computation: a list of *rows*, each one run of the model on some input with some
+interventions, read out at the end. This module runs them all; no other module calls the
+model with a key/value cache or batches rows by hand.
+
+Vocabulary
+----------
+* :class:`Context`: an input (one prompt, token ids ``(1, T)``) plus interventions that hold in
+  every row on it (causal tracing's noise on the subject; nothing for a plain base prompt).
+* :class:`Row`: a context plus the row's own interventions (:class:`lib.hooks.Intervention`,
+  positions absolute; their ``rows`` field is ignored: the engine assigns batch rows).
+* A readout: ``"logits"`` (last-position logits, float32, the default), any callable of the
+  last-position logits ``(rows, vocab) -> (rows, ...)`` (e.g. two answer probabilities), or
+  :class:`Capture` (activations at sites, positions of the caller's choice).
+* :class:`Ref`: an intervention's ``value`` may name another run, "the activation at this site
+  in context j, itself under these interventions"; references are resolved in stages (a
+  reference's own interventions may hold references) and each distinct one is computed once.
+
+What is done once
+-----------------
+* Each context runs once, clean (under its own interventions), batched with the other contexts
+  of the same length: its key/value cache, its residual stream entering every block, the
+  activations the rows need, and its clean readout are stored.
+* :func:`plan` (a pure function of the rows, tested without a model) groups rows by context
+  length, first patched position and first patched layer; a batch continues from the stored
+  key/value cache of positions ``[0, p)`` (causal attention: nothing before the first patched
+  position ``p`` changes) and, where the architecture allows it, starts at the batch's lowest
+  patched layer ``L`` from the stored residual stream, skipping blocks ``0..L-1`` (nothing below
+  the lowest patched layer changes). Whether starting mid-stack is exact is checked once per
+  model (GPT-2 adds position embeddings to its input, so there it is not, and the engine runs
+  from the token ids instead).
+* Rows whose interventions change nothing (checked bit for bit on the context's stored
+  activations) get the context's clean readout without running.
+* The interventions of one site in a batch are merged into one multi-row operation.
+* Only the last position goes through the LM head.
+
+``grad=True`` keeps autograd through the interventions (their values and ``fn`` parameters,
+e.g. DAS rotations); the stored caches and residual streams are constants. :func:`run_naive`
+is the reference loop (one full, unbatched forward per row, references resolved the same naive
+way) that every study's rows are checked against.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lib.hooks import Intervention, SiteError, _Hooks, _hook_point
+from lib.sites import parse_site, site_name
+
+
+
+class NonFiniteError(FloatingPointError):
+    """An intervention produced NaN or infinite values."""
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Context:
+    """An input plus the interventions that hold in every row on it."""
+
+    input_ids: torch.Tensor
+    interventions: Sequence[Intervention] = ()
+    name: str = ""
+
+    def __post_init__(self):
+        ids = torch.as_tensor(self.input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"context {self.name!r}: input_ids must be one non-empty prompt, "
+                             f"shape (1, T) or (T,), got {tuple(ids.shape)}")
+        self.input_ids = ids
+        self.interventions = tuple(self.interventions)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass(eq=False)
+class Row:
+    """One run: a context (its index) plus the row's own interventions."""
+
+    context: int = 0
+    interventions: Sequence[Intervention] = ()
+
+    def __post_init__(self):
+        self.interventions = tuple(self.interventions)
+
+
+@dataclass(frozen=True, eq=False)
+class Ref:
+    """A value read from another run: ``site`` at ``positions`` (absolute; None = the
+    positions of the intervention that uses it) in context ``context``, under that context's
+    interventions plus ``interventions``."""
+
+    context: int
+    site: str
+    positions: tuple[int, ...] | None = None
+    interventions: tuple[Intervention, ...] = ()
+
+    def __post_init__(self):
+        parse_site(self.site)
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Readout: the activations at ``sites`` (after the row's interventions there) at
+    ``positions`` (absolute; None = every position)."""
+
+    sites: tuple[str, ...]
+    positions: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        for s in sites:
+            parse_site(s)
+        object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+
+
+# --- planning (pure) ----------------------------------------------------------------------------
+
+def site_layer(site: str) -> int:
+    """Layer of a site; ``embed`` is -1 (below block 0)."""
+    layer = parse_site(site)[1]
+    return -1 if layer is None else layer
+
+
+def row_start(interventions: Sequence[Intervention], seq_len: int) -> tuple[int, int]:
+    """(first patched position, first patched layer) of a row's interventions. A row with none
+    starts at the last position and at layer 10**9 (above every block). ``embed`` is layer -1;
+    every site of layer l lives in block l or on its input, so a run may start at block l."""
+    pos, layer = seq_len - 1, 10 ** 9
+    for iv in interventions:
+        pos = min(pos, 0 if iv.positions is None else min(iv.positions))
+        layer = min(layer, site_layer(iv.site))
+    return pos, layer
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass: ``rows`` (indices into the row list), all on contexts of length
+    ``length``, run from position ``start_pos`` and block ``start_layer`` (0: from the token ids)."""
+
+    length: int
+    start_pos: int
+    start_layer: int
+    rows: tuple[int, ...]
+
+
+def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: int = 32,
+         noop: Sequence[bool] | None = None, prefix: bool = True,
+         layer_start: bool = True, n_layers: int | None = None
+         ) -> tuple[list[Batch], list[int]]:
+    """Batches for rows with first patched ``starts[i] = (position, layer)`` on contexts of
+    length ``lengths[i]``; returns ``(batches, no-op rows)``. Pure: no model, no tensors.
+
+    Rows are grouped by context length and first patched position (exactly; a batch shares one
+    key/value prefix length) and, within a group, ordered by first patched layer and cut into
+    batches of at most ``batch_size``; each batch starts at the lowest layer of its rows. Every
+    row that is not a no-op lands in exactly one batch. ``n_layers`` caps the start layer
+    (a row with no intervention starts at the last block).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(starts) != len(lengths):
+        raise ValueError(f"{len(starts)} row starts for {len(lengths)} context lengths")
+    noop = [False] * len(starts) if noop is None else list(noop)
+    skipped = [i for i, flag in enumerate(noop) if flag]
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, ((pos, layer), length) in enumerate(zip(starts, lengths)):
+        if noop[i]:
+            continue
+        pos = min(pos, length - 1) if prefix else 0
+        groups[(length, pos)].append(i)
+    batches = []
+    for (length, pos), idx in sorted(groups.items()):
+        idx.sort(key=lambda i: (starts[i][1], i))
+        for lo in range(0, len(idx), batch_size):
+            chunk = tuple(idx[lo:lo + batch_size])
+            first = min(starts[i][1] for i in chunk)
+            layer = max(0, first) if layer_start else 0
+            if n_layers is not None:
+                layer = min(layer, n_layers - 1)
+            batches.append(Batch(length, pos, layer, chunk))
+    return batches, skipped
+
+
+@dataclass
+class MergedOp:
+    """One multi-row operation at one site: ``kind`` applied to batch rows ``rows`` at
+    ``positions`` (relative to the run's first position) and ``heads``."""
+
+    kind: str
+    rows: list[int]
+    positions: tuple[int, ...] | None
+    heads: tuple[int, ...] | None
+    values: list[torch.Tensor] = field(default_factory=list)  # one per row (replace / add)
+    fn: Callable | None = None
+    sources: list[str] = field(default_factory=list)
+
+
+def merge_interventions(per_row: Sequence[Sequence[Intervention]], offset: int = 0
+                        ) -> dict[str, list[list[MergedOp]]]:
+    """``{site: stages}``: each stage a list of :class:`MergedOp`. The k-th intervention a row
+    has at a site goes into stage k (so one row's interventions at a site apply in order);
+    within a stage, rows with the same kind, positions, heads (and ``fn``) share one op."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r, ivs in enumerate(per_row):
+        count: dict[str, int] = defaultdict(int)
+        for iv in ivs:
+            k = count[iv.site]
+            count[iv.site] += 1
+            stages = out[iv.site]
+            while len(stages) <= k:
+                stages.append({})
+            pos = None if iv.positions is None else tuple(p - offset for p in iv.positions)
+            key = (iv.kind, pos, iv.heads, id(iv.fn) if iv.kind == "function" else None)
+            op = stages[k].get(key)
+            if op is None:
+                op = stages[k][key] = MergedOp(iv.kind, [], pos, iv.heads, fn=iv.fn)
+            op.rows.append(r)
+            if iv.kind in ("replace", "add"):
+                op.values.append(iv.value)
+            op.sources.append(iv.source)
+    return {site: [list(stage.values()) for stage in stages] for site, stages in out.items()}
+
+
+# --- applying merged operations -------------------------------------------------------------------
+
+def _index(x: torch.Tensor, op: MergedOp, site: str):
+    n, seq = x.shape[:2]
+    rows = torch.tensor(op.rows, dtype=torch.long, device=x.device)
+    if op.positions is None:
+        pos = torch.arange(seq, device=x.device)
+    else:
+        bad = [p for p in op.positions if not 0 <= p < seq]
+        if bad:
+            raise SiteError(f"positions outside this run at {site!r} (relative {bad}, run "
+                            f"length {seq})")
+        pos = torch.tensor(op.positions, dtype=torch.long, device=x.device)
+    if op.heads is None:
+        return (rows[:, None], pos[None, :]), (len(op.rows), len(pos), *x.shape[2:])
+    heads = torch.tensor(op.heads, dtype=torch.long, device=x.device)
+    if heads.min() < 0 or heads.max() >= x.shape[2]:
+        raise SiteError(f"heads {list(op.heads)} out of range (0 to {x.shape[2] - 1}) at {site!r}")
+    return ((rows[:, None, None], pos[None, :, None], heads[None, None, :]),
+            (len(op.rows), len(pos), len(heads), *x.shape[3:]))
+
+
+def _stack_values(op: MergedOp, shape, x: torch.Tensor, site: str) -> torch.Tensor:
+    one = (1, *shape[1:])
+    parts = []
+    for v, src in zip(op.values, op.sources):
+        v = v.to(device=x.device, dtype=x.dtype)
+        try:
+            parts.append(torch.broadcast_to(v, one))
+        except RuntimeError:
+            raise ValueError(f"a {op.kind!r} value of shape {tuple(v.shape)} does not fit the "
+                             f"patched slice {tuple(one)} (rows, positions, features) at "
+                             f"{site!r}{f' (source {src!r})' if src else ''}; give one value "
+                             "per patched position") from None
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def apply_ops(x: torch.Tensor, ops: Sequence[MergedOp], site: str, check_finite: bool = True,
+              row_names: Sequence[str] | None = None) -> torch.Tensor:
+    """A copy of activation ``x`` (site shape) with one stage of merged ops applied."""
+    x = x.clone()
+    for op in ops:
+        index, shape = _index(x, op, site)
+        if op.kind == "zero":
+            x[index] = 0
+            continue
+        if op.kind == "function":
+            new = op.fn(x[index])
+            if not isinstance(new, torch.Tensor) or new.shape != torch.Size(shape):
+                got = type(new).__name__ if not isinstance(new, torch.Tensor) else tuple(new.shape)
+                raise ValueError(f"intervention fn {getattr(op.fn, '__name__', op.fn)!r} at "
+                                 f"{site!r} returned {got}; it must return a tensor of the "
+                                 f"slice's shape {tuple(shape)}")
+        else:
+            new = _stack_values(op, shape, x, site)
+            if op.kind == "add":
+                new = x[index] + new
+        if check_finite and not bool(torch.isfinite(new).all()):
+            bad = sorted({op.rows[int(i)] for i in
+                          torch.nonzero(~torch.isfinite(new).flatten(1).all(1)).flatten()})
+            names = [row_names[b] if row_names else str(b) for b in bad[:5]]
+            raise NonFiniteError(f"a {op.kind!r} intervention at {site!r} produced NaN or "
+                                 f"infinite values in row(s) {names}; fix the value or fn, or "
+                                 "pass check_finite=False to allow them")
+        x[index] = new.to(x.dtype)
+    return x
+
+
+@contextmanager
+def skip_blocks(lm, n_skip: int):
+    """Inside the block, blocks ``0..n_skip-1`` pass the residual stream through unchanged."""
+    blocks = lm.spec.blocks(lm.model)
+    saved = [blocks[i] for i in range(n_skip)]
+    try:
+        for i in range(n_skip):
+            blocks[i] = _PassThrough()
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Stop(Exception):
+    """Raised by a hook once every captured site has been recorded: the rest is not needed."""
+
+
+@contextmanager
+def _ops_hooks(lm, merged: dict[str, list[list[MergedOp]]], check_finite: bool,
+               row_names=None):
+    hooks = _Hooks(lm)
+    try:
+        for site, stages in merged.items():
+            def fn(x, stages=stages, site=site):
+                for ops in stages:
+                    x = apply_ops(x, ops, site, check_finite, row_names)
+                return x
+            hooks.add(_hook_point(lm, site), fn)
+        yield
+    finally:
+        hooks.close()
+
+
+@contextmanager
+def _capture_hooks(lm, sites: Sequence[str], store: dict, detach: bool = True,
+                   stop_after: bool = False):
+    """Record ``sites`` into ``store`` (after any interventions there); with ``stop_after``,
+    stop the forward pass once the last of them is recorded."""
+    hooks = _Hooks(lm)
+    remaining = set(sites)
+    try:
+        for site in sites:
+            def fn(x, site=site):
+                store[site] = x.detach() if detach else x
+                remaining.discard(site)
+                if stop_after and not remaining:
+                    raise _Stop
+                return None
+            hooks.add(_hook_point(lm, site), fn)
+        yield
+    finally:
+        hooks.close()
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+def _logits_to_keep(model, n_positions: int, device):
+    # An index tensor (not the int 1) makes transformers gather a contiguous slice; a strided
+    # one makes the head's matmul several times slower on CPU.
+    return torch.tensor([n_positions - 1], device=device)
+
+
+def _full_positions(iv: Intervention, length: int) -> Intervention:
+    return iv if iv.positions is not None else replace(iv, positions=tuple(range(length)))
+
+
+def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
+    """A context intervention as seen by a run from position ``start`` and block ``layer``:
+    None when it lies wholly before ``start`` or below ``layer`` (it is in the stored state),
+    else restricted to positions >= start (its value sliced to match)."""
+    if layer > 0 and site_layer(iv.site) < layer:
+        return None
+    keep = [j for j, p in enumerate(iv.positions) if p >= start]
+    if not keep:
+        return None
+    if len(keep) == len(iv.positions):
+        return iv
+    value = iv.value
+    if value is not None:
+        pos_dim = -3 if parse_site(iv.site)[0] == "head_out" else -2
+        if value.dim() >= -pos_dim and value.shape[pos_dim] == len(iv.positions):
+            value = value.index_select(value.dim() + pos_dim,
+                                       torch.tensor(keep, device=value.device))
+    return replace(iv, positions=tuple(iv.positions[j] for j in keep), value=value)
+
+
+class _Group:
+    """Stored clean runs of the contexts of one length."""
+
+    def __init__(self, members: list[int]):
+        self.members = members                    # context indices
+        self.slot = {c: j for j, c in enumerate(members)}
+        self.keys: list[torch.Tensor] | None = None
+        self.values: list[torch.Tensor] | None = None
+        self.resid: list[torch.Tensor] | None = None   # resid_pre per block, (n_ctx, T, d)
+        self.acts: dict[str, torch.Tensor] = {}       # site -> (n_ctx, T, ...)
+        self.logits: torch.Tensor | None = None       # (n_ctx, vocab) last position
+
+
+class Engine:
+    """Runs rows on a fixed list of contexts; clean context runs are computed once and kept
+    for every :meth:`run` call on this engine."""
+
+    def __init__(self, lm, contexts: Sequence[Context], *, batch_size: int = 32,
+                 prefix: bool = True, layer_start: bool = True, skip_noops: bool = True,
+                 check_finite: bool = True, progress: bool = False):
+        self.lm = lm
+        self.contexts = list(contexts)
+        if not self.contexts:
+            raise ValueError("give at least one Context")
+        for c in self.contexts:
+            if not isinstance(c, Context):
+                raise TypeError(f"contexts must be lib.engine.Context, got {type(c).__name__}")
+        self.batch_size, self.prefix, self.skip_noops = batch_size, prefix, skip_noops
+        self.check_finite, self.progress = check_finite, progress
+        self.ctx_ivs = [tuple(_full_positions(iv, c.length) for iv in c.interventions)
+                        for c in self.contexts]
+        for c, ivs in zip(self.contexts, self.ctx_ivs):
+            for iv in ivs:
+                if any(isinstance(v, Ref) for v in (iv.value,)):
+                    raise ValueError(f"context {c.name!r}: context interventions cannot hold "
+                                     "references; put them in the rows")
+        by_len: dict[int, list[int]] = defaultdict(list)
+        for i, c in enumerate(self.contexts):
+            by_len[c.length].append(i)
+        self.groups = {length: _Group(m) for length, m in by_len.items()}
+        self.layer_start = layer_start and layer_start_exact(lm, self)
+        self.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0}
+
+    # -- clean context runs -------------------------------------------------------------------
+
+    def _group(self, ctx: int) -> _Group:
+        return self.groups[self.contexts[ctx].length]
+
+    @torch.no_grad()
+    def _ensure(self, group: _Group, sites: Sequence[str] = ()):
+        """Run the group's contexts clean (batched) if not yet, or again for missing sites."""
+        lm = self.lm
+        missing = [s for s in dict.fromkeys(sites) if s not in group.acts]
+        if group.logits is not None and not missing:
+            return
+        want = list(group.acts) + missing
+        resid_sites = [site_name("resid_pre", l) for l in range(lm.n_layers)]
+        ids = torch.cat([self.contexts[c].input_ids for c in group.members]).to(lm.device)
+        per_row = [self.ctx_ivs[c] for c in group.members]
+        merged = merge_interventions(per_row)
+        store: dict[str, torch.Tensor] = {}
+        capture_sites = list(dict.fromkeys(want + resid_sites))
+        with _ops_hooks(lm, merged, self.check_finite), _capture_hooks(lm, capture_sites, store):
+            out = lm.model(input_ids=ids, use_cache=True,
+                           logits_to_keep=_logits_to_keep(lm.model, ids.shape[1], lm.device))
+        self.stats["forwards"] += 1
+        group.logits = out.logits[:, -1].float()
+        past = out.past_key_values
+        length = ids.shape[1]
+        layers = getattr(past, "layers", None)
+        if layers is not None and all(getattr(l, "keys", None) is not None and
+                                      l.keys.shape[-2] == length for l in layers):
+            group.keys = [l.keys for l in layers]
+            group.values = [l.values for l in layers]
+        else:  # a cache that does not keep every position (e.g. a sliding window): recompute
+            group.keys = group.values = None
+        group.resid = [store[s] for s in resid_sites]
+        group.acts = {s: store[s] for s in want}
+
+    def _prefix(self, group: _Group, slots: torch.Tensor, start: int):
+        """A fresh key/value cache of positions [0, start) for batch rows on context ``slots``."""
+        from transformers import DynamicCache
+
+        lm = self.lm
+        if group.keys is not None:
+            data = [(k[slots, :, :start], v[slots, :, :start])
+                    for k, v in zip(group.keys, group.values)]
+            return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+        ids = torch.cat([self.contexts[group.members[int(s)]].input_ids for s in slots])
+        merged = merge_interventions([[iv for iv in (_clip_end(iv, start) for iv in
+                                                     self.ctx_ivs[group.members[int(s)]])
+                                       if iv is not None] for s in slots])
+        with _ops_hooks(lm, merged, self.check_finite):
+            out = lm.model(input_ids=ids[:, :start].to(lm.device), use_cache=True,
+                           logits_to_keep=_logits_to_keep(lm.model, start, lm.device))
+        self.stats["forwards"] += 1
+        return out.past_key_values
+
+    def clean_readout(self, ctx: int, readout=None):
+        """The clean readout of context ``ctx`` (under its own interventions)."""
+        group = self._group(ctx)
+        sites = readout.sites if isinstance(readout, Capture) else ()
+        self._ensure(group, sites)
+        slot = group.slot[ctx]
+        if isinstance(readout, Capture):
+            return {s: _positions(group.acts[s][slot:slot + 1], readout.positions)[0]
+                    for s in readout.sites}
+        logits = group.logits[slot:slot + 1]
+        return (logits if readout in (None, "logits") else readout(logits))[0]
+
+    # -- references ----------------------------------------------------------------------------
+
+    def _resolve(self, rows: Sequence[Row], grad: bool) -> list[Row]:
+        """Rows with every :class:`Ref` value replaced by its tensor, in stages."""
+        cache: dict[tuple, torch.Tensor] = {}
+
+        def key(ref: Ref) -> tuple:
+            return (ref.context, ref.site, tuple(_iv_key(iv) for iv in ref.interventions))
+
+        def refs_in(ivs) -> list[Ref]:
+            found = []
+            for iv in ivs:
+                if isinstance(iv.value, Ref):
+                    found.append(iv.value)
+                    found.extend(refs_in(iv.value.interventions))
+            return found
+
+        pending = {}
+        for row in rows:
+            for ref in refs_in(row.interventions):
+                pending.setdefault(key(ref), ref)
+        while pending:
+            ready = {k: r for k, r in pending.items()
+                     if all(key(x) in cache for x in refs_in(r.interventions))}
+            if not ready:
+                raise ValueError("references form a cycle; a Ref's interventions cannot "
+                                 "depend on the Ref itself")
+            plain = {k: r for k, r in ready.items() if not r.interventions}
+            for k, r in plain.items():
+                self._check_ctx(r.context)
+                group = self._group(r.context)
+                self._ensure(group, [r.site])
+                slot = group.slot[r.context]
+                cache[k] = group.acts[r.site][slot:slot + 1]
+            others = [(k, r) for k, r in ready.items() if r.interventions]
+            # one capture row per distinct reference, grouped by site so each batch reads one
+            by_site: dict[str, list] = defaultdict(list)
+            for k, r in others:
+                by_site[r.site].append((k, r))
+            for site, items in by_site.items():
+                sub_rows = [Row(r.context, [_substitute(iv, cache, key) for iv in
+                                            r.interventions]) for _, r in items]
+                got = self._run_resolved(sub_rows, Capture((site,)), grad=False, kind="ref")
+                for (k, _), value in zip(items, got[site]):
+                    cache[k] = value[None]
+            for k in ready:
+                pending.pop(k)
+        return [Row(row.context, [_substitute(iv, cache, key) for iv in row.interventions])
+                for row in rows]
+
+    def _check_ctx(self, ctx: int):
+        if not 0 <= ctx < len(self.contexts):
+            raise IndexError(f"context {ctx} does not exist; there are {len(self.contexts)} "
+                             f"contexts (0 to {len(self.contexts) - 1})")
+
+    # -- running rows ------------------------------------------------------------------------------
+
+    def run(self, rows: Sequence[Row], readout=None, *, grad: bool = False):
+        """Readouts of ``rows`` in order: a tensor (n_rows, ...) for ``"logits"`` (default) or
+        a callable, ``{site: (n_rows, positions, ...)}`` for :class:`Capture`."""
+        rows = list(rows)
+        for r in rows:
+            if not isinstance(r, Row):
+                raise TypeError(f"rows must be lib.engine.Row, got {type(r).__name__}")
+            self._check_ctx(r.context)
+        rows = self._resolve(rows, grad)
+        return self._run_resolved(rows, readout, grad)
+
+    def _row_ivs(self, row: Row) -> list[Intervention]:
+        length = self.contexts[row.context].length
+        return [_full_positions(iv, length) for iv in row.interventions]
+
+    def _noop_flags(self, rows: list[Row], ivs: list[list[Intervention]], readout,
+                    grad: bool) -> list[bool]:
+        if not self.skip_noops or grad:
+            return [False] * len(rows)
+        flags = []
+        need = defaultdict(set)
+        for row, row_ivs in zip(rows, ivs):
+            if row_ivs and all(iv.kind != "function" for iv in row_ivs):
+                for iv in row_ivs:
+                    need[self.contexts[row.context].length].add(iv.site)
+        for length, sites in need.items():
+            self._ensure(self.groups[length], sorted(sites))
+        for row, row_ivs in zip(rows, ivs):
+            if not row_ivs:
+                flags.append(True)
+                continue
+            if any(iv.kind == "function" for iv in row_ivs):
+                flags.append(False)
+                continue
+            group = self._group(row.context)
+            slot = group.slot[row.context]
+            current = {}
+            for iv in row_ivs:
+                x = current.get(iv.site, group.acts[iv.site][slot:slot + 1])
+                current[iv.site] = apply_ops(x, [_as_op(iv)], iv.site, check_finite=False)
+            flags.append(all(torch.equal(v, group.acts[s][slot:slot + 1])
+                             for s, v in current.items()))
+        return flags
+
+    def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows"):
+        lm = self.lm
+        n = len(rows)
+        ivs = [self._row_ivs(r) for r in rows]
+        lengths = [self.contexts[r.context].length for r in rows]
+        starts = [row_start(v, length) for v, length in zip(ivs, lengths)]
+        if isinstance(readout, Capture):
+            # a captured site must be reached: start no higher than its layer (positions
+            # before the first patched one are the context's own and come from its store)
+            low = min(max(0, site_layer(s)) for s in readout.sites)
+            starts = [(p, min(l, low)) for p, l in starts]
+        noop = self._noop_flags(rows, ivs, readout, grad)
+        for length in set(lengths):
+            self._ensure(self.groups[length],
+                         readout.sites if isinstance(readout, Capture) else ())
+        batches, skipped = plan(starts, lengths, self.batch_size, noop, self.prefix,
+                                self.layer_start, lm.n_layers)
+        results: list = [None] * n
+        for i in skipped:
+            results[i] = self.clean_readout(rows[i].context, readout)
+        self.stats[f"{kind}_noop"] += len(skipped)
+        it = batches
+        if self.progress and len(batches) > 1:
+            from tqdm.auto import tqdm
+            it = tqdm(batches, desc="interventions", unit="batch", leave=False)
+        for batch in it:
+            out = self._run_batch(batch, rows, ivs, readout, grad)
+            for j, i in enumerate(batch.rows):
+                results[i] = out[j] if not isinstance(out, dict) else {s: v[j] for s, v in
+                                                                         out.items()}
+            self.stats[f"{kind}_run"] += len(batch.rows)
+        if isinstance(readout, Capture):
+            return {s: torch.stack([r[s] for r in results]) if results else torch.empty(0)
+                    for s in readout.sites}
+        return torch.stack(results) if results else torch.empty(0)
+
+    def _run_batch(self, batch: Batch, rows, ivs, readout, grad: bool):
+        lm = self.lm
+        group = self.groups[batch.length]
+        p, layer = batch.start_pos, batch.start_layer
+        ctxs = [rows[i].context for i in batch.rows]
+        slots = torch.tensor([group.slot[c] for c in ctxs], device=lm.device)
+        n = len(batch.rows)
+        per_row = []
+        for i, c in zip(batch.rows, ctxs):
+            kept = [x for x in (_clip(iv, p, layer) for iv in self.ctx_ivs[c]) if x is not None]
+            per_row.append(kept + list(ivs[i]))
+        merged = merge_interventions(per_row, offset=p)
+        inputs = {}
+        if layer > 0:
+            inputs["inputs_embeds"] = group.resid[layer][slots, p:]
+        else:
+            ids = torch.cat([self.contexts[c].input_ids for c in ctxs]).to(lm.device)
+            inputs["input_ids"] = ids[:, p:]
+        if p > 0:
+            inputs["past_key_values"] = self._prefix(group, slots, p)
+            inputs["use_cache"] = True
+        else:
+            inputs["use_cache"] = False
+        store: dict[str, torch.Tensor] = {}
+        capture = isinstance(readout, Capture)
+        with ExitStack() as stack:
+            if not grad:
+                stack.enter_context(torch.no_grad())
+            stack.enter_context(_ops_hooks(lm, merged, self.check_finite))
+            if capture:
+                stack.enter_context(_capture_hooks(lm, readout.sites, store, detach=not grad,
+                                                   stop_after=not grad))
+            stack.enter_context(skip_blocks(lm, layer))
+            try:
+                out = lm.model(**inputs, logits_to_keep=_logits_to_keep(
+                    lm.model, batch.length - p, lm.device))
+            except _Stop:
+                out = None
+        self.stats["forwards"] += 1
+        if capture:
+            result = {}
+            for s in readout.sites:
+                got = store[s]
+                if p > 0:  # positions before p are the context's own
+                    self._ensure(group, [s])
+                    before = group.acts[s][slots, :p]
+                    got = torch.cat([before.to(got.dtype), got], dim=1)
+                result[s] = _positions(got, readout.positions)
+            return result
+        logits = out.logits[:, -1]
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return logits if readout in (None, "logits") else readout(logits)
+
+
+def _positions(x: torch.Tensor, positions):
+    return x if positions is None else x[:, list(positions)]
+
+
+def _clip_end(iv: Intervention, stop: int) -> Intervention | None:
+    """A context intervention restricted to positions < stop (for a prefix run)."""
+    keep = [j for j, p in enumerate(iv.positions) if p < stop]
+    if not keep:
+        return None
+    if len(keep) == len(iv.positions):
+        return iv
+    value = iv.value
+    if value is not None:
+        pos_dim = -3 if parse_site(iv.site)[0] == "head_out" else -2
+        if value.dim() >= -pos_dim and value.shape[pos_dim] == len(iv.positions):
+            value = value.index_select(value.dim() + pos_dim,
+                                       torch.tensor(keep, device=value.device))
+    return replace(iv, positions=tuple(iv.positions[j] for j in keep), value=value)
+
+
+def _as_op(iv: Intervention) -> MergedOp:
+    op = MergedOp(iv.kind, [0], iv.positions, iv.heads, fn=iv.fn, sources=[iv.source])
+    if iv.kind in ("replace", "add"):
+        op.values.append(iv.value)
+    return op
+
+
+def _iv_key(iv: Intervention) -> tuple:
+    value = iv.value
+    vkey = ("ref", value.context, value.site, value.positions,
+            tuple(_iv_key(x) for x in value.interventions)) if isinstance(value, Ref) \
+        else id(value)
+    return (iv.site, iv.positions, iv.kind, iv.heads, vkey, id(iv.fn))
+
+
+def _substitute(iv: Intervention, cache: dict, key) -> Intervention:
+    """``iv`` with a resolved reference value cut to its positions (and heads)."""
+    ref = iv.value
+    if not isinstance(ref, Ref):
+        return iv
+    full = cache[key(ref)]
+    positions = ref.positions if ref.positions is not None else iv.positions
+    value = full if positions is None else full[:, list(positions)]
+    if iv.heads is not None and parse_site(ref.site)[0] == "head_out" and \
+            parse_site(iv.site)[0] == "head_out":
+        value = value[:, :, list(iv.heads)]
+    return replace(iv, value=value, source=iv.source or f"ref:context {ref.context} {ref.site}")
+
+
+# --- the self-check for starting mid-stack ----------------------------------------------------
+
+_LAYER_START_OK: dict[int, bool] = {}
+
+
+def layer_start_exact(lm, engine: Engine | None = None) -> bool:
+    """Whether running blocks ``L..`` from the stored residual stream entering block L gives
+    the plain forward pass's logits (checked once per model on a short probe prompt)."""
+    key = id(lm.model)
+    if key in _LAYER_START_OK:
+        return _LAYER_START_OK[key]
+    if lm.n_layers < 2:
+        _LAYER_START_OK[key] = False
+        return False
+    probe_ids = torch.arange(5, dtype=torch.long)[None] + 10
+    if engine is not None:
+        probe_ids = engine.contexts[0].input_ids
+    probe_ids = probe_ids.to(lm.device)
+    probe = Engine.__new__(Engine)  # a bare engine without the check itself
+    probe.lm, probe.contexts = lm, [Context(probe_ids)]
+    probe.batch_size, probe.prefix, probe.skip_noops = 1, True, False
+    probe.check_finite, probe.progress, probe.layer_start = True, False, True
+    probe.ctx_ivs = [()]
+    probe.groups = {probe_ids.shape[1]: _Group([0])}
+    probe.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0}
+    group = probe.groups[probe_ids.shape[1]]
+    probe._ensure(group)
+    length = probe_ids.shape[1]
+    batch = Batch(length, length // 2, lm.n_layers // 2, (0,))
+    got = probe._run_batch(batch, [Row(0)], [[]], None, grad=False)[0]
+    clean = group.logits[0]
+    err = float((got - clean).abs().max())
+    scale = max(1.0, float(clean.abs().max()))
+    ok = err <= (1e-4 if lm.dtype == torch.float32 else 5e-2) * scale
+    if not ok:
+        warnings.warn(f"{lm.name}: starting mid-stack from the stored residual stream is not "
+                      f"exact for this architecture (logits differ by {err:.3g}); the engine "
+                      "runs every block from the token ids instead", stacklevel=2)
+    _LAYER_START_OK[key] = ok
+    return ok
+
+
+# --- one-call forms ---------------------------------------------------------------------------------
+
+def run(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None, *,
+        batch_size: int = 32, prefix: bool = True, layer_start: bool = True,
+        skip_noops: bool = True, grad: bool = False, check_finite: bool = True,
+        progress: bool = False):
+    """Run ``rows`` on ``contexts`` with the batched engine; see :class:`Engine`."""
+    engine = Engine(lm, contexts, batch_size=batch_size, prefix=prefix,
+                    layer_start=layer_start, skip_noops=skip_noops, check_finite=check_finite,
+                    progress=progress)
+    return engine.run(rows, readout, grad=grad)
+
+
+def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None, *,
+              grad: bool = False, check_finite: bool = True):
+    """The reference loop: for each row one full, unbatched forward pass of its context's
+    input with the context's and the row's interventions; each reference is one more full
+    forward pass (recursively). Same output format as :func:`run`."""
+    contexts = list(contexts)
+
+    def forward(ctx: int, ivs: Sequence[Intervention], rd, with_grad: bool):
+        c = contexts[ctx]
+        resolved = [_naive_value(iv) for iv in ivs]
+        all_ivs = [_full_positions(iv, c.length) for iv in list(c.interventions) + resolved]
+        merged = merge_interventions([all_ivs])
+        store: dict[str, torch.Tensor] = {}
+        with ExitStack() as stack:
+            if not with_grad:
+                stack.enter_context(torch.no_grad())
+            stack.enter_context(_ops_hooks(lm, merged, check_finite))
+            if isinstance(rd, Capture):
+                stack.enter_context(_capture_hooks(lm, rd.sites, store, detach=not with_grad))
+            logits = lm.model(input_ids=c.input_ids.to(lm.device)).logits[:, -1]
+        if isinstance(rd, Capture):
+            return {s: _positions(store[s], rd.positions)[0] for s in rd.sites}
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return (logits if rd in (None, "logits") else rd(logits))[0]
+
+    def _naive_value(iv: Intervention) -> Intervention:
+        ref = iv.value
+        if not isinstance(ref, Ref):
+            return iv
+        full = forward(ref.context, ref.interventions, Capture((ref.site,)), False)[ref.site]
+        positions = ref.positions if ref.positions is not None else iv.positions
+        value = (full if positions is None else full[list(positions)])[None]
+        if iv.heads is not None and parse_site(ref.site)[0] == "head_out":
+            value = value[:, :, list(iv.heads)]
+        return replace(iv, value=value)
+
+    results = [forward(r.context, r.interventions, readout, grad) for r in rows]
+    if isinstance(readout, Capture):
+        return {s: torch.stack([r[s] for r in results]) if results else torch.empty(0)
+                for s in readout.sites}
+    return torch.stack(results) if results else torch.empty(0)
