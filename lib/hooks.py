@@ -268,27 +268,33 @@ def apply_intervention(x: torch.Tensor, iv: Intervention, offset: int = 0) -> to
         if new.shape != selected.shape:
             raise ValueError(f"intervention fn {name} returned shape {tuple(new.shape)}, expected "
                              f"{tuple(selected.shape)} {what} at {iv.site!r}")
-    if not _ALLOW_NONFINITE and iv.kind != "zero":
-        _check_finite(new, iv, index)
+    if iv.kind != "zero":
+        check_finite(new, iv.site, index[0].flatten().tolist(),
+                     f"intervention {iv.kind!r} (source {iv.source or 'unnamed'!r})")
     out = x.clone()
     out[index] = new
     return out
 
 
-def _check_finite(new: torch.Tensor, iv: Intervention, index) -> None:
-    finite = torch.isfinite(new)
+def check_finite(values: torch.Tensor, site: str, rows: Sequence[int] | None = None,
+                 label: str = "intervention") -> None:
+    """Raise :class:`NonFiniteError` when ``values`` (rows first) hold NaN or an infinite value,
+    naming ``site`` and the batch rows (``rows[i]`` is the batch row of ``values[i]``); a no-op
+    inside :func:`allow_nonfinite`. Any code that writes activations (the engine's merged
+    multi-row operations included) calls this on what it writes."""
+    if _ALLOW_NONFINITE:
+        return
+    finite = torch.isfinite(values)
     if bool(finite.all()):
         return
     bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
-    rows = index[0].flatten().tolist()
-    batch_rows = [rows[i] for i in bad] if len(rows) == new.shape[0] else bad
+    batch_rows = [rows[i] for i in bad] if rows is not None and len(rows) == len(values) else bad
     shown = batch_rows[:10] + (["..."] if len(batch_rows) > 10 else [])
-    n_nan = int(torch.isnan(new).sum())
+    n_nan = int(torch.isnan(values).sum())
     raise NonFiniteError(
-        f"intervention {iv.kind!r} at {iv.site!r} (source {iv.source or 'unnamed'!r}) wrote "
-        f"non-finite values ({n_nan} NaN, {int((~finite).sum()) - n_nan} infinite) into batch "
-        f"rows {shown}; check the value or fn that feeds it, or wrap the run in "
-        "lib.hooks.allow_nonfinite() to keep them")
+        f"{label} at {site!r} wrote non-finite values ({n_nan} NaN, "
+        f"{int((~finite).sum()) - n_nan} infinite) into batch rows {shown}; check the value or "
+        "fn that feeds it, or wrap the run in lib.hooks.allow_nonfinite() to keep them")
 
 
 # --- public context managers ----------------------------------------------------------------
