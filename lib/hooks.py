@@ -243,15 +243,15 @@ def apply_intervention(x: torch.Tensor, iv: Intervention, offset: int = 0) -> to
             raise TypeError(f"the {iv.kind!r} value at {iv.site!r} must be a torch.Tensor, got "
                             f"{type(iv.value).__name__}")
         try:
-            torch.broadcast_shapes(tuple(iv.value.shape), tuple(selected.shape))
-            if iv.kind == "replace" and torch.broadcast_shapes(
-                    tuple(iv.value.shape), tuple(selected.shape)) != tuple(selected.shape):
-                raise RuntimeError
+            fits = torch.broadcast_shapes(tuple(iv.value.shape), tuple(selected.shape)) == \
+                tuple(selected.shape)
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"the {iv.kind!r} value at {iv.site!r} has shape "
                              f"{tuple(iv.value.shape)}, which does not broadcast to the selected "
                              f"slice {what} = {tuple(selected.shape)}; give a value of that "
-                             "shape (or one that broadcasts, e.g. size 1 on the row axis)") from None
+                             "shape (or one that broadcasts, e.g. size 1 on the row axis)")
     if iv.kind == "replace":
         new = iv.value.to(device=x.device, dtype=x.dtype).expand_as(selected)
     elif iv.kind == "add":

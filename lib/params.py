@@ -11,7 +11,8 @@ line, with a comment that may start with a *rule* in square brackets::
     KINDS: str = "hidden,mlp"         # [some of hidden|mlp|attention] comma-separated
 
 The annotation gives the type (``str``, ``int``, ``float``, ``bool``, ``list``, ``list[str]``,
-``list[int]``, ``list[float]``); the rule gives the range:
+``list[int]``, ``list[float]``; any other annotation is passed on unchecked); the rule gives
+the range:
 
 * ``[lo..hi]``, ``[lo..]``, ``[..hi]``: numbers in that closed range (each item of a list);
 * ``[a|b|c]``: one of these strings (each item of a list);
@@ -133,8 +134,7 @@ def read_parameters(notebook: str | os.PathLike) -> dict[str, Param]:
             default = ast.unparse(value)
         annotation = annotation or type(default).__name__
         if annotation not in TYPES:
-            raise ParameterError(f"{notebook}: parameter {name} has type {annotation!r}; "
-                                 f"declare one of {', '.join(TYPES)}")
+            annotation = "any"  # e.g. dict: passed on unchecked (only the rule, if any, applies)
         help_text = comments.get(node.end_lineno, "")
         match = re.match(r"^\[([^\]]*)\]\s*", help_text)
         rule = match.group(1).strip() if match else None
@@ -189,8 +189,17 @@ def _from_cli(p: Param, text: str) -> Any:
                     f"write it as {_example(p)}") from None
 
 
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _check_type(p: Param, value: Any) -> Any:
     t = p.type
+    if t == "any":
+        return value
     if t == "str":
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
@@ -370,7 +379,7 @@ def check_value(p: Param, value: Any) -> Any:
     :class:`CliText`); returns the value to pass on. Raises :class:`ParameterError` naming the
     parameter, the notebook, the problem and the fix."""
     if isinstance(value, CliText):
-        value = _from_cli(p, str(value))
+        value = _from_cli(p, str(value)) if p.type != "any" else _json_or_text(str(value))
     value = _check_type(p, value)
     _check_rule(p, value)
     return value
