@@ -230,6 +230,25 @@ def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
     return atomic_write_text(path, text)
 
 
+def require_keys(*keys: str, lists: tuple[str, ...] = ()) -> Callable[[dict], None]:
+    """A schema check for :func:`write_json` / :func:`read_current`: the payload is an object
+    with ``keys``, and each key in ``lists`` holds a non-empty list whose items are not single
+    characters of a split string (the ``["m", "l", "p", ...]`` of a string taken for a list)."""
+    def check(payload: dict) -> None:
+        if not isinstance(payload, dict):
+            raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+        missing = [k for k in keys + lists if k not in payload]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        for key in lists:
+            value = payload[key]
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{key!r} must be a non-empty list, got {value!r:.80}")
+            if len(value) > 1 and all(isinstance(v, str) and len(v) == 1 for v in value):
+                raise ValueError(f"{key!r} is a string split into characters: {value!r:.80}")
+    return check
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file with an error that names the file."""
     path = Path(path)

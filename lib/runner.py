@@ -159,16 +159,32 @@ def _raise_stopped(signum, frame):
 def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None = None,
                   runs_dir: Path = paths.RUNS, timeout: int | None = None,
                   kernel_name: str = "python3", progress: bool = True,
-                  check_models: bool = False) -> list[Path]:
+                  check_models: bool = False, threads: int | None = None) -> list[Path]:
     """Execute ``notebooks`` for each model in order; returns the executed copies.
 
     Parameters are checked first (:func:`check_run`); each notebook gets the ones it declares.
+    ``threads`` sets torch's CPU threads in the kernels (None: the environment's default).
     Raises :class:`NotebookFailed` with the notebook, cell and error at the first failure.
     """
+    per_notebook = check_run(notebooks, models, params, Path(runs_dir), check_models)
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(int(threads))
+    try:
+        return _run_all(notebooks, models, per_notebook, Path(runs_dir), timeout, kernel_name,
+                        progress)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_all(notebooks, models, per_notebook, runs_dir, timeout, kernel_name, progress):
     import papermill as pm
     from tqdm.auto import tqdm
 
-    per_notebook = check_run(notebooks, models, params, Path(runs_dir), check_models)
     done = []
     jobs = [(m, nb) for m in models for nb in notebooks]
     bar = tqdm(jobs, desc="notebooks", unit="nb", disable=not progress)
@@ -186,7 +202,8 @@ def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None 
                                 execution_timeout=timeout, progress_bar=False,
                                 cwd=str(paths.REPO_ROOT))
         except pm.PapermillExecutionError as err:
-            os.replace(tmp, failed)
+            if tmp.exists():
+                os.replace(tmp, failed)
             source = "\n".join("      " + line for line in err.source.splitlines()[:15])
             raise NotebookFailed(
                 f"{nb.name} failed for model {model!r} in cell {err.cell_index} "
@@ -261,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ParameterError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        done = run_notebooks(notebooks, args.models, params, args.runs_dir, args.timeout)
+        done = run_notebooks(notebooks, args.models, params, args.runs_dir, args.timeout,
+                             threads=args.threads)
     except NotebookFailed as err:
         print(f"\nFAILED: {err}", file=sys.stderr)
         return 1

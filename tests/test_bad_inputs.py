@@ -442,3 +442,15 @@ def test_one_side_repeating_a_prompt_warns_and_a_repeated_pair_fails(tmp_path):
         warnings.simplefilter("ignore", DuplicatePromptWarning)
         with pytest.raises(PromptFileError, match=r"a_b.json: entry 2 repeats the whole pair"):
             load_pairs(path)
+
+
+def test_the_generic_schema_check_catches_a_string_split_into_characters(tmp_path):
+    check = io.require_keys("model", lists=("components",))
+    target = tmp_path / "token_sets.json"
+    with pytest.raises(ValueError, match=r"token_sets.json.*'components' is a string split"):
+        io.write_json(target, {"model": "m", "components": list("mlp_out")}, check=check)
+    with pytest.raises(ValueError, match=r"missing keys \['model'\]"):
+        io.write_json(target, {"components": ["mlp_out"]}, check=check)
+    assert not target.exists()
+    io.write_json(target, {"model": "m", "components": ["mlp_out"]}, check=check)
+    assert io.read_current(target, {}, check=check) is None  # no provenance: not current
