@@ -13,9 +13,9 @@ so one forward and one backward pass on the base (plus one forward on the source
 when ``m`` is linear in ``a``; it is poor where the model saturates (e.g. a softmax probability
 near 0 or 1), which is why it is worth drawing next to the exact grid.
 
-Gradients are taken with respect to activations captured by :func:`lib.hooks.capture` with
-``detach=False``; the model's parameters stay frozen. The base run starts from its token
-embeddings as a leaf tensor that requires grad, so the ``embed`` site is that leaf.
+Gradients are taken with respect to the activations themselves: the base run goes through
+the engine (:mod:`lib.engine`, ``grad=True``) with an identity "function" intervention at
+every site, whose input is the activation the rest of the pass uses.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from lib.hooks import Intervention, capture, patch, run_with_cache
-from lib.sites import parse_site
+from lib.engine import Capture, Context, Engine, Row
+from lib.hooks import Intervention
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """A metric maps the last-position logits (vocab,), float32 or wider, to a scalar tensor."""
@@ -58,35 +58,34 @@ def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
     if not metrics:
         raise ValueError("give at least one metric")
     sites = list(dict.fromkeys(sites))
-    base_ids, source_ids = base_ids.to(lm.device), source_ids.to(lm.device)
-    _, src_cache = run_with_cache(lm, source_ids, sites)
+    engine = Engine(lm, [Context(base_ids, name="base"), Context(source_ids, name="source")],
+                    skip_noops=False)
+    # both clean runs come from one batched pass, so identical inputs give identical values
+    base_cache, src_cache = ({s: v[None] for s, v in
+                              engine.clean_readout(c, Capture(tuple(sites))).items()}
+                             for c in (0, 1))
 
-    # capture(detach=False) records the tensor that flows on, except for head_out, whose
-    # recorded value is a per-head *view* of the o_proj input that the graph does not use; a
-    # "function" intervention that returns what it records puts that value into the graph.
-    heads = [s for s in sites if parse_site(s)[0] == "head_out"]
-    hooked = [s for s in sites if s != "embed" and s not in heads]
+    # A "function" intervention that returns the tensor it receives puts that tensor into the
+    # graph: the metric's gradient with respect to it is dm/da at every position. The model's
+    # weights are frozen, so the first site reached becomes a leaf that requires grad (and so
+    # does any later one that does not depend on it); detaching only such tensors cuts no path
+    # from an earlier site.
     recorded: dict[str, torch.Tensor] = {}
 
     def recorder(site):
         def fn(x):
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
             recorded[site] = x
             return x
         return fn
 
-    routed = [Intervention(s, kind="function", fn=recorder(s), source="attribution")
-              for s in heads]
-    embed_module = lm.model.get_submodule(lm.spec.embed_path)
+    row = Row(0, [Intervention(s, kind="function", fn=recorder(s), source="attribution")
+                  for s in sites])
     with torch.enable_grad():
-        with torch.no_grad():
-            embeds = embed_module(base_ids)
-        embeds = embeds.detach().requires_grad_(True)
-        with capture(lm, hooked, detach=False) as acts, patch(lm, routed):
-            logits = lm.model(inputs_embeds=embeds).logits[0, -1]
+        logits = engine.run([row], grad=True)[0]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        acts = {**acts, **recorded}
-        if "embed" in sites:
-            acts["embed"] = embeds
+        acts = recorded
         missing = [s for s in sites if s not in acts]
         if missing:
             raise RuntimeError(f"sites {missing} were not reached in the base forward pass")
@@ -107,10 +106,10 @@ def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
                 if grad is None:  # the metric does not depend on this site
                     grad = torch.zeros_like(act)
                 dtype = torch.promote_types(act.dtype, torch.float32)  # fp32 at least
-                delta = src_cache[site].to(dtype) - act.detach().to(dtype)
+                delta = src_cache[site].to(dtype) - base_cache[site].to(dtype)
                 per_site[site] = (delta * grad.to(dtype)).flatten(2).sum(-1)[0]
             estimates[name] = per_site
-    delta_norm = {s: (src_cache[s].double() - acts[s].detach().double()).flatten(2)
+    delta_norm = {s: (src_cache[s].double() - base_cache[s].double()).flatten(2)
                   .norm(dim=-1)[0] for s in sites}
     return estimates, delta_norm, clean
 

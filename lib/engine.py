@@ -403,11 +403,11 @@ def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
 
 
 class _Group:
-    """Stored clean runs of the contexts of one length."""
+    """Stored clean runs of the contexts of one length (identical contexts share a slot)."""
 
-    def __init__(self, members: list[int]):
-        self.members = members                    # context indices
-        self.slot = {c: j for j, c in enumerate(members)}
+    def __init__(self, members: list[int], slot: dict[int, int] | None = None):
+        self.members = members                    # one context index per slot
+        self.slot = slot if slot is not None else {c: j for j, c in enumerate(members)}
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
         self.resid: list[torch.Tensor] | None = None   # resid_pre per block, (n_ctx, T, d)
@@ -438,10 +438,18 @@ class Engine:
                 if any(isinstance(v, Ref) for v in (iv.value,)):
                     raise ValueError(f"context {c.name!r}: context interventions cannot hold "
                                      "references; put them in the rows")
-        by_len: dict[int, list[int]] = defaultdict(list)
+        # contexts of one length run together; identical ones (same tokens, same intervention
+        # objects) are run once and share a slot, so their stored states are bitwise equal
+        members: dict[int, list[int]] = defaultdict(list)
+        slots: dict[int, dict[int, int]] = defaultdict(dict)
+        seen: dict[tuple, tuple[int, int]] = {}
         for i, c in enumerate(self.contexts):
-            by_len[c.length].append(i)
-        self.groups = {length: _Group(m) for length, m in by_len.items()}
+            key = (tuple(c.input_ids[0].tolist()), tuple(id(iv) for iv in c.interventions))
+            if key not in seen:
+                seen[key] = (c.length, len(members[c.length]))
+                members[c.length].append(i)
+            slots[c.length][i] = seen[key][1]
+        self.groups = {length: _Group(m, slots[length]) for length, m in members.items()}
         self.layer_start = layer_start and layer_start_exact(lm, self)
         self.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0}
 

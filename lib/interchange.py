@@ -18,44 +18,35 @@ attention reads at p changes: its query, key and value there) and ``mlp_out`` (p
 ``mlp_output``: the MLP's output before the residual add). Nodes are labelled as in the
 tutorial: ``a{l}`` for ``attn_in``, ``f{l}`` for ``mlp_out``, ``{kind}{l}`` otherwise.
 
-The grid runs batched (one intervention per batch row). Two facts make it cheap
-(:func:`sweep_interchange`, engine ``"layer_skip"``):
-
-* a patch at position p changes nothing before p (causal attention): rows are grouped by
-  position and each group continues from the base's key/value cache of positions ``[0, p)``;
-* a patch at layer l changes nothing below l: a batch whose lowest patched layer is l0 starts
-  from the base's clean residual stream entering block l0 and skips blocks ``0..l0-1``.
-
-Only the last position's logits are projected onto the vocabulary. The engine checks itself
-against a plain forward pass on first use and falls back to ``"sweep_logits"`` (which uses
-:func:`lib.patching.sweep_logits` per position group) for an architecture where starting
-from a cached residual stream is not exact (e.g. GPT-2 adds position embeddings to its input).
+The grid runs on the intervention engine (:mod:`lib.engine`), one cell per row, the source's
+activations read by reference from one source run. A patch at position p changes nothing
+before p, so rows continue from the base's key/value cache of ``[0, p)``; a patch at layer l
+changes nothing below l, so a batch starts at its lowest patched layer from the base's stored
+residual stream (where the engine's per-architecture self-check finds that exact; GPT-2 adds
+position embeddings to its input, so there every block runs); cells whose source activation
+equals the base's bit for bit (shared leading tokens) get the clean run's readout; only the
+last position's logits are projected onto the vocabulary.
 
 The same grid is estimated by attribution patching (:mod:`lib.attribution`) and compared.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 
 from lib.attribution import attribution_patching, correlations
-from lib.hooks import Intervention, apply_intervention, patch, run_with_cache
+from lib.engine import Context, Engine, Ref, Row, run_naive
+from lib.hooks import Intervention
 from lib.params import parse_layers, parse_positions, parse_sites
-from lib.patching import sweep_logits, sweep_logits_naive
-from lib.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, parse_site, site_name
+from lib.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, site_name
 
 DEFAULT_BASE = "The capital of Spain is"
 DEFAULT_SOURCE = "The capital of Italy is"
 DEFAULT_TOKENS = (" Madrid", " Rome")
 DEFAULT_COMPONENTS = ("mlp_out", "attn_in")
-ENGINES = ("layer_skip", "sweep_logits", "naive")
+ENGINES = ("batched", "naive")
 NODE_PREFIX = {"attn_in": "a", "mlp_out": "f"}
 RECORD_KEYS = ("component", "layer", "position", "node", "token", "token_id", "prob", "logit")
 ATTRIBUTION_KEYS = ("component", "layer", "position", "node", "metric", "exact", "estimate",
@@ -120,12 +111,6 @@ def _site(kind: str, layer: int | None) -> str:
 
 # --- clean runs ------------------------------------------------------------------------------
 
-@torch.no_grad()
-def last_logits(lm, ids: torch.Tensor) -> torch.Tensor:
-    """Last-position logits (vocab,), float32, of one prompt."""
-    return lm.model(input_ids=ids.to(lm.device)).logits[0, -1].float()
-
-
 def top_tokens(lm, logits: torch.Tensor, k: int = 10) -> list[dict]:
     """The ``k`` most probable next tokens: rank, token string, token id, probability."""
     probs = logits.float().softmax(-1)
@@ -135,217 +120,53 @@ def top_tokens(lm, logits: torch.Tensor, k: int = 10) -> list[dict]:
                                                              top.indices.tolist()))]
 
 
-# --- the batched sweep ----------------------------------------------------------------------
+# --- the grid as engine rows ----------------------------------------------------------------
 
-def interchange_rows(lm, source_ids: torch.Tensor, cells) -> list[list[Intervention]]:
-    """One row (a list with one replace :class:`Intervention`) per cell, the value cut from a
-    single forward pass on the source."""
-    sites = list(dict.fromkeys(_site(k, l) for k, l, _ in cells))
-    _, cache = run_with_cache(lm, source_ids, sites)
-    return [[Intervention(_site(k, l), positions=(p,), value=cache[_site(k, l)][:, [p]],
-                          source=f"run:source position {p}")] for k, l, p in cells]
+BASE_CONTEXT, SOURCE_CONTEXT = 0, 1
 
 
-class _SkippedBlock(torch.nn.Module):
-    """Stands in for a block below every patched layer: passes the residual stream through."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+def grid_contexts(base_ids: torch.Tensor, source_ids: torch.Tensor) -> list[Context]:
+    """The two contexts of the grid: the base (patched) and the source (read)."""
+    return [Context(base_ids, name="base"), Context(source_ids, name="source")]
 
 
-@contextmanager
-def _skip_blocks(lm, n_skip: int):
-    """Replace blocks ``0..n_skip-1`` by pass-throughs inside the block (restored on exit)."""
-    blocks = lm.spec.blocks(lm.model)
-    saved = [blocks[i] for i in range(n_skip)]
-    try:
-        for i in range(n_skip):
-            blocks[i] = _SkippedBlock()
-        yield
-    finally:
-        for i, block in enumerate(saved):
-            blocks[i] = block
+def interchange_rows(cells) -> list[Row]:
+    """One engine row per cell: the base run with that component, layer and position replaced
+    by the source run's activation there (a reference the engine resolves from one source run)."""
+    return [Row(BASE_CONTEXT, [Intervention(_site(k, l), positions=(p,),
+                                            value=Ref(SOURCE_CONTEXT, _site(k, l)),
+                                            source=f"run:source position {p}")])
+            for k, l, p in cells]
 
 
-def _row_start(row: Sequence[Intervention], seq_len: int) -> tuple[int, int]:
-    """(first patched position, first patched layer; -1 for ``embed``) of one row. Every site
-    of layer l lives in block l or on its input, so a run may start at block l."""
-    pos, layer = seq_len - 1, 10 ** 9
-    for iv in row:
-        _, lay = parse_site(iv.site)
-        pos = min(pos, 0 if iv.positions is None else min(iv.positions))
-        layer = min(layer, -1 if lay is None else lay)
-    return pos, layer
-
-
-def _supports(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class _Engine:
-    """Shared state of a layer-skip sweep on one base prompt."""
-
-    def __init__(self, lm, base_ids: torch.Tensor):
-        self.lm = lm
-        self.ids = base_ids.to(lm.device)
-        self.seq_len = self.ids.shape[1]
-        sites = [site_name("resid_pre", l) for l in range(lm.n_layers)]
-        self.clean_logits, cache = run_with_cache(lm, self.ids, sites)
-        self.resid_pre = [cache[s] for s in sites]
-        # Only the last position goes through the LM head. An index tensor (not the int 1)
-        # makes transformers gather a contiguous slice; a strided one makes the head's matmul
-        # several times slower on CPU.
-        self.keep_last = _supports(lm.model.forward, "logits_to_keep")
-        self.prefix: dict[int, object] = {}
-
-    def past(self, pos: int, n: int):
-        if pos == 0:
-            return None
-        if pos not in self.prefix:
-            self.prefix[pos] = self.lm.model(input_ids=self.ids[:, :pos],
-                                             use_cache=True).past_key_values
-        past = copy.deepcopy(self.prefix[pos])
-        past.batch_repeat_interleave(n)
-        return past
-
-    def run(self, rows: Sequence[Sequence[Intervention]], pos: int, start_layer: int,
-            skip: bool) -> torch.Tensor:
-        """Last-position logits (len(rows), vocab) for rows whose patches are all at positions
-        >= pos and layers >= start_layer."""
-        n = len(rows)
-        n_skip = max(start_layer, 0) if skip else 0
-        if n_skip > 0:
-            inputs = {"inputs_embeds": self.resid_pre[n_skip][:, pos:].expand(n, -1, -1)
-                      .contiguous()}
-        else:
-            inputs = {"input_ids": self.ids[:, pos:].expand(n, -1)}
-        past = self.past(pos, n)
-        if past is not None:
-            inputs.update(past_key_values=past, use_cache=True)
-        ivs = [replace(iv, rows=(j,)) for j, row in enumerate(rows) for iv in row]
-        if self.keep_last:
-            inputs["logits_to_keep"] = torch.tensor([self.seq_len - pos - 1],
-                                                    device=self.ids.device)
-        with patch(self.lm, ivs, offset=pos), _skip_blocks(self.lm, n_skip):
-            logits = self.lm.model(**inputs).logits
-        return logits[:, -1].float()
-
-    def self_check(self) -> float:
-        """Largest |logit| difference between a clean run started mid-stack at a middle
-        position and the plain forward pass (0 up to rounding when skipping is exact)."""
-        layer = self.lm.n_layers // 2
-        pos = self.seq_len // 2
-        with torch.no_grad():
-            got = self.run([[]], pos, layer, skip=True)[0]
-        return float((got - self.clean_logits[0, -1]).abs().max())
-
-
-def _noop_rows(lm, base_ids: torch.Tensor, rows) -> tuple[torch.Tensor, list[int]]:
-    """Clean last logits (1, vocab) of the base, and the indices of rows that would not change
-    any activation of the base run (checked by applying them to the clean activations)."""
-    sites = list(dict.fromkeys(iv.site for row in rows for iv in row))
-    logits, cache = run_with_cache(lm, base_ids, sites)
-    noop = []
-    for i, row in enumerate(rows):
-        current = {}
-        for iv in row:
-            x = current.get(iv.site, cache[iv.site])
-            current[iv.site] = apply_intervention(x, replace(iv, rows=None))
-        if all(torch.equal(current[site], cache[site]) for site in current):
-            noop.append(i)
-    return logits[:, -1], noop
-
-
-def _tolerance(lm, logits: torch.Tensor) -> float:
-    scale = max(1.0, float(logits.abs().max()))
-    return (1e-4 if lm.dtype == torch.float32 else 5e-2) * scale
-
-
-@torch.no_grad()
-def sweep_interchange(lm, base_ids: torch.Tensor, rows: Sequence[Sequence[Intervention]],
-                      batch_size: int = 16, engine: str = "layer_skip",
+def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cells,
+                      batch_size: int = 16, engine: str = "batched",
                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      skip_noops: bool = True, progress: bool = False) -> torch.Tensor:
-    """Last-position results of each row (``reduce(logits)``, default the float32 logits),
-    in the order of ``rows``.
+                      skip_noops: bool = True, progress: bool = False
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(results, clean)``: the last-position readout of each cell (``reduce(logits)``,
+    default the float32 logits), in the order of ``cells``, and the clean last-position logits
+    of ``"base"`` and ``"source"``.
 
-    Engines: ``"layer_skip"`` (grouped by position, key/value prefix of the base reused, blocks
-    below a batch's lowest patched layer skipped, only the last position projected to the
-    vocabulary), ``"sweep_logits"`` (:func:`lib.patching.sweep_logits` once per position group,
-    sharing the key/value prefix) and ``"naive"`` (one full forward per row).
-
-    With ``skip_noops`` (not for ``"naive"``), a row whose interventions leave the base's own
-    activations unchanged bit for bit (e.g. a source that shares the base's first tokens,
-    patched at one of those positions) is not run: its result is the clean base run's, which
-    is exactly what running it would give.
+    ``engine="batched"`` runs the cells on :mod:`lib.engine` (grouped by position, the base's
+    key/value prefix reused, blocks below a batch's lowest patched layer skipped where exact,
+    cells that change nothing answered with the clean run, only the last position projected
+    onto the vocabulary); ``"naive"`` is the reference loop, one full forward per cell
+    (pyvene's algorithm).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    reduce = reduce or (lambda x: x)
-    if base_ids.dim() == 1:
-        base_ids = base_ids[None]
-    base_ids = base_ids.to(lm.device)
-    seq_len = base_ids.shape[1]
+    contexts = grid_contexts(base_ids, source_ids)
+    rows = interchange_rows(cells)
+    runner = Engine(lm, contexts, batch_size=batch_size, skip_noops=skip_noops,
+                    progress=progress)
+    clean = {"base": runner.clean_readout(BASE_CONTEXT),
+             "source": runner.clean_readout(SOURCE_CONTEXT)}
     if engine == "naive":
-        it = range(len(rows))
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc="interventions (naive)", unit="row")
-        return torch.cat([reduce(sweep_logits_naive(lm, base_ids, [rows[i]])) for i in it])
-
-    results: list[torch.Tensor | None] = [None] * len(rows)
-    todo = list(range(len(rows)))
-    if skip_noops and rows:
-        clean_logits, noop = _noop_rows(lm, base_ids, rows)
-        clean_out = reduce(clean_logits)[0]
-        for i in noop:
-            results[i] = clean_out
-        skipped = set(noop)
-        todo = [i for i in todo if i not in skipped]
-
-    starts = {i: _row_start(rows[i], seq_len) for i in todo}
-    order = sorted(todo, key=lambda i: (starts[i][0], starts[i][1], i))
-    batches: list[list[int]] = []
-    for i in order:  # batches never mix positions
-        if batches and len(batches[-1]) < batch_size and \
-                starts[batches[-1][0]][0] == starts[i][0]:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-
-    skip = False
-    state = None
-    if engine == "layer_skip" and batches:
-        state = _Engine(lm, base_ids)
-        err = state.self_check()
-        skip = err <= _tolerance(lm, state.clean_logits)
-        if not skip:
-            warnings.warn(f"{lm.name}: starting mid-stack is not exact for this architecture "
-                          f"(clean logits differ by {err:.3g}); not skipping blocks")
-
-    it = batches
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(batches, desc=f"interventions ({engine})", unit="batch")
-    for batch in it:
-        chunk = [rows[i] for i in batch]
-        pos = starts[batch[0]][0]
-        if state is not None:
-            start_layer = min(starts[i][1] for i in batch)
-            out = reduce(state.run(chunk, pos, start_layer, skip))
-        else:
-            out = reduce(sweep_logits(lm, base_ids, chunk, batch_size=len(chunk),
-                                      prefix_cache=True))
-        for j, i in enumerate(batch):
-            results[i] = out[j]
-    if not rows:
-        return torch.empty(0)
-    return torch.stack(results)
+        return run_naive(lm, contexts, rows, reduce), clean
+    return runner.run(rows, reduce), clean
 
 
 # --- the whole experiment -------------------------------------------------------------------
@@ -367,7 +188,7 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
                     tokens: Sequence[str] = DEFAULT_TOKENS,
                     components: str | Sequence[str] = DEFAULT_COMPONENTS,
                     layers: str | Sequence[int] = "all", positions: str | Sequence[int] = "all",
-                    batch_size: int = 16, engine: str = "layer_skip", top_k: int = 10,
+                    batch_size: int = 16, engine: str = "batched", top_k: int = 10,
                     attribution: bool = True, progress: bool = True) -> dict:
     """The full experiment as a JSON-ready dict (see the README of notebook 05).
 
@@ -386,7 +207,14 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
     token_ids = answer_token_ids(lm, tokens)
     ids_t = torch.tensor(token_ids, device=lm.device)
 
-    clean = {"base": last_logits(lm, base_ids), "source": last_logits(lm, source_ids)}
+    cells = grid_cells(components, layers, positions)
+
+    def reduce(logits):
+        return torch.stack([logits.softmax(-1)[:, ids_t], logits[:, ids_t]], dim=-1)
+
+    out, clean = sweep_interchange(lm, base_ids, source_ids, cells, batch_size=batch_size,
+                                   engine=engine, reduce=reduce, progress=progress)
+    out = out.cpu()
     payload: dict = {"method": "interchange intervention (activation patching), pyvene tutorial "
                                "semantics: one component x layer x position patched per run"}
     for name, text, ids in (("base", base, base_ids), ("source", source, source_ids)):
@@ -402,14 +230,6 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
     payload.update(components=components, layers=layers, positions=positions,
                    nodes=node_order(components, layers), engine=engine)
 
-    cells = grid_cells(components, layers, positions)
-    rows = interchange_rows(lm, source_ids, cells)
-
-    def reduce(logits):
-        return torch.stack([logits.softmax(-1)[:, ids_t], logits[:, ids_t]], dim=-1)
-
-    out = sweep_interchange(lm, base_ids, rows, batch_size=batch_size, engine=engine,
-                            reduce=reduce, progress=progress).cpu()
     records = []
     for (kind, layer, pos), res in zip(cells, out):
         for t, (tok, tid) in enumerate(zip(tokens, token_ids)):

@@ -15,7 +15,6 @@ from lib.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatch
                              run_interchange, strongest_cells, sweep_interchange)
 from lib.io import params_key, provenance, read_current, read_json, write_json
 from lib.models import load_model
-from lib.patching import sweep_logits_naive
 from lib.sites import site_name
 
 FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
@@ -39,54 +38,48 @@ def llama():
 def _grid(lm, base, source, kinds=KINDS):
     base_ids, source_ids = align_prompts(lm, base, source)
     cells = grid_cells(kinds, list(range(lm.n_layers)), list(range(base_ids.shape[1])))
-    return base_ids, cells, interchange_rows(lm, source_ids, cells)
+    return base_ids, source_ids, cells
 
 
 @pytest.fixture(scope="module")
 def grid(lm):
     """A short prompt pair that differs at some positions and not at others, every kind of
     site, and the naive loop's logits (computed once per model)."""
-    base_ids, cells, rows = _grid(lm, "cat sat on", "cat ran in")
-    return base_ids, cells, rows, sweep_logits_naive(lm, base_ids, rows)
+    base_ids, source_ids, cells = _grid(lm, "cat sat on", "cat ran in")
+    naive, _ = sweep_interchange(lm, base_ids, source_ids, cells, engine="naive")
+    return base_ids, source_ids, cells, naive
 
 
-@pytest.mark.parametrize("engine", ["layer_skip", "sweep_logits"])
 @pytest.mark.parametrize("skip_noops", [True, False])
-def test_grid_equals_naive_loop(lm, grid, engine, skip_noops):
-    base_ids, cells, rows, naive = grid
+def test_grid_equals_naive_loop(lm, grid, skip_noops):
+    base_ids, source_ids, cells, naive = grid
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # GPT-2 warns that it cannot skip blocks
-        fast = sweep_interchange(lm, base_ids, rows, batch_size=7, engine=engine,
-                                 skip_noops=skip_noops)
+        warnings.simplefilter("ignore")  # GPT-2 warns that it cannot start mid-stack
+        fast, clean = sweep_interchange(lm, base_ids, source_ids, cells, batch_size=7,
+                                        skip_noops=skip_noops)
     assert fast.shape == naive.shape
     assert (fast - naive).abs().max().item() <= 1e-5
     assert (fast.softmax(-1) - naive.softmax(-1)).abs().max().item() <= 1e-6
     # the grid is not trivial: some cells move the output
-    clean = lm.model(input_ids=base_ids).logits[0, -1]
-    assert (naive - clean).abs().max().item() > 1e-2
-
-
-def test_layer_skip_checks_itself_and_falls_back_on_gpt2():
-    lm = load_model("tiny-random-gpt2")  # adds position embeddings: cannot start mid-stack
-    base_ids, _, rows = _grid(lm, BASE, SOURCE, ["mlp_out"])
-    with pytest.warns(UserWarning, match="not skipping blocks"):
-        sweep_interchange(lm, base_ids, rows[:3], engine="layer_skip", skip_noops=False)
+    assert (naive - clean["base"]).abs().max().item() > 1e-2
 
 
 def test_results_come_back_in_row_order(llama):
-    base_ids, _, rows = _grid(llama, BASE, SOURCE, ["mlp_out", "attn_in"])
-    order = list(range(len(rows)))[::-1]
-    fwd = sweep_interchange(llama, base_ids, rows, batch_size=5)
-    rev = sweep_interchange(llama, base_ids, [rows[i] for i in order], batch_size=5)
+    base_ids, source_ids, cells = _grid(llama, BASE, SOURCE, ["mlp_out", "attn_in"])
+    order = list(range(len(cells)))[::-1]
+    fwd, _ = sweep_interchange(llama, base_ids, source_ids, cells, batch_size=5)
+    rev, _ = sweep_interchange(llama, base_ids, source_ids, [cells[i] for i in order],
+                               batch_size=5)
     assert torch.allclose(rev, fwd[order], atol=1e-5)
 
 
 def test_patching_base_own_activations_returns_clean(lm):
-    base_ids, cells, rows = _grid(lm, BASE, BASE)
+    base_ids, source_ids, cells = _grid(lm, BASE, BASE)
     clean = lm.model(input_ids=base_ids).logits[0, -1].float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = sweep_interchange(lm, base_ids, rows, batch_size=8, skip_noops=False)
+        got, _ = sweep_interchange(lm, base_ids, source_ids, cells, batch_size=8,
+                                   skip_noops=False)
     assert (got - clean).abs().max().item() <= 1e-5
     # and through the whole experiment: every record is the clean probability
     with warnings.catch_warnings():
@@ -98,13 +91,19 @@ def test_patching_base_own_activations_returns_clean(lm):
 
 
 def test_noop_rows_are_detected_exactly(llama):
-    """Positions before the first differing token patch in the base's own values."""
-    base_ids, cells, rows = _grid(llama, BASE, SHARED, ["mlp_out", "attn_in"])
-    from lib.interchange import _noop_rows
-    _, noop = _noop_rows(llama, base_ids, rows)
-    differs = int((base_ids != align_prompts(llama, BASE, SHARED)[1])[0].nonzero()[0])
-    assert {cells[i][2] for i in noop} == set(range(differs))
-    assert len(noop) == 2 * llama.n_layers * differs
+    """Positions before the first differing token patch in the base's own values: the engine
+    answers them with the clean run, bit for bit, without running them."""
+    from lib.engine import Engine
+    from lib.interchange import grid_contexts
+
+    base_ids, source_ids, cells = _grid(llama, BASE, SHARED, ["mlp_out", "attn_in"])
+    engine = Engine(llama, grid_contexts(base_ids, source_ids))
+    out = engine.run(interchange_rows(cells))
+    differs = int((base_ids != source_ids)[0].nonzero()[0])
+    assert engine.stats["rows_noop"] == 2 * llama.n_layers * differs
+    clean = engine.clean_readout(0)
+    same = [i for i, c in enumerate(cells) if c[2] < differs]
+    assert torch.equal(out[same], clean.expand(len(same), -1))
 
 
 def test_length_mismatch_error_shows_both_tokenizations(llama):
