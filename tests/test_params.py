@@ -42,6 +42,19 @@ def test_every_notebook_declares_typed_parameters_that_papermill_reads_alike(nb)
         assert p.type == inspected[name]["inferred_type_name"], name
     assert {"MODEL"} <= set(declared)
     assert declared["MODEL"].rule == "model"
+    for name, p in declared.items():  # every bracket at the start of a comment is a real rule
+        assert p.help.startswith("[") == (p.rule is not None), (name, p.help)
+
+
+def test_rules_and_plain_brackets():
+    from lib.params import rule_of
+
+    assert rule_of("[0..] count") == "0.." and rule_of("[-1..4]") == "-1..4"
+    assert rule_of("[a|b_c|d-e] x") == "a|b_c|d-e"
+    assert rule_of("[some of hidden|mlp] x") == "some of hidden|mlp"
+    assert rule_of("[layers] x") == "layers"
+    assert rule_of("[0, L) the layers") is None and rule_of('[{"prompt"}] facts') is None
+    assert rule_of("no rule") is None
 
 
 def test_the_validator_converts_cli_text_by_declared_type():
