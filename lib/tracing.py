@@ -26,18 +26,17 @@ The *severed* trace (ROME Fig. 2 right, ``trace_with_repatch``) restores the hid
 in the corrupted run *with the same noise draw* (ROME drew fresh noise in its second pass; see
 ``methods.md`` 3.3 item 3).
 
-Speed: every (restoration, noise sample) pair is one row of a batched forward pass, patched
-through :mod:`lib.hooks`. A restoration at token t cannot change positions before t, so each
-row starts at t and reuses the key/value cache of the *corrupted* prefix ``[0, t)`` of its noise
-sample (computed once per t); only the last position's logits are computed.
+Speed: every (restoration, noise sample) pair is one row on the intervention engine
+(:mod:`lib.engine`); each noise sample is a context, run once with its noise. A restoration at
+token t cannot change positions before t, so a row starts at t on the key/value cache of its
+sample's *corrupted* prefix ``[0, t)``, and at its lowest restored layer from the sample's
+stored residual stream (where that is exact); only the last position's logits are computed.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,8 @@ import torch
 
 from tqdm.auto import tqdm
 
-from lib.hooks import Intervention, capture, patch
+from lib.engine import Capture, Context, Engine, Ref, Row, run_naive
+from lib.hooks import Intervention, capture
 from lib.io import params_key, provenance, read_current, write_json
 from lib.sites import site_name
 
@@ -268,10 +268,14 @@ class TraceResult:
 
 
 class CausalTracer:
-    """Clean run, corrupted runs and batched restorations for one prompt.
+    """Clean run, corrupted runs and batched restorations for one prompt, on :mod:`lib.engine`.
 
-    ``answer=""`` uses the clean greedy top-1 token. ``noise`` is nu (see :func:`noise_level`).
-    The clean run happens at construction; the corrupted runs on first use.
+    Contexts: 0 is the clean prompt; 1 + s is the prompt with noise draw s added to the
+    subject's embeddings. A restoration on sample s is a row on context 1 + s whose
+    interventions replace states with the clean context's (restore) or with its own context's
+    (freeze: the corrupted run with the same noise draw), both as references the engine reads
+    from the stored context runs. ``answer=""`` uses the clean greedy top-1 token. ``noise`` is
+    nu (see :func:`noise_level`).
     """
 
     CLEAN_SITES = ("resid_post", "mlp_out", "attn_out")
@@ -286,23 +290,31 @@ class CausalTracer:
         self.ids = lm.tokenize(prompt)
         self.n_tokens = self.ids.shape[1]
         self.tokens = lm.token_strings(self.ids[0])
-        self.subject_range = subject_token_range(lm, prompt, subject)
-        self.sites = [site_name(k, l) for k in self.CLEAN_SITES for l in range(lm.n_layers)]
-        with capture(lm, self.sites) as cache:
-            logits = lm.model(input_ids=self.ids, logits_to_keep=1).logits[0, -1].float()
-        self.clean = {s: v[0] for s, v in cache.items()}  # site -> (n_tokens, d)
+        self.subject_range = s0, s1 = subject_token_range(lm, prompt, subject)
+        draws = make_noise(self.samples, s1 - s0, lm.d_model, self.seed) * self.noise
+        self.noise_draws = torch.from_numpy(draws).to(lm.device, lm.dtype)
+        contexts = [Context(self.ids, name="clean")]
+        for s in range(self.samples):
+            ivs = [] if self.noise == 0 else [Intervention(
+                "embed", positions=tuple(range(s0, s1)), kind="add",
+                value=self.noise_draws[s][None], source=f"noise nu={self.noise:.6g} "
+                                                         f"seed={self.seed} sample {s}")]
+            contexts.append(Context(self.ids, ivs, name=f"corrupted {s}"))
+        self.engine = Engine(lm, contexts)
+        logits = self.engine.clean_readout(0)
         probs = logits.softmax(-1)
         self.top_id = int(logits.argmax())
         self.answer_id = answer_token_id(lm, answer) if answer else self.top_id
         self.answer = lm.tokenizer.decode([self.answer_id])
         self.top_token = lm.tokenizer.decode([self.top_id])
         self.p_clean = float(probs[self.answer_id])
-        self._noise = None
-        self._corrupt: dict[str, torch.Tensor] | None = None
-        self._prefix: dict[int, object] = {}
-        self._p_corrupt_rows: torch.Tensor | None = None
+        self._p_corrupt_rows = torch.stack([
+            self.engine.clean_readout(1 + s, self._readout) for s in range(self.samples)])
 
-    # -- noise and the corrupted run -----------------------------------------------------------
+    def _readout(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)[:, self.answer_id].double()
+
+    # -- the clean and corrupted runs --------------------------------------------------------
 
     @property
     def correct(self) -> bool:
@@ -310,169 +322,82 @@ class CausalTracer:
         return self.top_id == self.answer_id
 
     @property
-    def noise_draws(self) -> torch.Tensor:
-        """(samples, n_subject_tokens, d_model) noise already scaled by nu, model dtype."""
-        if self._noise is None:
-            s0, s1 = self.subject_range
-            draws = make_noise(self.samples, s1 - s0, self.lm.d_model, self.seed) * self.noise
-            self._noise = torch.from_numpy(draws).to(self.lm.device, self.lm.dtype)
-        return self._noise
-
-    def _noise_iv(self, sample_idx: torch.Tensor, start: int, stop: int) -> list[Intervention]:
-        """Noise at the subject positions inside [start, stop) for rows of ``sample_idx``."""
-        s0, s1 = self.subject_range
-        lo, hi = max(s0, start), min(s1, stop)
-        if lo >= hi or self.noise == 0:
-            return []
-        value = self.noise_draws[sample_idx.to(self.noise_draws.device)][:, lo - s0:hi - s0]
-        return [Intervention("embed", positions=tuple(range(lo, hi)), kind="add", value=value,
-                             source=f"noise nu={self.noise:.6g} seed={self.seed}")]
-
-    @torch.no_grad()
-    def _ensure_corrupted(self):
-        if self._corrupt is not None:
-            return
-        n = self.samples
-        idx = torch.arange(n)
-        with capture(self.lm, self.sites) as cache, \
-                patch(self.lm, self._noise_iv(idx, 0, self.n_tokens)):
-            logits = self.lm.model(input_ids=self.ids.expand(n, -1), logits_to_keep=1).logits
-        self._corrupt = dict(cache)  # site -> (samples, n_tokens, d)
-        self._p_corrupt_rows = logits[:, -1].float().softmax(-1)[:, self.answer_id].double()
-
-    @property
     def p_corrupt(self) -> float:
         """Mean p(answer) over the noise samples with nothing restored."""
-        self._ensure_corrupted()
         return float(self._p_corrupt_rows.mean())
+
+    def _states(self, ctx: int) -> dict[str, torch.Tensor]:
+        sites = tuple(site_name(k, l) for k in self.CLEAN_SITES for l in range(self.lm.n_layers))
+        return self.engine.clean_readout(ctx, Capture(sites))
+
+    @property
+    def clean(self) -> dict[str, torch.Tensor]:
+        """Activations of the clean run: site -> (n_tokens, d)."""
+        return self._states(0)
 
     @property
     def corrupted(self) -> dict[str, torch.Tensor]:
         """Activations of the corrupted runs: site -> (samples, n_tokens, d)."""
-        self._ensure_corrupted()
-        return self._corrupt
-
-    @torch.no_grad()
-    def _prefix_cache(self, start: int):
-        """Key/value cache of the corrupted prefix [0, start), one row per noise sample."""
-        if start not in self._prefix:
-            n = self.samples
-            with patch(self.lm, self._noise_iv(torch.arange(n), 0, start)):
-                out = self.lm.model(input_ids=self.ids[:, :start].expand(n, -1), use_cache=True,
-                                    logits_to_keep=1)
-            self._prefix[start] = out.past_key_values
-        return self._prefix[start]
+        per = [self._states(1 + s) for s in range(self.samples)]
+        return {site: torch.stack([p[site] for p in per]) for site in per[0]}
 
     # -- running restorations ----------------------------------------------------------------
 
-    def _interventions(self, jobs: Sequence[Restoration], rows: Sequence[tuple[int, int]],
-                       start: int) -> list[Intervention]:
-        sample_idx = torch.tensor([s for _, s in rows])
-        ivs = self._noise_iv(sample_idx, start, self.n_tokens)
-        restore, freeze = defaultdict(list), defaultdict(list)
-        for r, (j, _) in enumerate(rows):
-            for state in jobs[j].restore:
-                restore[state].append(r)
-            for state in jobs[j].freeze:
-                freeze[state].append(r)
-        for (kind, layer, tok), rr in restore.items():
-            site = site_name(kind, layer)
-            ivs.append(Intervention(site, positions=(tok,), rows=tuple(rr), kind="replace",
-                                    value=self.clean[site][tok], source="clean run"))
-        for (kind, layer, tok), rr in freeze.items():
-            site = site_name(kind, layer)
-            value = self.corrupted[site][sample_idx[rr].to(self.lm.device), tok][:, None, :]
-            ivs.append(Intervention(site, positions=(tok,), rows=tuple(rr), kind="replace",
-                                    value=value, source="corrupted run, same noise"))
-        return ivs
+    def _rows(self, jobs: Sequence[Restoration]) -> list[Row]:
+        """One engine row per (job, noise sample), job-major."""
+        rows = []
+        for job in jobs:
+            for s in range(self.samples):
+                ivs = [Intervention(site_name(k, l), positions=(t,), value=Ref(0, site_name(k, l)),
+                                    source="clean run") for k, l, t in job.restore]
+                ivs += [Intervention(site_name(k, l), positions=(t,),
+                                     value=Ref(1 + s, site_name(k, l)),
+                                     source="corrupted run, same noise") for k, l, t in job.freeze]
+                rows.append(Row(1 + s, ivs))
+        return rows
 
     def _check(self, jobs: Sequence[Restoration]):
         for job in jobs:
             for kind, layer, tok in job.restore + job.freeze:
-                site = site_name(kind, layer)
-                if site not in self.clean:
-                    raise ValueError(f"site {site!r} is not recorded; restore or freeze one of "
-                                     f"{self.CLEAN_SITES} at layers 0..{self.lm.n_layers - 1}")
+                if kind not in self.CLEAN_SITES or not 0 <= layer < self.lm.n_layers:
+                    raise ValueError(f"site {site_name(kind, layer)!r} is not recorded; restore "
+                                     f"or freeze one of {self.CLEAN_SITES} at layers "
+                                     f"0..{self.lm.n_layers - 1}")
                 if not 0 <= tok < self.n_tokens:
                     raise ValueError(f"token {tok} is outside the prompt (0..{self.n_tokens - 1})")
+
+    def _mean(self, per_row: torch.Tensor, n_jobs: int) -> np.ndarray:
+        flat = per_row.double().cpu().numpy().reshape(n_jobs, self.samples)
+        out = np.zeros(n_jobs)
+        for s in range(self.samples):  # summed in sample order, then divided
+            out += flat[:, s]
+        return out / self.samples
 
     @torch.no_grad()
     def scores(self, jobs: Sequence[Restoration], batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
         """Mean restored p(answer) over the noise samples, one per job (float64 array).
 
-        Rows are (job, sample) pairs, ``batch_size`` per forward pass, grouped by the first
-        token the job touches; each row runs only from that token on, on top of the corrupted
-        key/value prefix of its own noise sample. A job that touches nothing gives p_corrupt.
+        Rows are (job, sample) pairs on the engine, ``batch_size`` per forward pass; each row
+        runs only from the first token its job touches, on its sample's corrupted key/value
+        prefix. A job that changes nothing (e.g. restoring a token before the subject, which
+        the noise cannot reach) gets p_corrupt of its sample without running.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         jobs = list(jobs)
         self._check(jobs)
-        self._ensure_corrupted()
-        out = np.zeros(len(jobs))
-        groups: dict[int, list[int]] = defaultdict(list)
-        for j, job in enumerate(jobs):
-            if not job.tokens:
-                out[j] = self.p_corrupt
-            else:
-                groups[min(job.tokens)].append(j)
-        batches = []
-        for start in sorted(groups):
-            rows = [(j, s) for j in groups[start] for s in range(self.samples)]
-            batches += [(start, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-        if progress:
-            batches = tqdm(batches, desc="restorations", unit="batch", leave=False)
-        for start, rows in batches:
-            probs = self._run_rows(jobs, rows, start)
-            for (j, _), p in zip(rows, probs.tolist()):
-                out[j] += p
-        for js in groups.values():
-            out[js] /= self.samples
-        return out
-
-    def _run_rows(self, jobs, rows, start) -> torch.Tensor:
-        n = len(rows)
-        kwargs = {}
-        if start > 0:
-            past = copy.deepcopy(self._prefix_cache(start))
-            past.batch_select_indices(torch.tensor([s for _, s in rows], device=self.lm.device))
-            kwargs = {"past_key_values": past, "use_cache": True}
-        with patch(self.lm, self._interventions(jobs, rows, start), offset=start):
-            logits = self.lm.model(input_ids=self.ids[:, start:].expand(n, -1),
-                                   logits_to_keep=1, **kwargs).logits
-        return logits[:, -1].float().softmax(-1)[:, self.answer_id].double()
+        self.engine.batch_size, self.engine.progress = batch_size, progress
+        return self._mean(self.engine.run(self._rows(jobs), self._readout), len(jobs))
 
     @torch.no_grad()
     def scores_naive(self, jobs: Sequence[Restoration], progress: bool = False) -> np.ndarray:
-        """Reference: one full, unbatched forward per (job, sample), no key/value reuse.
-        Frozen values come from unbatched corrupted runs. For tests and benchmarks."""
+        """Reference: one full, unbatched forward per (job, sample) (:func:`lib.engine.run_naive`),
+        frozen values from unbatched corrupted runs. For tests and benchmarks."""
         jobs = list(jobs)
         self._check(jobs)
-        corrupt_rows = {}
-        if any(job.freeze for job in jobs):
-            for s in range(self.samples):
-                with capture(self.lm, self.sites) as cache, \
-                        patch(self.lm, self._noise_iv(torch.tensor([s]), 0, self.n_tokens)):
-                    self.lm.model(input_ids=self.ids, logits_to_keep=1)
-                corrupt_rows[s] = {k: v[0] for k, v in cache.items()}
-        out = np.zeros(len(jobs))
-        pairs = [(j, s) for j in range(len(jobs)) for s in range(self.samples)]
-        if progress:
-            pairs = tqdm(pairs, desc="naive", unit="run", leave=False)
-        for j, s in pairs:
-            ivs = self._noise_iv(torch.tensor([s]), 0, self.n_tokens)
-            for kind, layer, tok in jobs[j].restore:
-                site = site_name(kind, layer)
-                ivs.append(Intervention(site, positions=(tok,), value=self.clean[site][tok]))
-            for kind, layer, tok in jobs[j].freeze:
-                site = site_name(kind, layer)
-                ivs.append(Intervention(site, positions=(tok,),
-                                        value=corrupt_rows[s][site][tok]))
-            with patch(self.lm, ivs):
-                logits = self.lm.model(input_ids=self.ids, logits_to_keep=1).logits
-            out[j] += float(logits[0, -1].float().softmax(-1)[self.answer_id])
-        return out / self.samples
+        return self._mean(run_naive(self.lm, self.engine.contexts, self._rows(jobs),
+                                    self._readout), len(jobs))
 
     # -- grids ---------------------------------------------------------------------------------
 

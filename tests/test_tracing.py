@@ -216,7 +216,9 @@ def test_severed_with_nothing_frozen_equals_ordinary(tracer, lm):
     plain = tr.severed_restorations(token, lm.n_layers, layers, None)
     assert plain == tr.grid_restorations("hidden", lm.n_layers, [token], layers, 1)
     curves = tracer.severed(token)
-    assert np.array_equal(curves["ordinary"], tracer.trace("hidden", tokens=[token]).scores[token])
+    # equal up to float rounding: the engine batches these rows with the severed ones
+    assert np.abs(np.array(curves["ordinary"])
+                  - tracer.trace("hidden", tokens=[token]).scores[token]).max() <= 1e-7
     assert set(curves) >= {"ordinary", "mlp_severed", "attention_severed", "layers", "token"}
 
 
