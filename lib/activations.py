@@ -7,16 +7,17 @@ position whose state produces the next token.
 
 :func:`collect_last_token` tokenizes every prompt with the tokenizer's own defaults (so a BOS
 token is added exactly where the tokenizer adds one), sorts the prompts by length so that a
-batch holds prompts of similar lengths, pads each batch on the *right* with an attention mask
-and reads each prompt's true last position (its length - 1). Right padding keeps every real
-token at the position it has in an unbatched run, and causal attention means a real token
-never attends to the padding after it, so the result equals unbatched runs up to float
-round-off (checked in ``tests/test_activations.py``).
+batch holds prompts of similar lengths, pads each batch on the *right* with the tokenizer's own
+``pad`` (and attention mask) and reads each prompt's true last position (its length - 1). Right
+padding keeps every real token at the position it has in an unbatched run, and causal attention
+means a real token never attends to the padding after it, so the result equals unbatched runs
+up to float round-off (checked in ``tests/test_activations.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -35,27 +36,33 @@ def token_ids(lm, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def _pad_id(lm) -> int:
-    tok = lm.tokenizer
-    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+@contextmanager
+def _pad_token(tokenizer):
+    """The tokenizer with a padding token: its own, else its EOS token for the duration (the
+    value never matters: padded positions are masked and come after every real token)."""
+    if tokenizer.pad_token is not None:
+        yield tokenizer
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a padding nor an EOS token to pad with")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.pad_token = None
 
 
-def right_padded_batch(ids: Sequence[Sequence[int]], pad_id: int,
+def right_padded_batch(tokenizer, ids: Sequence[Sequence[int]],
                        device: torch.device | str = "cpu"):
-    """(input_ids, attention_mask, last_positions) for token-id lists of any lengths."""
-    lengths = [len(x) for x in ids]
-    if not lengths or min(lengths) == 0:
+    """(input_ids, attention_mask, last_positions) for token-id lists of any lengths, padded on
+    the right by the tokenizer's own ``pad``."""
+    if not ids or min(len(x) for x in ids) == 0:
         raise ValueError("every prompt needs at least one token")
-    width = max(lengths)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    last = torch.tensor(lengths, dtype=torch.long) - 1
+    with _pad_token(tokenizer) as tok:
+        batch = tok.pad({"input_ids": [list(x) for x in ids]}, padding=True,
+                        padding_side="right", return_attention_mask=True, return_tensors="pt")
+    input_ids, mask = batch["input_ids"].long(), batch["attention_mask"].long()
+    last = mask.sum(dim=1) - 1
     return input_ids.to(device), mask.to(device), last.to(device)
 
 
@@ -76,14 +83,14 @@ def collect_last_token(lm, prompts: Sequence[str], sites: Sequence[str], batch_s
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids = token_ids(lm, prompts)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    pad = _pad_id(lm)
     chunks = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="activations", unit="batch")
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     for chunk in chunks:
-        input_ids, mask, last = right_padded_batch([ids[i] for i in chunk], pad, lm.device)
+        input_ids, mask, last = right_padded_batch(lm.tokenizer, [ids[i] for i in chunk],
+                                                   lm.device)
         rows = torch.arange(len(chunk), device=lm.device)
         with capture(lm, sites) as cache:
             # logits are not needed: compute them for one position only

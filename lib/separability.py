@@ -20,7 +20,8 @@ apart:
 
 The domain-separation study (causal-intervention seed) scores every layer and component at the
 last prompt token for each domain pair; :func:`score_layers` does that, :func:`validate_scores`
-checks the ``scores/<model>.json`` schema and :func:`plot_layer_scores` draws it.
+checks the ``scores/<model>.json`` schema and :func:`lib.plots.separability.plot_layer_scores`
+draws it.
 """
 
 from __future__ import annotations
@@ -179,16 +180,12 @@ def fisher_in_sample(X, Y, shrinkage: str | float = "ledoit-wolf") -> float:
 
 # --- MMD ----------------------------------------------------------------------------------------
 
-def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    d2 = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T
-    return np.maximum(d2, 0.0)
-
-
 def median_bandwidth(Z: np.ndarray) -> float:
-    """Median of the pairwise Euclidean distances between distinct rows of ``Z``."""
-    d2 = _sq_dists(Z, Z)
-    iu = np.triu_indices(len(Z), k=1)
-    med = float(np.median(np.sqrt(d2[iu])))
+    """Median of the pairwise Euclidean distances between distinct rows of ``Z``
+    (:func:`scipy.spatial.distance.pdist`)."""
+    from scipy.spatial.distance import pdist
+
+    med = float(np.median(pdist(Z, "euclidean")))
     return med if med > 0 else 1.0
 
 
@@ -200,11 +197,13 @@ def mmd2_unbiased(X, Y, bandwidth: float | None = None) -> float:
     diagonal terms are excluded, so the estimate is unbiased and ≈ 0 (possibly < 0) for two
     samples of one distribution.
     """
+    from scipy.spatial.distance import pdist, squareform
+
     X, Y = _check_pair(X, Y)
     n, m = len(X), len(Y)
     Z = np.concatenate([X, Y])
     sigma = median_bandwidth(Z) if bandwidth is None else float(bandwidth)
-    K = np.exp(-_sq_dists(Z, Z) / (2 * sigma ** 2))
+    K = np.exp(-squareform(pdist(Z, "sqeuclidean")) / (2 * sigma ** 2))
     kxx, kyy, kxy = K[:n, :n], K[n:, n:], K[:n, n:]
     term_x = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
     term_y = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
@@ -409,27 +408,6 @@ def extreme_layers(payload: dict, metric: str = "fisher", kind: str = "pair"):
                      "most_separable_layer": int(top.layer), "max": float(top.value),
                      "least_separable_layer": int(low.layer), "min": float(low.value)})
     return pd.DataFrame(rows)
-
-
-def plot_layer_scores(payload: dict, kind: str = "pair"):
-    """Per-layer scores: rows = metrics (free y scales), columns = comparisons, one line per
-    component."""
-    import pandas as pd
-    import plotnine as p9
-
-    df = scores_frame(payload)
-    df = df[df.kind == kind].copy()
-    if df.empty:
-        raise ValueError(f"no comparisons of kind {kind!r} in the scores")
-    df["comparison"] = pd.Categorical(df.comparison, categories=list(dict.fromkeys(df.comparison)))
-    df["metric"] = df.metric.map({"fisher": "Fisher (held-out)", "mmd": "MMD²",
-                                  "wasserstein": "sliced W1"}).fillna(df.metric)
-    return (p9.ggplot(df, p9.aes("layer", "value", color="component"))
-            + p9.geom_line() + p9.geom_point(size=0.8)
-            + p9.facet_grid("metric ~ comparison", scales="free_y")
-            + p9.labs(x="layer", y="separability",
-                      title=f"{payload['model']}: last-token separability per layer")
-            + p9.theme_bw() + p9.theme(figure_size=(11, 6), legend_position="bottom"))
 
 
 def prompts_digest(pair_sets: Sequence) -> str:

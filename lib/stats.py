@@ -1,19 +1,23 @@
 """Small, seeded statistics for intervention effects: bootstrap intervals, permutation tests,
-rank correlation.
+rank correlation, all computed by scipy.stats.
 
 * :func:`bootstrap_ci` is the percentile bootstrap (Efron 1979, "Bootstrap methods: another look
   at the jackknife"; Efron & Tibshirani 1993, *An Introduction to the Bootstrap*, ch. 13): resample
   the n observations with replacement ``n_resamples`` times, take the statistic of each resample,
-  report the (alpha/2, 1 - alpha/2) quantiles.
-* :func:`permutation_test` is a Monte-Carlo permutation test (Fisher 1935; Good 2005,
-  *Permutation, Parametric and Bootstrap Tests of Hypotheses*). Paired data use random sign flips
-  of the per-unit differences, unpaired data random relabelling of the pooled sample. The p-value
-  counts the observed statistic as one of the permutations, ``(1 + #{|T*| >= |T|}) / (1 + P)``
-  (Phipson & Smyth 2010, "Permutation p-values should never be zero"), so it is never 0.
+  report the (alpha/2, 1 - alpha/2) quantiles (:func:`scipy.stats.bootstrap`,
+  ``method="percentile"``).
+* :func:`permutation_test` is a permutation test (Fisher 1935; Good 2005, *Permutation, Parametric
+  and Bootstrap Tests of Hypotheses*; :func:`scipy.stats.permutation_test`). Paired data swap
+  x[i] and y[i] within a unit (a sign flip of the difference), unpaired data relabel the pooled
+  sample. When there are no more distinct permutations than ``n_permutations`` the test is
+  exact (every permutation once); otherwise it is Monte Carlo and counts the observed statistic
+  as one of the permutations, ``(1 + #{T* as extreme as T}) / (1 + P)`` (Phipson & Smyth 2010,
+  "Permutation p-values should never be zero"), so it is never 0. Two-sided means
+  ``|T*| >= |T|``.
 * :func:`spearman` wraps :func:`scipy.stats.spearmanr` with a JSON-ready result.
 
-Every random function takes a ``seed`` and builds its own ``numpy.random.Generator``: the same
-inputs and seed give the same numbers, independent of any global random state.
+Every random function takes a ``seed`` and builds its own ``numpy.random.Generator`` for scipy:
+the same inputs and seed give the same numbers, independent of any global random state.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ def _as_1d(values, name: str = "values") -> np.ndarray:
     return arr
 
 
+def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return x.mean(axis=axis)
+
+
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, confidence: float = 0.95,
                  seed: int = 0,
                  statistic: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
@@ -41,18 +49,22 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, confidence: f
     ``statistic`` maps an array (n_resamples, n) to (n_resamples,); with a single observation
     the interval collapses to that value.
     """
+    from scipy.stats import bootstrap
+
     arr = _as_1d(values)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    stat = statistic or (lambda x: x.mean(axis=-1))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, arr.size, size=(n_resamples, arr.size))
-    boot = np.asarray(stat(arr[idx]), dtype=np.float64)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    stat = statistic or _mean
+    if arr.size == 1:  # every resample is the one value (scipy refuses a single observation)
+        value = float(np.asarray(stat(arr[None, :]), dtype=np.float64).reshape(-1)[0])
+        return value, value
+    res = bootstrap((arr,), lambda x, axis=-1: stat(x), n_resamples=n_resamples,
+                    confidence_level=confidence,
+                    method="percentile", vectorized=True, axis=-1,
+                    rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def summarize(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
@@ -69,45 +81,49 @@ def summarize(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
 def permutation_test(x: Sequence[float], y: Sequence[float], n_permutations: int = 10000,
                      seed: int = 0, paired: bool = False,
                      alternative: str = "two-sided") -> dict:
-    """Monte-Carlo permutation test of mean(x) - mean(y).
+    """Permutation test of mean(x) - mean(y), exact when ``n_permutations`` covers every
+    permutation, else Monte Carlo with ``n_permutations`` random ones.
 
     ``paired=True``: x[i] and y[i] belong to the same unit (e.g. the same prompt); the null is
-    that the labels are exchangeable within a unit, tested by random sign flips of x[i] - y[i].
-    ``paired=False``: the null is that the pooled values are exchangeable, tested by random
-    relabelling. ``alternative`` is ``two-sided``, ``greater`` (x larger) or ``less``.
-    Returns ``{"statistic", "p_value", "n_permutations", "paired", "alternative", "n_x", "n_y"}``.
+    that the labels are exchangeable within a unit (sign flips of x[i] - y[i]).
+    ``paired=False``: the null is that the pooled values are exchangeable (relabelling).
+    ``alternative`` is ``two-sided``, ``greater`` (x larger) or ``less``. Returns
+    ``{"statistic", "p_value", "n_permutations", "exact", "paired", "alternative", "n_x",
+    "n_y"}``.
     """
+    from scipy.stats import permutation_test as scipy_permutation_test
+
     xa, ya = _as_1d(x, "x"), _as_1d(y, "y")
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    rng = np.random.default_rng(seed)
+    if paired and xa.size != ya.size:
+        raise ValueError(f"paired test needs x and y of equal length, got {xa.size} and {ya.size}")
     if paired:
-        if xa.size != ya.size:
-            raise ValueError(f"paired test needs x and y of equal length, got {xa.size} and {ya.size}")
-        diff = xa - ya
-        observed = float(diff.mean())
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(n_permutations, diff.size))
-        null = (signs * diff).mean(axis=1)
+        n_distinct = 2.0 ** xa.size
     else:
-        pooled = np.concatenate([xa, ya])
-        observed = float(xa.mean() - ya.mean())
-        perms = np.argsort(rng.random((n_permutations, pooled.size)), axis=1)
-        shuffled = pooled[perms]
-        null = shuffled[:, :xa.size].mean(axis=1) - shuffled[:, xa.size:].mean(axis=1)
-    # Round-off guard: a permuted statistic equal to the observed one counts as "as extreme".
-    tol = 1e-12 * max(1.0, abs(observed))
-    if alternative == "two-sided":
-        extreme = np.abs(null) >= abs(observed) - tol
-    elif alternative == "greater":
-        extreme = null >= observed - tol
-    else:
-        extreme = null <= observed + tol
-    p_value = (1.0 + float(extreme.sum())) / (1.0 + n_permutations)
-    return {"statistic": observed, "p_value": p_value, "n_permutations": int(n_permutations),
+        n_distinct = float(math.comb(xa.size + ya.size, xa.size))
+    # Two-sided: |T*| >= |T| with T = mean(x) - mean(y), i.e. scipy's "greater" on |T|. Both
+    # tails count, so a Monte-Carlo p has half the variance of scipy's 2 min(p_less, p_greater).
+    two_sided = alternative == "two-sided"
+    res = scipy_permutation_test(
+        (xa, ya), _abs_mean_difference if two_sided else _mean_difference,
+        permutation_type="samples" if paired else "independent", vectorized=True,
+        n_resamples=n_permutations, alternative="greater" if two_sided else alternative,
+        axis=-1, rng=np.random.default_rng(seed))
+    return {"statistic": float(xa.mean() - ya.mean()), "p_value": float(res.pvalue),
+            "n_permutations": int(n_permutations), "exact": bool(n_distinct <= n_permutations),
             "paired": bool(paired), "alternative": alternative, "n_x": int(xa.size),
             "n_y": int(ya.size)}
+
+
+def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return a.mean(axis=axis) - b.mean(axis=axis)
+
+
+def _abs_mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.abs(_mean_difference(a, b, axis))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict:

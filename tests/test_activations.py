@@ -8,14 +8,8 @@ from lib.activations import (collect_last_token, collect_last_token_naive, right
 from lib.hooks import count_hooks
 from lib.models import load_model
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 PROMPTS = ["Write a C++ function.", "Hi", "How do I sort a list of integers in Python?",
            "abc", "The quick brown fox jumps over the lazy dog, twice.", "Hi there", "x y z"]
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
 
 
 def test_prompts_really_have_different_lengths(lm):
@@ -56,11 +50,59 @@ def test_order_of_prompts_is_kept(lm):
     torch.testing.assert_close(fwd, rev.flip(0), atol=1e-4, rtol=1e-4)
 
 
-def test_right_padded_batch():
-    ids, mask, last = right_padded_batch([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+def test_right_padded_batch(llama):
+    ids, mask, last = right_padded_batch(llama.tokenizer, [[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]   # 0 is the byte tokenizer's <pad>
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert last.tolist() == [2, 0]
+
+
+def hand_padded_batch(ids, pad_id):
+    """The hand-written right padding that the tokenizer's own ``pad`` replaced."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return input_ids, mask, torch.tensor([len(x) for x in ids]) - 1
+
+
+def test_tokenizer_padding_equals_hand_padding_whatever_the_tokenizer_defaults(llama):
+    """Same tensors as before, so the same activations bit for bit; a tokenizer that pads on
+    the left by default (Gemma's) or has no padding token is padded on the right, with EOS,
+    and left as it was."""
+    ids = token_ids(llama, PROMPTS)
+    tok = llama.tokenizer
+    for padding_side, pad in (("right", "<pad>"), ("left", "<pad>"), ("right", None)):
+        saved = tok.padding_side, tok.pad_token
+        tok.padding_side, tok.pad_token = padding_side, pad
+        try:
+            got = right_padded_batch(tok, ids)
+            assert (tok.padding_side, tok.pad_token) == (padding_side, pad)
+        finally:
+            tok.padding_side, tok.pad_token = saved
+        pad_id = tok.pad_token_id if pad else tok.eos_token_id
+        for a, b in zip(got, hand_padded_batch(ids, pad_id)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="at least one token"):
+        right_padded_batch(tok, [[5], []])
+
+
+def test_activations_are_unchanged_by_the_tokenizer_padding(lm):
+    """collect_last_token equals the same batches padded by hand, bit for bit."""
+    from lib.hooks import capture
+
+    sites = ["blocks.0.attn_out", "blocks.1.resid_post"]
+    got = collect_last_token(lm, PROMPTS, sites, batch_size=16, progress=False)
+    ids = token_ids(lm, PROMPTS)
+    input_ids, mask, last = hand_padded_batch(ids, lm.tokenizer.pad_token_id)
+    with torch.no_grad(), capture(lm, sites) as cache:
+        lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    rows = torch.arange(len(ids))
+    for site in sites:
+        # one batch holds every prompt, only in another row order
+        assert torch.equal(got[site], cache[site][rows, last].float()), site
 
 
 def test_errors_are_clear(lm):

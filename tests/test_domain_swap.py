@@ -10,25 +10,13 @@ import torch
 from lib.plots import domain as dp
 from lib import domain_swap as ds
 from lib.hooks import Intervention, capture, patch
-from lib.models import load_model
 from lib.prompts import PromptPairs
 from lib.sites import site_name
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 PAIRS = PromptPairs("code_prose", ("code", "prose"),
                     ("def f(x): return x", "int main() { return 0; }", "print(1)", "x = [i for i in y]"),
                     ("The river was calm", "A story about a dog.", "Hello there", "It rained all day long"))
 TOKEN_IDS = ([ord(c) + 3 for c in "{}();"], [ord(c) + 3 for c in "aeiou"])  # byte ids + 3 specials
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
 
 
 def test_swap_with_own_activation_changes_nothing(lm):

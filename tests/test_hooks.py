@@ -5,18 +5,11 @@ import torch
 
 from lib.hooks import (Intervention, SiteError, apply_intervention, capture, count_hooks, patch,
                        run_with_cache)
-from lib.models import load_model
 from lib.patching import sweep_logits, sweep_logits_naive
 from lib.sites import LAYER_SITES, all_sites, parse_site, site_name
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 BASE = "The cat sat on the mat"
 SOURCE = "A dog ran in the parks"  # same byte length as BASE, so same token count
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""Committed notebooks are clean: no outputs, one parameters cell, no absolute paths or tokens."""
+"""Committed notebooks are clean (no outputs, one parameters cell, no absolute paths or tokens),
+and the library keeps computation and figures apart (no plotting import outside lib/plots/)."""
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -46,3 +48,54 @@ def test_hygiene_check_catches_a_dirty_notebook(tmp_path):
     dirty.write_text(json.dumps(nb))
     with pytest.raises(AssertionError):
         test_notebook_is_clean(dirty)
+
+
+# --- layout: compute modules import no plotting library ------------------------------------
+
+PLOTTING_PACKAGES = ("plotnine", "matplotlib")
+LIB = paths.REPO_ROOT / "lib"
+COMPUTE_MODULES = sorted(p for p in LIB.rglob("*.py") if (LIB / "plots") not in p.parents)
+
+
+def plotting_imports(source: str) -> list[str]:
+    """Modules named by any import in ``source`` (at any depth, inside functions too) that are
+    a plotting library or ``lib.plots``; ``importlib.import_module("...")`` with a literal
+    name counts too."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__")):
+            names.append(node.args[0].value)
+    return [n for n in dict.fromkeys(names)
+            if n.split(".")[0] in PLOTTING_PACKAGES or n == "lib.plots"
+            or n.startswith("lib.plots.")]
+
+
+def test_there_are_compute_modules_to_check():
+    assert LIB / "hooks.py" in COMPUTE_MODULES
+    assert not any("plots" in p.parts for p in COMPUTE_MODULES)
+
+
+@pytest.mark.parametrize("path", COMPUTE_MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_compute_module_imports_no_plotting_library(path):
+    found = plotting_imports(path.read_text(encoding="utf-8"))
+    assert not found, (f"lib/{path.relative_to(LIB)} imports {found}; figures belong in "
+                       "lib/plots/ (one module per study)")
+
+
+def test_plotting_import_check_can_fail():
+    """The check above must catch every form of import, however deep."""
+    assert plotting_imports("import numpy\nfrom lib import io\n") == []
+    assert plotting_imports("def f():\n    import plotnine as p9\n") == ["plotnine"]
+    assert plotting_imports("from matplotlib import pyplot\n")[0] == "matplotlib"
+    assert "lib.plots" in plotting_imports("from lib import plots\n")
+    assert plotting_imports("from lib.plots.domain import plot_kl_curves\n")
+    assert plotting_imports("import importlib\nimportlib.import_module('plotnine')\n")
+    # and the plotting modules themselves do import one
+    assert plotting_imports((LIB / "plots" / "domain.py").read_text(encoding="utf-8"))

@@ -10,29 +10,18 @@ from lib.attribution import attribution_patching, correlations
 from lib.hooks import Intervention, patch, run_with_cache
 from lib.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
                              align_prompts, grid_cells, interchange_rows,
-                             node_order, plot_attribution,
-                             plot_attribution_scatter, plot_heatmap, plot_layer_bars,
-                             run_interchange, strongest_cells, sweep_interchange)
+                             node_order, run_interchange, strongest_cells, sweep_interchange)
 from lib.io import params_key, provenance, read_current, read_json, write_json
 from lib.models import load_model
+from lib.plots.interchange import (plot_attribution, plot_attribution_scatter, plot_heatmap,
+                                   plot_layer_bars)
 from lib.sites import site_name
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 BASE = "The cat sat on the mat"
 SOURCE = "A dog ran in the parks"   # same byte length as BASE
 SHARED = "The cat sat on the map"   # shares BASE's first 21 bytes
 TOKENS = ["x", "y"]                 # one byte each: single tokens for the byte tokenizer
 KINDS = ["mlp_out", "attn_in", "resid_pre", "head_out", "attn_out", "embed"]
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
 
 
 def _grid(lm, base, source, kinds=KINDS):

@@ -13,19 +13,14 @@ from lib import tracing as tr
 from lib.hooks import count_hooks
 from lib.io import UnitStore, dumps
 from lib.models import load_model
+from lib.plots import tracing as tp
 
-FLAVOURS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 # Byte-level tokenizer: 1 token per byte plus <bos> (12 tokens). Short enough that the tiny
 # Gemma's sliding window (8) lets the last token's first layer see the subject, long enough that
 # restorations at positions 9-11 continue from a cache that the sliding window has truncated.
 PROMPT = "Rome is big"
 SUBJECT = "Rome"
 SAMPLES = 3
-
-
-@pytest.fixture(scope="module", params=FLAVOURS)
-def lm(request):
-    return load_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +68,16 @@ def test_make_noise_is_romes_random_state():
     assert not np.array_equal(draws, tr.make_noise(4, 3, 5, seed=2))
 
 
-def test_subject_range_is_last_occurrence_and_skips_bos():
-    lm = load_model("tiny-random-llama")
+def test_subject_range_is_last_occurrence_and_skips_bos(llama):
+    lm = llama
     # token 0 is <bos>; byte i of the prompt is token i + 1
     assert tr.subject_token_range(lm, "ab cd ab", "ab") == (7, 9)
     assert tr.subject_token_range(lm, PROMPT, SUBJECT) == (1, 5)
     assert tr.subject_token_range(lm, PROMPT, "big") == (9, 12)
 
 
-def test_subject_not_in_prompt_is_a_clear_error():
-    lm = load_model("tiny-random-llama")
+def test_subject_not_in_prompt_is_a_clear_error(llama):
+    lm = llama
     with pytest.raises(tr.SubjectNotFoundError, match="does not occur in prompt"):
         tr.subject_token_range(lm, PROMPT, "Paris")
     with pytest.raises(tr.SubjectNotFoundError, match="exact substring"):
@@ -285,7 +280,7 @@ def test_average_effects_and_summary_by_hand():
     assert summary["peaks"]["hidden"]["last"] == {"aie": pytest.approx(0.2), "layer": 1}
     with pytest.raises(ValueError, match="no correct facts"):
         tr.average_effects([_fake(0.5, 0.1, [0.1], correct=False)])
-    tr.plot_average_effects(eff).draw()
+    tp.plot_average_effects(eff).draw()
 
 
 def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
@@ -325,8 +320,8 @@ def test_load_facts_checks_shape(tmp_path):
         tr.load_facts(bad)
 
 
-def test_load_or_compute_skips_unless_parameters_change(tmp_path):
-    lm = load_model("tiny-random-llama")
+def test_load_or_compute_skips_unless_parameters_change(tmp_path, llama):
+    lm = llama
     calls = []
 
     def compute():
@@ -342,8 +337,8 @@ def test_load_or_compute_skips_unless_parameters_change(tmp_path):
 
 def test_plots_build(tracer):
     res = tracer.trace("attention", window=2)
-    for fig in (tr.plot_trace_heatmap(res), tr.plot_trace_heatmap(res.to_dict()),
-                tr.plot_severed(tracer.severed())):
+    for fig in (tp.plot_trace_heatmap(res), tp.plot_trace_heatmap(res.to_dict()),
+                tp.plot_severed(tracer.severed())):
         assert hasattr(fig, "draw")
-    fig = tr.plot_trace_heatmap(res)
+    fig = tp.plot_trace_heatmap(res)
     fig.draw()

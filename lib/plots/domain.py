@@ -308,16 +308,23 @@ def plot_injection(result: dict, metric: str = "delta"):
             + theme_bw() + theme(legend_position="bottom"))
 
 
-def plot_all_models(results: dict[str, dict], effect: str = "kl", side: str = "both"):
-    """Top vs bottom layers for every model with results: mean effect per pair, component
-    and model, with 95 % intervals."""
-    frames = [top_bottom_frame(r) for r in results.values() if r.get("pairs")]
+def _all_models_frame(results: dict[str, dict], frame, effect: str, side: str,
+                      what: str) -> pd.DataFrame:
+    """``frame(result)`` of every model with results, pooled, for one effect and side."""
+    frames = [frame(r) for r in results.values() if r.get("pairs")]
     if not frames:
         raise NoResultsError("no model has full_compute results; run 02_all_model_causal")
     df = pd.concat(frames, ignore_index=True)
     df = df[(df["effect"] == effect) & (df["side"] == side)].copy()
     if df.empty:
-        raise NoResultsError(f"no results for effect {effect!r}, side {side!r}")
+        raise NoResultsError(f"no {what} for effect {effect!r}, side {side!r}")
+    return df
+
+
+def plot_all_models(results: dict[str, dict], effect: str = "kl", side: str = "both"):
+    """Top vs bottom layers for every model with results: mean effect per pair, component
+    and model, with 95 % intervals."""
+    df = _all_models_frame(results, top_bottom_frame, effect, side, "results")
     df["group"] = pd.Categorical(df["group"], categories=["top", "bottom"])
     df["component"] = _components(df["component"])
     dodge = position_dodge(width=0.8)
@@ -333,13 +340,7 @@ def plot_all_models(results: dict[str, dict], effect: str = "kl", side: str = "b
 
 def plot_spearman_all_models(results: dict[str, dict], effect: str = "kl", side: str = "both"):
     """Spearman ρ between separability and swap effect across layers, per model and pair."""
-    frames = [spearman_frame(r) for r in results.values() if r.get("pairs")]
-    if not frames:
-        raise NoResultsError("no model has full_compute results; run 02_all_model_causal")
-    df = pd.concat(frames, ignore_index=True)
-    df = df[(df["effect"] == effect) & (df["side"] == side)].copy()
-    if df.empty:
-        raise NoResultsError(f"no Spearman results for effect {effect!r}, side {side!r}")
+    df = _all_models_frame(results, spearman_frame, effect, side, "Spearman results")
     df["component"] = _components(df["component"])
     # rho is undefined (None) with fewer than three layers: drawn as 0 and marked n/a
     df["star"] = ["n/a" if r is None or pd.isna(r) else "*" if p is not None and p < 0.05 else ""

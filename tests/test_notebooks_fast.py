@@ -1,0 +1,200 @@
+"""Fast tier: every numbered notebook runs end to end on ``tiny-random`` (2 layers, byte-level
+tokenizer, built in process) through ``lib.runner.run_notebooks``, in order, every output
+folder under one temporary directory, in seconds each; then each notebook's outputs are
+checked for existence and shape. The same notebooks run on the real smollm2-135m in the slow
+tier (``test_notebook_*.py``).
+
+The notebooks are picked up from ``notebooks/`` (``lib.runner.list_notebooks``), so a new one
+is in this tier as soon as it exists: it gets ``MODEL="tiny-random"``, the output folders it
+declares, and the small sizes of ``SMALL`` that it declares; ``FAST_PARAMETERS`` adds what a
+notebook needs beyond that (2 layers, single-byte answer tokens, ...).
+"""
+
+import json
+
+import pytest
+
+from lib import paths
+from lib.runner import list_notebooks, run_notebooks
+
+MODEL = "tiny-random"
+PROMPT_FILES = ["cpp_python.json", "finance_medical.json"]
+N_PAIRS = 4
+
+# Output folders: whichever of these a notebook declares is redirected to the temporary tree.
+FOLDERS = {"SCORES_DIR": "scores", "TOKEN_SETS_DIR": "token_sets",
+           "FULL_COMPUTE_DIR": "full_compute", "GRAPHS_DIR": "graphs"}
+# Small sizes, given to every notebook that declares the parameter.
+SMALL = {"N_PROMPTS": N_PAIRS, "N_BOOTSTRAP": 50, "N_PERMUTATIONS": 50, "SAMPLES": 2}
+FAST_PARAMETERS = {
+    "00": {"PROMPT_FILES": PROMPT_FILES, "N_FOLDS": 2, "N_PROJECTIONS": 8},
+    "01": {"PROMPT_FILES": PROMPT_FILES, "TOP_N": 5, "SHOW_TOP": 3},
+    "02": {"PROMPT_FILES": PROMPT_FILES, "K": 1, "ALPHAS": [0, 1]},
+    "03": {"PER_PAIR_LAYER_BARS": False},   # those bars are drawn in tests/test_domain_swap.py
+    "04": {"PROMPT_FILES": PROMPT_FILES, "LAYER": 1, "TOP_K": 3, "N_CONTINUATION_TOKENS": 2},
+    # the byte tokenizer: one-byte answers; "Spain" and "Italy" have the same byte length
+    "05": {"TOKENS": ["M", "R"], "NAME": "fast"},
+    "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
+}
+NOTEBOOKS = list_notebooks()
+
+
+def number(nb) -> str:
+    return nb.stem.split("_")[0]
+
+
+def declared(nb) -> set[str]:
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(nb)))
+
+
+def tiny_facts(path, n: int = 2):
+    """``n`` facts whose answer is the tiny model's own greedy token, so that they are kept. A
+    byte that is not UTF-8 on its own does not survive decode -> encode; such prompts are
+    passed over."""
+    from lib.models import load_model
+    from lib.tracing import CausalTracer, answer_token_id
+
+    lm = load_model(MODEL)
+    facts = []
+    for city in ("Rome", "Oslo", "Lima", "Kyiv", "Bern", "Riga", "Doha", "Baku"):
+        prompt = f"{city} is a city in"
+        tracer = CausalTracer(lm, prompt, city, noise=0.1, samples=1)
+        if answer_token_id(lm, tracer.top_token) == tracer.top_id:
+            facts.append({"prompt": prompt, "subject": city, "answer": tracer.top_token})
+    assert len(facts) >= n, f"only {len(facts)} usable facts for {MODEL}"
+    path.write_text(json.dumps(facts[:n]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """One temporary tree that all notebooks of the tier read from and write to, in order."""
+    root = tmp_path_factory.mktemp("fast_tier")
+    with pytest.MonkeyPatch.context() as mp:
+        # 2-layer models gain nothing from threads; on a shared CPU extra threads only queue
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield {"root": root, "runs": root / "runs", "facts": tiny_facts(root / "facts.json"),
+               **{k: root / v for k, v in FOLDERS.items()}}
+
+
+def parameters_for(nb, ws) -> dict:
+    names = declared(nb)
+    extra = dict(FAST_PARAMETERS.get(number(nb), {}))
+    if number(nb) == "06":
+        extra["FACTS_FILE"] = str(ws["facts"])
+    unknown = sorted(set(extra) - names)
+    assert not unknown, f"{nb.name} no longer declares {unknown}; update FAST_PARAMETERS"
+    params = {k: str(ws[k]) for k in FOLDERS if k in names}
+    params.update({k: v for k, v in SMALL.items() if k in names})
+    params.update(extra)
+    return params
+
+
+def executed_outputs(executed) -> tuple[str, int, list[str]]:
+    """(text of every output, number of PNG images, error names) of an executed notebook."""
+    nb = json.loads(executed.read_text(encoding="utf-8"))
+    texts, images, errors = [], 0, []
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            texts.append("".join(out.get("text", "")))
+            data = out.get("data", {})
+            texts += ["".join(data[m]) for m in ("text/plain", "text/markdown") if m in data]
+            images += "image/png" in data
+            if out.get("output_type") == "error":
+                errors.append(out.get("ename", "?"))
+    return "\n".join(texts), images, errors
+
+
+def figures(ws, *names, model=MODEL):
+    for name in names:
+        for ext in ("png", "pdf"):
+            path = ws["GRAPHS_DIR"] / model / f"{name}.{ext}"
+            assert path.exists() and path.stat().st_size > 0, path
+
+
+# --- what each notebook must have written ---------------------------------------------------
+
+def check_00(ws, executed):
+    from lib.separability import validate_scores
+
+    data = json.loads((ws["SCORES_DIR"] / f"{MODEL}.json").read_text())
+    validate_scores(data)
+    assert data["layers"] == [0, 1] and data["n_prompts"] == N_PAIRS
+    kinds = [c["kind"] for c in data["comparisons"]]
+    assert kinds.count("pair") == 2 and kinds.count("cross") == 4   # 4 domains, 2 own pairs
+    figures(ws, "layer_scores")
+
+
+def check_01(ws, executed):
+    data = json.loads((ws["TOKEN_SETS_DIR"] / f"{MODEL}.json").read_text())
+    assert set(data["pairs"]) == {"cpp_python", "finance_medical"} and data["top_n"] == 5
+    for sets in data["pairs"].values():
+        assert len(sets) == 2 and all(0 < len(v) <= 5 for v in sets.values())
+
+
+def check_02(ws, executed):
+    data = json.loads((ws["FULL_COMPUTE_DIR"] / f"{MODEL}.json").read_text())
+    assert set(data["pairs"]) == {"cpp_python", "finance_medical"}
+    for pair in data["pairs"].values():
+        assert pair["n_prompts"] == N_PAIRS and pair["layers"] == [0, 1]
+        for comp in data["components"]:
+            assert [e["layer"] for e in pair["swap"][comp]["per_layer"]] == [0, 1]
+            assert len(pair["top_layers"][comp]) == len(pair["bottom_layers"][comp]) == 1
+
+
+def check_03(ws, executed):
+    figures(ws, "attn_comparison", "mlp_comparison", "kl_per_layer", "bias_per_layer",
+            "effect_vs_separability_kl", "injection")
+    figures(ws, "top_vs_bottom_kl", model="all_models")
+
+
+def check_04(ws, executed):
+    text, images, _ = executed_outputs(executed)
+    assert "swap of `mlp_out` at layer 1" in text and "widgets not built" in text
+    assert images >= 2   # top tokens and token-set masses (token sets from notebook 01)
+
+
+def check_05(ws, executed):
+    from lib.interchange import RECORD_KEYS
+
+    data = json.loads((ws["FULL_COMPUTE_DIR"] / MODEL / "interchange_fast.json").read_text())
+    n_pos = len(data["base"]["tokens"])
+    assert data["layers"] == [0, 1] and n_pos == len("The capital of Spain is") + 1  # + <bos>
+    assert len(data["records"]) == 2 * 2 * n_pos * 2   # components x layers x positions x tokens
+    assert all(set(r) == set(RECORD_KEYS) and 0 <= r["prob"] <= 1 for r in data["records"])
+    figures(ws, *(f"interchange_fast_{n}" for n in
+                  ("heatmap", "bars", "attribution", "attribution_scatter")))
+
+
+def check_06(ws, executed):
+    out = ws["FULL_COMPUTE_DIR"] / MODEL
+    for kind in ("hidden", "mlp", "attention"):
+        data = json.loads((out / f"causal_trace_{kind}.json").read_text())
+        assert len(data["scores"]) == len(data["tokens"])
+        assert all(len(row) == 2 for row in data["scores"])
+    facts = json.loads((out / "causal_trace_facts.json").read_text())
+    assert facts["summary"]["n_correct"] == 2
+    figures(ws, *(f"causal_trace_{n}" for n in
+                  ("hidden", "mlp", "attention", "severed", "average", "average_severed")))
+
+
+CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
+          "05": check_05, "06": check_06}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_on_tiny_random(nb, workspace):
+    params = parameters_for(nb, workspace)
+    [executed] = run_notebooks([nb], [MODEL], params, runs_dir=workspace["runs"], timeout=300,
+                               progress=False)
+    _, _, errors = executed_outputs(executed)
+    assert not errors, f"{nb.name}: error outputs {errors}"
+    CHECKS.get(number(nb), lambda ws, ex: None)(workspace, executed)
+
+
+def test_every_notebook_is_in_the_fast_tier():
+    assert NOTEBOOKS == list_notebooks(paths.NOTEBOOKS) and len(NOTEBOOKS) >= 7
+    # a notebook with its own checks must still exist (a renamed one would silently lose them)
+    assert set(CHECKS) <= {number(nb) for nb in NOTEBOOKS}
