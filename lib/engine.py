@@ -193,14 +193,46 @@ def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: 
     batches = []
     for (length, pos), idx in sorted(groups.items()):
         idx.sort(key=lambda i: (starts[i][1], i))
-        for lo in range(0, len(idx), batch_size):
-            chunk = tuple(idx[lo:lo + batch_size])
-            first = min(starts[i][1] for i in chunk)
-            layer = max(0, first) if layer_start else 0
-            if n_layers is not None:
-                layer = min(layer, n_layers - 1)
-            batches.append(Batch(length, pos, layer, chunk))
+        first = [max(0, starts[i][1]) if layer_start else 0 for i in idx]
+        if n_layers is not None:
+            first = [min(f, n_layers - 1) for f in first]
+        for lo, hi in _cuts(first, length - pos, batch_size, n_layers):
+            batches.append(Batch(length, pos, first[lo], tuple(idx[lo:hi])))
     return batches, skipped
+
+
+# Cost model of one batched pass, in units of one row-token through one block. Measured on the
+# CPU with smollm2-135m (1 thread): a block costs ~0.13 ms per row-token (compute) and ~2 ms
+# per pass however few rows it holds (its weights are read once); a pass has ~19 ms of fixed
+# overhead (embedding, masks, LM head set-up).
+LAYER_COST = 16
+BATCH_COST = 150
+
+
+def _cuts(first: Sequence[int], tokens: int, batch_size: int, n_layers: int | None
+          ) -> list[tuple[int, int]]:
+    """Where to cut rows sorted by start layer into batches of at most ``batch_size``.
+
+    Without ``n_layers``: consecutive chunks of ``batch_size``. With it: the cuts that minimise
+    the estimated time, ``sum over batches of (rows * tokens + LAYER_COST) * (n_layers - start
+    layer) + BATCH_COST``, by dynamic programming: a batch starting higher skips more blocks, but
+    every block a batch runs costs a fixed amount however few rows it holds."""
+    n = len(first)
+    if n_layers is None:
+        return [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+    best = [0.0] + [float("inf")] * n
+    back = [0] * (n + 1)
+    for hi in range(1, n + 1):
+        for lo in range(max(0, hi - batch_size), hi):
+            cost = (best[lo] + ((hi - lo) * tokens + LAYER_COST) * (n_layers - first[lo])
+                    + BATCH_COST)
+            if cost < best[hi]:
+                best[hi], back[hi] = cost, lo
+    cuts, hi = [], n
+    while hi > 0:
+        cuts.append((back[hi], hi))
+        hi = back[hi]
+    return cuts[::-1]
 
 
 @dataclass
@@ -549,10 +581,14 @@ class Engine:
                 raise ValueError("references form a cycle; a Ref's interventions cannot "
                                  "depend on the Ref itself")
             plain = {k: r for k, r in ready.items() if not r.interventions}
-            for k, r in plain.items():
+            need: dict[int, set] = defaultdict(set)  # one clean run per group for all sites
+            for r in plain.values():
                 self._check_ctx(r.context)
+                need[self.contexts[r.context].length].add(r.site)
+            for length, sites in need.items():
+                self._ensure(self.groups[length], sorted(sites))
+            for k, r in plain.items():
                 group = self._group(r.context)
-                self._ensure(group, [r.site])
                 slot = group.slot[r.context]
                 cache[k] = group.acts[r.site][slot:slot + 1]
             others = [(k, r) for k, r in ready.items() if r.interventions]
@@ -640,8 +676,12 @@ class Engine:
         batches, skipped = plan(starts, lengths, self.batch_size, noop, self.prefix,
                                 self.layer_start, lm.n_layers)
         results: list = [None] * n
+        clean: dict[int, object] = {}  # one clean readout per context, shared by its no-op rows
         for i in skipped:
-            results[i] = self.clean_readout(rows[i].context, readout)
+            c = rows[i].context
+            if c not in clean:
+                clean[c] = self.clean_readout(c, readout)
+            results[i] = clean[c]
         self.stats[f"{kind}_noop"] += len(skipped)
         it = batches
         if self.progress and len(batches) > 1:

@@ -11,8 +11,8 @@ Editing Factual Associations in GPT"). Sites are named by :mod:`lib.sites`.
 
 Both remove their hooks when the block exits, errors included. An intervention that writes NaN
 or infinite values raises :class:`NonFiniteError` naming the site and the batch rows (inside
-``with allow_nonfinite():`` it does not). Positions are absolute token
-positions; when a run continues from a cached prefix (see :mod:`lib.patching`), pass
+``with allow_nonfinite():`` it does not). Positions are absolute token positions; when a run
+continues from a cached prefix (see :mod:`lib.engine`), pass
 ``offset`` = prefix length so positions still mean the same tokens.
 """
 

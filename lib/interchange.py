@@ -163,11 +163,10 @@ def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cell
     rows = interchange_rows(cells)
     runner = Engine(lm, contexts, batch_size=batch_size, skip_noops=skip_noops,
                     progress=progress)
+    out = run_naive(lm, contexts, rows, reduce) if engine == "naive" else runner.run(rows, reduce)
     clean = {"base": runner.clean_readout(BASE_CONTEXT),
              "source": runner.clean_readout(SOURCE_CONTEXT)}
-    if engine == "naive":
-        return run_naive(lm, contexts, rows, reduce), clean
-    return runner.run(rows, reduce), clean
+    return out, clean
 
 
 # --- the whole experiment -------------------------------------------------------------------
