@@ -26,6 +26,7 @@ from _common import timed, write_result
 from lib import interchange
 from lib.hooks import Intervention, patch, run_with_cache
 from lib.models import load_model
+from lib.params import parse_sites
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     lm = load_model(args.model, args.device, args.dtype)
     base_ids, source_ids = interchange.align_prompts(lm, interchange.DEFAULT_BASE,
                                                      interchange.DEFAULT_SOURCE)
-    components = interchange.parse_components(args.components)
+    components = parse_sites(args.components)
     cells = interchange.grid_cells(components, list(range(lm.n_layers)),
                                    list(range(base_ids.shape[1])))
     dev = lm.device.type

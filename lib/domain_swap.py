@@ -97,7 +97,7 @@ from lib import paths
 from lib.activations import collect_last_token
 from lib.engine import Context, Engine, Ref, Row, run_naive
 from lib.hooks import Intervention
-from lib.io import read_json
+from lib.io import read_json, slug
 from lib.prompts import PromptPairs
 from lib.sites import site_name
 from lib.stats import permutation_test, spearman, summarize
@@ -384,8 +384,7 @@ def token_entries(lm, ranked: Sequence[tuple[int, float]]) -> list[dict]:
 
 def token_sets_path(model: str, token_sets_dir: str | Path | None = None) -> Path:
     """``<token_sets_dir>/<model slug>.json``."""
-    slug = model.strip("/").replace("/", "__")
-    return Path(token_sets_dir or paths.TOKEN_SETS) / f"{slug}.json"
+    return Path(token_sets_dir or paths.TOKEN_SETS) / f"{slug(model)}.json"
 
 
 def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dict:
@@ -400,8 +399,7 @@ def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dic
         if key not in data:
             raise ValueError(f"{path} has no {key!r}: not a token-set file written by "
                              "01_reverse_intervention; rerun it with FORCE=True")
-    slug = model.strip("/").replace("/", "__")
-    if data["model"].strip("/").replace("/", "__") != slug:
+    if slug(str(data["model"])) != slug(model):
         raise ValueError(f"{path} holds token sets of model {data['model']!r}, not {model!r}; "
                          "token ids belong to one tokenizer, so rerun 01_reverse_intervention")
     return data
@@ -427,8 +425,7 @@ def token_set_ids(token_sets: dict, pair: str, domain: str) -> list[int]:
 
 def load_scores(model: str, scores_dir: str | Path | None = None) -> dict:
     """``scores/<model slug>.json`` from notebook 00; a clear error when it is missing."""
-    slug = model.strip("/").replace("/", "__")
-    path = Path(scores_dir or paths.SCORES) / f"{slug}.json"
+    path = Path(scores_dir or paths.SCORES) / f"{slug(model)}.json"
     if not path.exists():
         raise ScoresMissingError(
             f"separability scores missing for model {model}: run 00_layer_scores for it "
@@ -606,31 +603,6 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
     return out
 
 
-def parse_layers(value: str, n_layers: int) -> list[int]:
-    """``"all"`` -> every layer; ``"0,3,5"`` -> those (checked against ``n_layers``)."""
-    text = str(value).strip()
-    if text in ("", "all"):
-        return list(range(n_layers))
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"LAYERS must be 'all' or comma-separated integers like '0,3,5', got "
-                         f"{value!r}") from None
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"LAYERS {bad} out of range: the model has {n_layers} layers "
-                         f"(0 to {n_layers - 1})")
-    return sorted(dict.fromkeys(layers))
-
-
-def parse_list(value, cast=str) -> list:
-    """A notebook list parameter: a list (or tuple) as is, or a comma-separated string
-    (``"a, b"`` -> ``["a", "b"]``); ``cast`` is applied to each item."""
-    if isinstance(value, (list, tuple)):
-        return [cast(x) for x in value]
-    return [cast(x.strip()) for x in str(value).split(",") if x.strip()]
-
-
 # --- notebook-level units -------------------------------------------------------------------
 
 def token_set_unit(lm, pairs: PromptPairs, layers: Sequence[int],
@@ -730,8 +702,7 @@ def full_compute_unit(lm, pairs: PromptPairs, layers: Sequence[int], token_sets:
 
 def load_full_compute(model: str, full_compute_dir: str | Path | None = None) -> dict:
     """``full_compute/<model slug>.json`` of notebook 02; a clear error when it is missing."""
-    slug = model.strip("/").replace("/", "__")
-    path = Path(full_compute_dir or paths.FULL_COMPUTE) / f"{slug}.json"
+    path = Path(full_compute_dir or paths.FULL_COMPUTE) / f"{slug(model)}.json"
     if not path.exists():
         raise FileNotFoundError(f"cross-swap results missing for model {model}: run "
                                 f"02_all_model_causal for it (python -m lib.runner --notebooks 02 "
@@ -744,14 +715,12 @@ def load_full_compute(model: str, full_compute_dir: str | Path | None = None) ->
 
 def load_all_full_compute(full_compute_dir: str | Path | None = None) -> dict[str, dict]:
     """Every ``full_compute/*.json`` written by notebook 02, by model name (files of other
-    notebooks, which have no per-pair ``swap`` results, are skipped)."""
+    notebooks, which have no per-pair ``swap`` results, are skipped). A file that is not valid
+    JSON is an error naming it: the cross-model figures never silently leave a model out."""
     folder = Path(full_compute_dir or paths.FULL_COMPUTE)
     out = {}
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = read_json(path)
-        except ValueError:
-            continue
+        data = read_json(path)  # names the file and the fix when it is unreadable
         pairs = data.get("pairs") if isinstance(data, dict) else None
         if isinstance(pairs, dict) and pairs and all(isinstance(v, dict) and "swap" in v
                                                      for v in pairs.values()):

@@ -47,6 +47,7 @@ way) that every study's rows are checked against.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
@@ -802,13 +803,14 @@ def _substitute(iv: Intervention, cache: dict, key) -> Intervention:
 
 # --- the self-check for starting mid-stack ----------------------------------------------------
 
-_LAYER_START_OK: dict[int, bool] = {}
+# keyed by the model object itself: an id() can be reused by another model once one is freed
+_LAYER_START_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def layer_start_exact(lm, engine: Engine | None = None) -> bool:
     """Whether running blocks ``L..`` from the stored residual stream entering block L gives
     the plain forward pass's logits (checked once per model on a short probe prompt)."""
-    key = id(lm.model)
+    key = lm.model
     if key in _LAYER_START_OK:
         return _LAYER_START_OK[key]
     if lm.n_layers < 2:

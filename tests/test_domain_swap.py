@@ -178,14 +178,7 @@ def test_scores_lookup_ranking_and_errors(tmp_path):
         ds.pair_layer_scores(scores, "code_prose", "attn_out", "mmd")
 
 
-def test_parse_helpers():
-    assert ds.parse_layers("all", 3) == [0, 1, 2]
-    assert ds.parse_layers("2, 0,2", 3) == [0, 2]
-    with pytest.raises(ValueError, match="out of range"):
-        ds.parse_layers("3", 3)
-    with pytest.raises(ValueError, match="comma-separated"):
-        ds.parse_layers("first", 3)
-    assert ds.parse_list(["a", "b"]) == ["a", "b"] and ds.parse_list("0, 0.5", float) == [0.0, 0.5]
+
 
 
 def test_one_swap_equals_the_seed_algorithm_by_hand(llama):
