@@ -63,6 +63,14 @@ class _Rotation(nn.Module):
             parametrizations.orthogonal(self, "weight", orthogonal_map=orthogonal_map)
 
 
+def _subspace_masks(subspaces, width: int) -> torch.Tensor:
+    """(n_subspaces, width) 0/1 masks: row j marks the rotated coordinates of subspace j."""
+    masks = torch.zeros(len(subspaces), width)
+    for j, (a, b) in enumerate(subspaces):
+        masks[j, a:b] = 1
+    return masks
+
+
 def _check_subspaces(subspaces, width: int) -> list[tuple[int, int]]:
     out = []
     for sub in subspaces:
@@ -108,8 +116,9 @@ class _RotatedBase(nn.Module):
                 self.rotation.weight = R.detach().clone().float()
 
     def coordinate_masks(self) -> torch.Tensor:
-        """(n_subspaces, c) weights of each rotated coordinate per subspace."""
-        raise NotImplementedError
+        """(n_subspaces, c) weights of each rotated coordinate per subspace (fixed 0/1 masks
+        in the ``_coord`` buffer, unless a subclass learns them)."""
+        return self._coord
 
     @property
     def n_subspaces(self) -> int:
@@ -155,13 +164,7 @@ class RotatedSpaceIntervention(_RotatedBase):
                  orthogonal_map: str | None = "matrix_exp"):
         super().__init__(d, d, seed, orthogonal_map)
         self.subspaces = _check_subspaces(subspaces or [(0, d)], d)
-        coord = torch.zeros(len(self.subspaces), d)
-        for j, (a, b) in enumerate(self.subspaces):
-            coord[j, a:b] = 1
-        self.register_buffer("_coord", coord, persistent=False)
-
-    def coordinate_masks(self) -> torch.Tensor:
-        return self._coord
+        self.register_buffer("_coord", _subspace_masks(self.subspaces, d), persistent=False)
 
     def config(self) -> dict:
         return {"kind": self.kind, "d": self.d, "subspaces": self.subspaces, "seed": self.seed,
@@ -181,13 +184,7 @@ class LowRankRotatedSpaceIntervention(_RotatedBase):
         super().__init__(d, rank, seed, orthogonal_map)
         self.rank = rank
         self.subspaces = _check_subspaces(subspaces or [(0, rank)], rank)
-        coord = torch.zeros(len(self.subspaces), rank)
-        for j, (a, b) in enumerate(self.subspaces):
-            coord[j, a:b] = 1
-        self.register_buffer("_coord", coord, persistent=False)
-
-    def coordinate_masks(self) -> torch.Tensor:
-        return self._coord
+        self.register_buffer("_coord", _subspace_masks(self.subspaces, rank), persistent=False)
 
     def config(self) -> dict:
         return {"kind": self.kind, "d": self.d, "rank": self.rank, "subspaces": self.subspaces,
@@ -401,43 +398,25 @@ def save_intervention(module: _RotatedBase, path: str | os.PathLike,
                       metadata: dict | None = None) -> Path:
     """Save the materialised rotation (and boundless fractions) as safetensors; the module's
     config and ``metadata`` go in the header. Written atomically."""
-    from safetensors.torch import save_file
+    from lib.io import save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"rotation": module.R.detach().contiguous().float().clone()}
+    tensors = {"rotation": module.R.detach().float().clone()}
     if isinstance(module, BoundlessRotatedSpaceIntervention):
-        tensors["fractions"] = module.fractions.detach().contiguous().clone()
-    header = {"config": json.dumps(module.config(), sort_keys=True),
-              "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        tensors["fractions"] = module.fractions.detach().clone()
+    return save_tensors(path, tensors, module.config(), metadata)
 
 
 def load_intervention(path: str | os.PathLike) -> tuple[_RotatedBase, dict]:
     """The module saved by :func:`save_intervention`, and its metadata."""
-    from safetensors import safe_open
+    from lib.io import load_tensors
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; train and save the intervention first")
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    if "config" not in header:
-        raise DASError(f"{path} has no intervention config in its header")
-    module = build(json.loads(header["config"]))
+    tensors, config, metadata = load_tensors(path, "intervention")
+    module = build(config)
     module.set_rotation(tensors["rotation"])
     if "fractions" in tensors:
         with torch.no_grad():
             module.fractions.copy_(tensors["fractions"])
-    return module, json.loads(header.get("metadata", "{}"))
+    return module, metadata
 
 
 # --- as an intervention of lib.hooks ------------------------------------------------------

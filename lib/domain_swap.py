@@ -523,6 +523,32 @@ def _spearman_block(run, kind, ci, scores_by_layer):
             for side, effects in per_side.items()}
 
 
+def _per_layer(run: PairRun, kind: str, ci: int, layer_head, n_bootstrap: int, seed: int,
+               has_masses: bool, store_per_prompt: bool) -> list[dict]:
+    """Per-layer summaries of one kind of intervention (``swap`` or ``zero``) and component:
+    KL and, with token sets, Δ per side; swaps also carry the masses before and after."""
+    per_layer = []
+    for li, l in enumerate(run.layers):
+        entry = layer_head(l)
+        entry["sides"] = {}
+        for side in SIDES:
+            after = getattr(run, kind)[side]
+            s = {"kl": _stat(after["kl"][:, ci, li], n_bootstrap, seed)}
+            if has_masses:
+                s["delta"] = _stat(run.delta(kind, side)[:, ci, li], n_bootstrap, seed)
+                if kind == "swap":
+                    for m in ("mass_a", "mass_b"):
+                        s[f"{m}_before"] = _stat(run.base[side][m], n_bootstrap, seed)
+                        s[f"{m}_after"] = _stat(after[m][:, ci, li], n_bootstrap, seed)
+            if store_per_prompt:
+                s["per_prompt"] = {"kl": after["kl"][:, ci, li]}
+                if has_masses:
+                    s["per_prompt"]["delta"] = run.delta(kind, side)[:, ci, li]
+            entry["sides"][side] = s
+        per_layer.append(entry)
+    return per_layer
+
+
 def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: int,
                    n_bootstrap: int = 2000, n_permutations: int = 10000, seed: int = 0,
                    token_set_sizes: dict | None = None, store_per_prompt: bool = False) -> dict:
@@ -545,39 +571,15 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
             return {"layer": l, "score": scores.get(l), "rank": rank_of.get(l),
                     "group": "top" if l in top else "bottom" if l in bottom else "middle"}
 
-        per_layer = []
-        for li, l in enumerate(run.layers):
-            entry = layer_head(l)
-            entry["sides"] = {}
-            for side in SIDES:
-                s = {"kl": _stat(run.swap[side]["kl"][:, ci, li], n_bootstrap, seed)}
-                if has_masses:
-                    s["delta"] = _stat(run.delta("swap", side)[:, ci, li], n_bootstrap, seed)
-                    for m in ("mass_a", "mass_b"):
-                        s[f"{m}_before"] = _stat(run.base[side][m], n_bootstrap, seed)
-                        s[f"{m}_after"] = _stat(run.swap[side][m][:, ci, li], n_bootstrap, seed)
-                if store_per_prompt:
-                    s["per_prompt"] = {"kl": run.swap[side]["kl"][:, ci, li]}
-                    if has_masses:
-                        s["per_prompt"]["delta"] = run.delta("swap", side)[:, ci, li]
-                entry["sides"][side] = s
-            per_layer.append(entry)
+        per_layer = _per_layer(run, "swap", ci, layer_head, n_bootstrap, seed, has_masses,
+                               store_per_prompt)
         out["swap"][comp] = {
             "per_layer": per_layer,
             "top_vs_bottom": _top_vs_bottom(run, "swap", ci, top, bottom, n_bootstrap,
                                             n_permutations, seed),
             "spearman": _spearman_block(run, "swap", ci, scores)}
         if run.zero:
-            zl = []
-            for li, l in enumerate(run.layers):
-                entry = layer_head(l)
-                entry["sides"] = {}
-                for side in SIDES:
-                    s = {"kl": _stat(run.zero[side]["kl"][:, ci, li], n_bootstrap, seed)}
-                    if has_masses:
-                        s["delta"] = _stat(run.delta("zero", side)[:, ci, li], n_bootstrap, seed)
-                    entry["sides"][side] = s
-                zl.append(entry)
+            zl = _per_layer(run, "zero", ci, layer_head, n_bootstrap, seed, has_masses, False)
             out["zero_ablation"][comp] = {"per_layer": zl,
                                           "spearman": _spearman_block(run, "zero", ci, scores)}
         if run.inject and comp in run.inject_layers:

@@ -55,13 +55,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lib.hooks import Intervention, SiteError, _Hooks, _hook_point
+from lib.hooks import (Intervention, NonFiniteError, SiteError, _Hooks, _hook_point,
+                       check_finite as _check_finite)
 from lib.sites import parse_site, site_name
 
-
-
-class NonFiniteError(FloatingPointError):
-    """An intervention produced NaN or infinite values."""
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -332,13 +329,9 @@ def apply_ops(x: torch.Tensor, ops: Sequence[MergedOp], site: str, check_finite:
             new = _stack_values(op, shape, x, site)
             if op.kind == "add":
                 new = x[index] + new
-        if check_finite and not bool(torch.isfinite(new).all()):
-            bad = sorted({op.rows[int(i)] for i in
-                          torch.nonzero(~torch.isfinite(new).flatten(1).all(1)).flatten()})
-            names = [row_names[b] if row_names else str(b) for b in bad[:5]]
-            raise NonFiniteError(f"a {op.kind!r} intervention at {site!r} produced NaN or "
-                                 f"infinite values in row(s) {names}; fix the value or fn, or "
-                                 "pass check_finite=False to allow them")
+        if check_finite:  # names the rows of the caller's list (or batch rows)
+            rows = [row_names[r] for r in op.rows] if row_names else op.rows
+            _check_finite(new, site, rows, label=f"a {op.kind!r} intervention")
         x[index] = new.to(x.dtype)
     return x
 
@@ -415,13 +408,10 @@ def _full_positions(iv: Intervention, length: int) -> Intervention:
     return iv if iv.positions is not None else replace(iv, positions=tuple(range(length)))
 
 
-def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
-    """A context intervention as seen by a run from position ``start`` and block ``layer``:
-    None when it lies wholly before ``start`` or below ``layer`` (it is in the stored state),
-    else restricted to positions >= start (its value sliced to match)."""
-    if layer > 0 and site_layer(iv.site) < layer:
-        return None
-    keep = [j for j, p in enumerate(iv.positions) if p >= start]
+def _restrict(iv: Intervention, keep_position) -> Intervention | None:
+    """``iv`` at only the positions where ``keep_position(p)`` holds (its value sliced along
+    the positions axis when it has one per position); None when no position is left."""
+    keep = [j for j, p in enumerate(iv.positions) if keep_position(p)]
     if not keep:
         return None
     if len(keep) == len(iv.positions):
@@ -433,6 +423,15 @@ def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
             value = value.index_select(value.dim() + pos_dim,
                                        torch.tensor(keep, device=value.device))
     return replace(iv, positions=tuple(iv.positions[j] for j in keep), value=value)
+
+
+def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
+    """A context intervention as seen by a run from position ``start`` and block ``layer``:
+    None when it lies wholly before ``start`` or below ``layer`` (it is in the stored state),
+    else restricted to positions >= start."""
+    if layer > 0 and site_layer(iv.site) < layer:
+        return None
+    return _restrict(iv, lambda p: p >= start)
 
 
 class _Group:
@@ -710,6 +709,7 @@ class Engine:
             kept = [x for x in (_clip(iv, p, layer) for iv in self.ctx_ivs[c]) if x is not None]
             per_row.append(kept + list(ivs[i]))
         merged = merge_interventions(per_row, offset=p)
+        names = [f"row {i}" for i in batch.rows]
         inputs = {}
         if layer > 0:
             inputs["inputs_embeds"] = group.resid[layer][slots, p:]
@@ -726,7 +726,7 @@ class Engine:
         with ExitStack() as stack:
             if not grad:
                 stack.enter_context(torch.no_grad())
-            stack.enter_context(_ops_hooks(lm, merged, self.check_finite))
+            stack.enter_context(_ops_hooks(lm, merged, self.check_finite, names))
             if capture:
                 stack.enter_context(_capture_hooks(lm, readout.sites, store, detach=not grad,
                                                    stop_after=not grad))
@@ -758,18 +758,7 @@ def _positions(x: torch.Tensor, positions):
 
 def _clip_end(iv: Intervention, stop: int) -> Intervention | None:
     """A context intervention restricted to positions < stop (for a prefix run)."""
-    keep = [j for j, p in enumerate(iv.positions) if p < stop]
-    if not keep:
-        return None
-    if len(keep) == len(iv.positions):
-        return iv
-    value = iv.value
-    if value is not None:
-        pos_dim = -3 if parse_site(iv.site)[0] == "head_out" else -2
-        if value.dim() >= -pos_dim and value.shape[pos_dim] == len(iv.positions):
-            value = value.index_select(value.dim() + pos_dim,
-                                       torch.tensor(keep, device=value.device))
-    return replace(iv, positions=tuple(iv.positions[j] for j in keep), value=value)
+    return _restrict(iv, lambda p: p < stop)
 
 
 def _as_op(iv: Intervention) -> MergedOp:

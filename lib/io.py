@@ -348,3 +348,41 @@ class UnitStore:
         if found is not None:
             return found
         return self.put(name, _clean(compute()))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, config: dict,
+                 metadata: dict | None = None) -> Path:
+    """Tensors as safetensors (never pickles), written atomically; ``config`` and ``metadata``
+    go in the header as JSON."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"config": json.dumps(config, sort_keys=True),
+              "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dict, dict]:
+    """``(tensors, config, metadata)`` of a file written by :func:`save_tensors`; a clear
+    error naming the file when it is missing or has no config."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; train and save the {what} first")
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if "config" not in header:
+        raise ValueError(f"{path} has no config in its header: not a {what} saved by this "
+                         "repository; train and save it again")
+    return tensors, json.loads(header["config"]), json.loads(header.get("metadata", "{}"))

@@ -192,35 +192,18 @@ def interchange_data(net: MLP, layer: int, dataset: CounterfactualDataset) -> In
 
 def save_mlp(net: MLP, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Weights as safetensors (atomic), config and ``metadata`` in the header."""
-    from safetensors.torch import save_file
+    from lib.io import save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    header = {"config": json.dumps(net.config(), sort_keys=True),
-              "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    try:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_tensors(path, net.state_dict(), net.config(), metadata)
 
 
 def load_mlp(path: str | os.PathLike) -> tuple[MLP, dict]:
-    from safetensors import safe_open
+    from lib.io import load_tensors
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; train and save the MLP first")
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
-    net = MLP(**json.loads(header["config"]))
+    state, config, metadata = load_tensors(path, "MLP")
+    net = MLP(**config)
     net.load_state_dict(state)
     for p in net.parameters():
         p.requires_grad_(False)
     net.eval()
-    return net, json.loads(header.get("metadata", "{}"))
+    return net, metadata
