@@ -621,8 +621,34 @@ class Engine:
             if not isinstance(r, Row):
                 raise TypeError(f"rows must be lib.engine.Row, got {type(r).__name__}")
             self._check_ctx(r.context)
+        same = [self._reads_an_identical_prefix(r) for r in rows]
         rows = self._resolve(rows, grad)
-        return self._run_resolved(rows, readout, grad)
+        return self._run_resolved(rows, readout, grad, noop_hint=same)
+
+    def _reads_an_identical_prefix(self, row: Row) -> bool:
+        """Whether every intervention of ``row`` replaces a site with the same site of another
+        plain context whose tokens agree with the row's up to the patched positions: by causal
+        attention the values are the same, so the row changes nothing (even where two batched
+        runs differ in the last bits)."""
+        if not row.interventions:
+            return False
+        ids = self.contexts[row.context].input_ids[0]
+        for iv in row.interventions:
+            ref = iv.value
+            if iv.kind != "replace" or not isinstance(ref, Ref) or ref.interventions \
+                    or ref.site != iv.site or iv.positions is None \
+                    or ref.positions not in (None, iv.positions):
+                return False
+            if not 0 <= ref.context < len(self.contexts):
+                return False  # resolution names the bad context
+            other = self.contexts[ref.context]
+            if self.ctx_ivs[row.context] or self.ctx_ivs[ref.context]:
+                return False
+            last = max(iv.positions)
+            if other.length <= last or not torch.equal(ids[:last + 1],
+                                                       other.input_ids[0, :last + 1]):
+                return False
+        return True
 
     def _row_ivs(self, row: Row) -> list[Intervention]:
         length = self.contexts[row.context].length
@@ -657,7 +683,8 @@ class Engine:
                              for s, v in current.items()))
         return flags
 
-    def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows"):
+    def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows",
+                      noop_hint: Sequence[bool] | None = None):
         lm = self.lm
         n = len(rows)
         ivs = [self._row_ivs(r) for r in rows]
@@ -669,6 +696,8 @@ class Engine:
             low = min(max(0, site_layer(s)) for s in readout.sites)
             starts = [(p, min(l, low)) for p, l in starts]
         noop = self._noop_flags(rows, ivs, readout, grad)
+        if noop_hint is not None and self.skip_noops and not grad:
+            noop = [a or b for a, b in zip(noop, noop_hint)]
         for length in set(lengths):
             self._ensure(self.groups[length],
                          readout.sites if isinstance(readout, Capture) else ())
