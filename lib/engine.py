@@ -434,6 +434,11 @@ def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
     return _restrict(iv, lambda p: p >= start)
 
 
+# sites of a block that no later position reads inside that block (only the residual stream
+# carries them on, to the next block's attention)
+_AFTER_ATTENTION = ("head_out", "attn_out", "mlp_in", "mlp_out", "resid_post")
+
+
 class _Group:
     """Stored clean runs of the contexts of one length (identical contexts share a slot)."""
 
@@ -625,6 +630,15 @@ class Engine:
         rows = self._resolve(rows, grad)
         return self._run_resolved(rows, readout, grad, noop_hint=same)
 
+    def _unread(self, ivs: Sequence[Intervention], length: int) -> bool:
+        """Whether the last position's output cannot depend on these interventions: all of
+        them sit in the last block after its attention (nothing reads them but their own
+        position) at positions before the last."""
+        last_layer = self.lm.n_layers - 1
+        return bool(ivs) and all(
+            parse_site(iv.site) in {(k, last_layer) for k in _AFTER_ATTENTION}
+            and iv.positions is not None and max(iv.positions) < length - 1 for iv in ivs)
+
     def _reads_an_identical_prefix(self, row: Row) -> bool:
         """Whether every intervention of ``row`` replaces a site with the same site of another
         plain context whose tokens agree with the row's up to the patched positions: by causal
@@ -696,8 +710,10 @@ class Engine:
             low = min(max(0, site_layer(s)) for s in readout.sites)
             starts = [(p, min(l, low)) for p, l in starts]
         noop = self._noop_flags(rows, ivs, readout, grad)
-        if noop_hint is not None and self.skip_noops and not grad:
-            noop = [a or b for a, b in zip(noop, noop_hint)]
+        if self.skip_noops and not grad:
+            hints = noop_hint or [False] * n
+            noop = [a or b or (not isinstance(readout, Capture) and self._unread(v, length))
+                    for a, b, v, length in zip(noop, hints, ivs, lengths)]
         for length in set(lengths):
             self._ensure(self.groups[length],
                          readout.sites if isinstance(readout, Capture) else ())
