@@ -244,9 +244,10 @@ def test_patches_nothing_reads_are_noops(tiny):
     position: the last position's logits are the clean ones exactly, without running."""
     base, other = tiny.tokenize("The capital of Spain is"), tiny.tokenize("The capital of Italy is")
     last = tiny.n_layers - 1
-    rows = [Row(0, [Intervention(f"blocks.{last}.{k}", positions=(3,), value=Ref(1, f"blocks.{last}.{k}"))])
+    p = int((base != other)[0].nonzero()[0])  # the first token where the prompts differ
+    rows = [Row(0, [Intervention(f"blocks.{last}.{k}", positions=(p,), value=Ref(1, f"blocks.{last}.{k}"))])
             for k in ("attn_out", "mlp_in", "mlp_out", "resid_post", "head_out")]
-    reads = Row(0, [Intervention(f"blocks.{last}.attn_in", positions=(3,),
+    reads = Row(0, [Intervention(f"blocks.{last}.attn_in", positions=(p,),
                                  value=Ref(1, f"blocks.{last}.attn_in"))])  # attention reads it
     engine = Engine(tiny, [Context(base), Context(other)])
     got = engine.run(rows + [reads])
