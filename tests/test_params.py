@@ -40,8 +40,10 @@ def test_every_notebook_declares_typed_parameters_that_papermill_reads_alike(nb)
     assert list(declared) == list(inspected)
     for name, p in declared.items():
         assert p.type == inspected[name]["inferred_type_name"], name
-    assert {"MODEL"} <= set(declared)
-    assert declared["MODEL"].rule == "model"
+    from lib.runner import takes_model
+
+    if takes_model(nb):  # 08 has no language model and no MODEL
+        assert declared["MODEL"].rule == "model"
     for name, p in declared.items():  # every bracket at the start of a comment is a real rule
         assert p.help.startswith("[") == (p.rule is not None), (name, p.help)
 
