@@ -307,3 +307,26 @@ def test_edge_attribution_patching_tracks_exact_scores(lm, pair):
     assert len(scores) == len(edges)
     r = torch.corrcoef(torch.stack([torch.tensor(scores), exact.double()]).float())[0, 1]
     assert r > 0.3, r   # random weights scaled x4: far from linear; the real models in 07
+
+
+# --- the IOI prompt set ----------------------------------------------------------------------------
+
+def test_ioi_prompt_set_schema_and_alignment(tmp_path):
+    import json
+
+    from lib import ioi
+    from lib.models import load_model
+
+    pairs = ioi.load_ioi()
+    assert len(pairs) >= 50
+    assert len({p["base"] for p in pairs}) == len(pairs)
+    tiny = load_model("tiny-random")
+    aligned = ioi.aligned_pairs(tiny, pairs)
+    assert len(aligned) == len(pairs)   # replacement names keep each name's length in bytes
+    bad = dict(pairs[0], s="Nobody")
+    (tmp_path / "bad.json").write_text(json.dumps([bad]))
+    with pytest.raises(ValueError, match="entry 0"):
+        ioi.load_ioi(tmp_path / "bad.json")
+    (tmp_path / "missing.json").write_text(json.dumps([{"base": "x"}]))
+    with pytest.raises(ValueError, match="missing key"):
+        ioi.load_ioi(tmp_path / "missing.json")
