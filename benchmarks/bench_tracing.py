@@ -20,14 +20,13 @@ writes them to ``benchmarks/results/tracing.json``. Not a test: timings depend o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import write_result
 from lib import tracing
 from lib.hooks import Intervention, patch, run_with_cache
 from lib.models import load_model
@@ -78,7 +77,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tracing.json"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -120,15 +118,12 @@ def main(argv=None) -> int:
     print(f"causal-tracer: {t_ref:8.2f} s  ({rows / t_ref:7.1f} rows/s, full forwards, "
           "batches of 32)")
     print(f"speed-up: {t_ref / t_engine:.2f}x   largest |engine - causal-tracer| in p = {diff:.3g}")
-    result = {"benchmark": "causal tracing, hidden + mlp + attention", "model": lm.name,
-              "prompt": args.prompt, "subject": args.subject, "samples": args.samples,
-              "kinds": kinds, "layers": layers, "rows": rows, "threads": torch.get_num_threads(),
-              "device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch."),
-              "seconds": {"engine": t_engine, "causal_tracer_algorithm": t_ref},
-              "speedup": t_ref / t_engine, "max_abs_diff_prob": diff}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_result("tracing", {
+        "model": lm.name, "prompt": args.prompt, "subject": args.subject, "samples": args.samples,
+        "kinds": kinds, "layers": layers, "rows": rows, "device": lm.device.type,
+        "dtype": str(lm.dtype).removeprefix("torch."), "batch_size": args.batch_size,
+        "seconds": {"engine": t_engine, "causal_tracer_algorithm": t_ref},
+        "speedup": t_ref / t_engine, "max_abs_diff_prob": diff})
     return 0 if diff <= 1e-5 else 1
 
 

@@ -36,14 +36,15 @@ distribution at the last prompt position):
   the *base* domain into the other domain's set (e.g. medical words under finance), because a
   last-token swap mostly perturbs the distribution toward tokens that fit the unchanged context.
 
-Efficiency. A last-token intervention cannot change earlier positions (causal attention), so
-for each base prompt the key/value cache of all tokens but the last is computed once and every
-intervention (every layer x component swap, zero, injection, and the clean base itself) runs as
-one row of a batch of single-token forwards (:func:`lib.patching.sweep_logits`). Source
-activations of all layers come from one batched forward per group of prompts
-(:func:`lib.activations.collect_last_token`). :func:`run_pair_naive` is the seed's algorithm
-(one unbatched full forward for each capture, each baseline and each intervention), kept for
-tests and the benchmark (``benchmarks/bench_domain_swap.py``).
+Efficiency. Every swap, zero ablation and injection is a row on the intervention engine
+(:mod:`lib.engine`): each prompt is a context run once; a last-token intervention cannot change
+earlier positions (causal attention), so each row runs only the last token on the prompt's
+stored key/value cache, from the intervened layer up (where the engine's self-check allows);
+a swap's value references the paired prompt's stored last-token output. The concept vectors'
+means come from one batched forward per group of prompts
+(:func:`lib.activations.collect_last_token`). The seed's algorithm (one unbatched full forward
+for each capture, each baseline and each intervention) lives in the benchmark
+(``benchmarks/bench_domain_swap.py``) that times the two against each other.
 
 Result file of notebook 02, ``full_compute/<model>.json``::
 
@@ -84,7 +85,6 @@ score with the per-layer mean effect over all evaluated layers that have a score
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -95,8 +95,9 @@ import torch
 
 from lib import paths
 from lib.activations import collect_last_token
-from lib.hooks import Intervention, capture, patch
-from lib.io import read_json
+from lib.engine import Context, Engine, Ref, Row, run_naive
+from lib.hooks import Intervention
+from lib.io import read_json, slug
 from lib.prompts import PromptPairs
 from lib.sites import site_name
 from lib.stats import permutation_test, spearman, summarize
@@ -166,12 +167,13 @@ def _row_metrics(logits: torch.Tensor, ids_a, ids_b, keep_probs: bool = False,
     probabilities) from last-position logits (rows, vocab). Computed in float64, in chunks of
     rows, so a KL is never negative by more than float64 round-off."""
     base = torch.log_softmax(logits[0].double(), dim=-1)
-    base_p = base.exp()
     kl, mass_a, mass_b, probs = [], [], [], []
     for lo in range(0, logits.shape[0], chunk):
         logp = torch.log_softmax(logits[lo:lo + chunk].double(), dim=-1)
         p = logp.exp()
-        kl.append((base_p * (base - logp)).sum(-1))
+        # KL(base || row) = sum_t p_base (log p_base - log p_row)
+        kl.append(torch.nn.functional.kl_div(logp, base.expand_as(logp), reduction="none",
+                                             log_target=True).sum(-1))
         if ids_a is not None:
             mass_a.append(p[:, ids_a].sum(-1))
             mass_b.append(p[:, ids_b].sum(-1))
@@ -206,78 +208,25 @@ def _check_components(components: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def prefix_cache(lm, ids: torch.Tensor):
-    """Key/value cache of all tokens of ``ids`` (1, pos) but the last; None for one token."""
-    if ids.shape[1] < 2:
-        return None
-    return lm.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-
-
-def _repeat_past(past, n: int):
-    if past is None:
-        return None
-    out = copy.deepcopy(past)
-    if n > 1:
-        out.batch_repeat_interleave(n)
-    return out
-
-
-@torch.no_grad()
-def last_token_base(lm, ids: torch.Tensor, past, sites: Sequence[str]):
-    """Clean run of the last token of ``ids`` over ``past``: (logits (vocab,) float32,
-    {site: activation (d,)} at the last position)."""
-    last = ids.shape[1] - 1
-    kwargs = {"past_key_values": _repeat_past(past, 1), "use_cache": True} if past is not None else {}
-    with capture(lm, sites, positions=[last], offset=last) as cache:
-        logits = lm.model(input_ids=ids[:, last:], **kwargs).logits[0, -1].float()
-    return logits, {s: cache[s][0, 0] for s in sites}
-
-
-@torch.no_grad()
-def last_token_rows(lm, ids: torch.Tensor, past, rows: Sequence[Sequence[Intervention]],
-                    batch_size: int = 64) -> torch.Tensor:
-    """Last-position logits (len(rows), vocab), float32: row r runs the last token of ``ids``
-    over the prefix cache ``past`` with the interventions ``rows[r]`` (all at the last
-    position). The same computation as :func:`lib.patching.sweep_logits` with a prefix cache,
-    but the cache is computed once by the caller and shared with the clean base run."""
-    last = ids.shape[1] - 1
-    bad = [iv.site for row in rows for iv in row if iv.positions != (last,)]
-    if bad:
-        raise ValueError(f"last_token_rows only runs interventions at the last position {last}; "
-                         f"got other positions at {bad[:3]}")
-    out = []
-    n_chunks = max(1, math.ceil(len(rows) / max(1, batch_size)))
-    size = math.ceil(len(rows) / n_chunks)  # near-equal chunks: 130 rows at 64 -> 44, 43, 43
-    for lo in range(0, len(rows), size):
-        chunk = rows[lo:lo + size]
-        n = len(chunk)
-        ivs = [replace(iv, rows=(j,)) for j, row in enumerate(chunk) for iv in row]
-        kwargs = ({"past_key_values": _repeat_past(past, n), "use_cache": True}
-                  if past is not None else {})
-        with patch(lm, ivs, offset=last):
-            logits = lm.model(input_ids=ids[:, last:].expand(n, -1), **kwargs).logits
-        out.append(logits[:, -1].float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
              components: Sequence[str] = COMPONENTS,
              token_ids: tuple[Sequence[int], Sequence[int]] | None = None, *,
              zero: bool = False, inject: dict[str, int] | None = None,
              alphas: Sequence[float] = (), accumulate_dprob: bool = False,
-             batch_size: int = 64, act_batch_size: int = 16, progress: bool = True) -> PairRun:
+             batch_size: int = 64, act_batch_size: int = 16, pairs_per_engine: int = 8,
+             naive: bool = False, progress: bool = True) -> PairRun:
     """Last-token swaps (and optionally zero ablation and injection) for every prompt pair.
 
     ``token_ids`` = (ids of A's token set, ids of B's) enables masses and Δ. ``inject`` maps a
     component to the layer where ``alphas`` x concept vector are added (the vector's means come
     from one batched pass over the pair's prompts, :func:`lib.activations.collect_last_token`).
 
-    Per prompt pair: for each of the two prompts, the key/value cache of all tokens but the last
-    is computed once; one single-token forward over it gives the clean next-token logits and the
-    last-token outputs of every (component, layer) at once; then every intervention on that
-    prompt (swaps from the paired prompt, zeros, injections) runs as one row of a batch of
-    single-token forwards over the same cache (:func:`last_token_rows`).
+    The rows run on :mod:`lib.engine`, ``pairs_per_engine`` prompt pairs at a time: each prompt
+    is a context (run once: its clean next-token logits, key/value cache, residual stream and
+    last-token outputs); every intervention on it (swaps, whose values reference the paired
+    prompt's last-token output; zeros; injections) is a row that runs only its last token, on
+    the stored cache, from the intervened layer up (where that is exact). ``naive=True`` runs
+    the same rows with :func:`lib.engine.run_naive` (one full forward each), for tests.
     """
     layers = _check_layers(lm, layers)
     components = _check_components(components)
@@ -316,113 +265,66 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
             run.dprob[side] = torch.zeros(lm.model.get_output_embeddings().weight.shape[0],
                                           dtype=torch.float64)
 
-    items = range(n)
+    n_swap = n_c * n_l
+    chunks = [list(range(lo, min(n, lo + pairs_per_engine)))
+              for lo in range(0, n, pairs_per_engine)]
     if progress:
         from tqdm.auto import tqdm
-        items = tqdm(items, desc=f"{pairs.name}", unit="pair")
-    n_swap = n_c * n_l
-    for i in items:
-        ids, pasts, base_logits, acts = [], [], [], []
-        for text in (pairs.a[i], pairs.b[i]):
-            ids.append(lm.tokenize(text))
-            pasts.append(prefix_cache(lm, ids[-1]))
-            logits, act = last_token_base(lm, ids[-1], pasts[-1], swap_sites)
-            base_logits.append(logits)
-            acts.append(act)
-        for side in SIDES:
-            d = _BASE_OF[side]
-            last = ids[d].shape[1] - 1
-            source = acts[1 - d]
-            rows: list[list[Intervention]] = [
-                [Intervention(site, positions=(last,), value=source[site].view(1, 1, -1),
-                              source=f"{pairs.name}:{side}:{i}")] for site in swap_sites]
-            if zero:
-                rows += [[Intervention(site, positions=(last,), kind="zero")] for site in swap_sites]
-            inj_rows = []
-            for ci, c in enumerate(components):
-                if c not in inject_sites:
-                    continue
-                for ai, alpha in enumerate(alphas):
-                    inj_rows.append((ci, ai))
-                    rows.append([Intervention(inject_sites[c], positions=(last,), kind="add",
-                                              value=(alpha * vectors[c][side]).view(1, 1, -1))])
-            logits = torch.cat([base_logits[d][None],
-                                last_token_rows(lm, ids[d], pasts[d], rows, batch_size)])
+        chunks = tqdm(chunks, desc=f"{pairs.name}", unit="chunk")
+    for chunk in chunks:
+        # contexts 2k and 2k+1: the A and B prompt of the chunk's k-th pair
+        contexts = []
+        for i in chunk:
+            contexts += [Context(lm.tokenize(pairs.a[i]), name=f"{pairs.name}:{i}:a"),
+                         Context(lm.tokenize(pairs.b[i]), name=f"{pairs.name}:{i}:b")]
+        rows, spans = [], []
+        for k, i in enumerate(chunk):
+            for side in SIDES:
+                d = _BASE_OF[side]
+                base_ctx, src_ctx = 2 * k + d, 2 * k + 1 - d
+                last = contexts[base_ctx].length - 1
+                src_last = contexts[src_ctx].length - 1
+                side_rows = [Row(base_ctx, [Intervention(
+                    site, positions=(last,), value=Ref(src_ctx, site, positions=(src_last,)),
+                    source=f"{pairs.name}:{side}:{i}")]) for site in swap_sites]
+                if zero:
+                    side_rows += [Row(base_ctx, [Intervention(site, positions=(last,), kind="zero")])
+                                  for site in swap_sites]
+                inj_rows = []
+                for ci, c in enumerate(components):
+                    if c not in inject_sites:
+                        continue
+                    for ai, alpha in enumerate(alphas):
+                        inj_rows.append((ci, ai))
+                        side_rows.append(Row(base_ctx, [Intervention(
+                            inject_sites[c], positions=(last,), kind="add",
+                            value=(alpha * vectors[c][side]).view(1, 1, -1))]))
+                spans.append((i, side, base_ctx, len(rows), len(side_rows), inj_rows))
+                rows += side_rows
+        if naive:
+            logits_all = run_naive(lm, contexts, rows)
+            clean = run_naive(lm, contexts, [Row(c) for c in range(len(contexts))])
+        else:
+            engine = Engine(lm, contexts, batch_size=batch_size)
+            logits_all = engine.run(rows)
+            clean = torch.stack([engine.clean_readout(c) for c in range(len(contexts))])
+        for i, side, base_ctx, lo, count, inj_rows in spans:
+            logits = torch.cat([clean[base_ctx][None], logits_all[lo:lo + count]])
             m = _row_metrics(logits, ids_a, ids_b, keep_probs=accumulate_dprob)
-            for k in keys:
-                vals = m[k].double().cpu().numpy()
-                if k != "kl":
-                    run.base[side][k][i] = vals[0]
-                run.swap[side][k][i] = vals[1:1 + n_swap].reshape(n_c, n_l)
+            for key in keys:
+                vals = m[key].double().cpu().numpy()
+                if key != "kl":
+                    run.base[side][key][i] = vals[0]
+                run.swap[side][key][i] = vals[1:1 + n_swap].reshape(n_c, n_l)
                 off = 1 + n_swap
                 if zero:
-                    run.zero[side][k][i] = vals[off:off + n_swap].reshape(n_c, n_l)
+                    run.zero[side][key][i] = vals[off:off + n_swap].reshape(n_c, n_l)
                     off += n_swap
                 for j, (ci, ai) in enumerate(inj_rows):
-                    run.inject[side][k][i, ci, ai] = vals[off + j]
+                    run.inject[side][key][i, ci, ai] = vals[off + j]
             if accumulate_dprob:
                 probs = m["probs"]
                 run.dprob[side] += (probs[1:1 + n_swap].sum(0) - n_swap * probs[0]).cpu()
-    return run
-
-
-@torch.no_grad()
-def run_pair_naive(lm, pairs: PromptPairs, layers: Sequence[int],
-                   components: Sequence[str] = COMPONENTS,
-                   token_ids: tuple[Sequence[int], Sequence[int]] | None = None, *,
-                   zero: bool = False, progress: bool = False) -> PairRun:
-    """The seed's algorithm, for tests and the benchmark: for every prompt pair and every
-    (component, layer), one unbatched full forward to capture A, one to capture B, one baseline
-    each, and one swapped run each (6 forwards; zero ablation adds 2). Same output as
-    :func:`run_pair` (without injection and ``dprob``)."""
-    layers = _check_layers(lm, layers)
-    components = _check_components(components)
-    n, n_c, n_l = len(pairs), len(components), len(layers)
-    ids_a = _ids_tensor(token_ids[0], lm.device) if token_ids else None
-    ids_b = _ids_tensor(token_ids[1], lm.device) if token_ids else None
-    run = PairRun(pairs.name, tuple(pairs.domains), layers, components, n)
-    keys = ["kl"] + (["mass_a", "mass_b"] if token_ids else [])
-    for side in SIDES:
-        run.base[side] = {k: np.zeros(n) for k in keys if k != "kl"}
-        run.swap[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
-        if zero:
-            run.zero[side] = {k: np.zeros((n, n_c, n_l)) for k in keys}
-
-    def last_logits(ids):
-        return lm.model(input_ids=ids).logits[:, -1].float()
-
-    items = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-        items = tqdm(items, desc=f"{pairs.name} (naive)", unit="pair")
-    for i in items:
-        ids = [lm.tokenize(pairs.a[i]), lm.tokenize(pairs.b[i])]
-        for ci, c in enumerate(components):
-            for li, layer in enumerate(layers):
-                site = site_name(c, layer)
-                captured = []
-                for d in range(2):
-                    with capture(lm, [site]) as cache:
-                        lm.model(input_ids=ids[d])
-                    captured.append(cache[site][:, -1:])
-                for side in SIDES:
-                    d = _BASE_OF[side]
-                    last = ids[d].shape[1] - 1
-                    base = last_logits(ids[d])
-                    with patch(lm, [Intervention(site, positions=(last,), value=captured[1 - d])]):
-                        swapped = last_logits(ids[d])
-                    outs = [base, swapped]
-                    if zero:
-                        with patch(lm, [Intervention(site, positions=(last,), kind="zero")]):
-                            outs.append(last_logits(ids[d]))
-                    m = _row_metrics(torch.cat(outs), ids_a, ids_b)
-                    for k in keys:
-                        vals = m[k].double().cpu().numpy()
-                        if k != "kl":
-                            run.base[side][k][i] = vals[0]
-                        run.swap[side][k][i, ci, li] = vals[1]
-                        if zero:
-                            run.zero[side][k][i, ci, li] = vals[2]
     return run
 
 
@@ -482,8 +384,7 @@ def token_entries(lm, ranked: Sequence[tuple[int, float]]) -> list[dict]:
 
 def token_sets_path(model: str, token_sets_dir: str | Path | None = None) -> Path:
     """``<token_sets_dir>/<model slug>.json``."""
-    slug = model.strip("/").replace("/", "__")
-    return Path(token_sets_dir or paths.TOKEN_SETS) / f"{slug}.json"
+    return Path(token_sets_dir or paths.TOKEN_SETS) / f"{slug(model)}.json"
 
 
 def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dict:
@@ -498,8 +399,7 @@ def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dic
         if key not in data:
             raise ValueError(f"{path} has no {key!r}: not a token-set file written by "
                              "01_reverse_intervention; rerun it with FORCE=True")
-    slug = model.strip("/").replace("/", "__")
-    if data["model"].strip("/").replace("/", "__") != slug:
+    if slug(str(data["model"])) != slug(model):
         raise ValueError(f"{path} holds token sets of model {data['model']!r}, not {model!r}; "
                          "token ids belong to one tokenizer, so rerun 01_reverse_intervention")
     return data
@@ -525,8 +425,7 @@ def token_set_ids(token_sets: dict, pair: str, domain: str) -> list[int]:
 
 def load_scores(model: str, scores_dir: str | Path | None = None) -> dict:
     """``scores/<model slug>.json`` from notebook 00; a clear error when it is missing."""
-    slug = model.strip("/").replace("/", "__")
-    path = Path(scores_dir or paths.SCORES) / f"{slug}.json"
+    path = Path(scores_dir or paths.SCORES) / f"{slug(model)}.json"
     if not path.exists():
         raise ScoresMissingError(
             f"separability scores missing for model {model}: run 00_layer_scores for it "
@@ -624,6 +523,32 @@ def _spearman_block(run, kind, ci, scores_by_layer):
             for side, effects in per_side.items()}
 
 
+def _per_layer(run: PairRun, kind: str, ci: int, layer_head, n_bootstrap: int, seed: int,
+               has_masses: bool, store_per_prompt: bool) -> list[dict]:
+    """Per-layer summaries of one kind of intervention (``swap`` or ``zero``) and component:
+    KL and, with token sets, Δ per side; swaps also carry the masses before and after."""
+    per_layer = []
+    for li, l in enumerate(run.layers):
+        entry = layer_head(l)
+        entry["sides"] = {}
+        for side in SIDES:
+            after = getattr(run, kind)[side]
+            s = {"kl": _stat(after["kl"][:, ci, li], n_bootstrap, seed)}
+            if has_masses:
+                s["delta"] = _stat(run.delta(kind, side)[:, ci, li], n_bootstrap, seed)
+                if kind == "swap":
+                    for m in ("mass_a", "mass_b"):
+                        s[f"{m}_before"] = _stat(run.base[side][m], n_bootstrap, seed)
+                        s[f"{m}_after"] = _stat(after[m][:, ci, li], n_bootstrap, seed)
+            if store_per_prompt:
+                s["per_prompt"] = {"kl": after["kl"][:, ci, li]}
+                if has_masses:
+                    s["per_prompt"]["delta"] = run.delta(kind, side)[:, ci, li]
+            entry["sides"][side] = s
+        per_layer.append(entry)
+    return per_layer
+
+
 def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: int,
                    n_bootstrap: int = 2000, n_permutations: int = 10000, seed: int = 0,
                    token_set_sizes: dict | None = None, store_per_prompt: bool = False) -> dict:
@@ -646,39 +571,15 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
             return {"layer": l, "score": scores.get(l), "rank": rank_of.get(l),
                     "group": "top" if l in top else "bottom" if l in bottom else "middle"}
 
-        per_layer = []
-        for li, l in enumerate(run.layers):
-            entry = layer_head(l)
-            entry["sides"] = {}
-            for side in SIDES:
-                s = {"kl": _stat(run.swap[side]["kl"][:, ci, li], n_bootstrap, seed)}
-                if has_masses:
-                    s["delta"] = _stat(run.delta("swap", side)[:, ci, li], n_bootstrap, seed)
-                    for m in ("mass_a", "mass_b"):
-                        s[f"{m}_before"] = _stat(run.base[side][m], n_bootstrap, seed)
-                        s[f"{m}_after"] = _stat(run.swap[side][m][:, ci, li], n_bootstrap, seed)
-                if store_per_prompt:
-                    s["per_prompt"] = {"kl": run.swap[side]["kl"][:, ci, li]}
-                    if has_masses:
-                        s["per_prompt"]["delta"] = run.delta("swap", side)[:, ci, li]
-                entry["sides"][side] = s
-            per_layer.append(entry)
+        per_layer = _per_layer(run, "swap", ci, layer_head, n_bootstrap, seed, has_masses,
+                               store_per_prompt)
         out["swap"][comp] = {
             "per_layer": per_layer,
             "top_vs_bottom": _top_vs_bottom(run, "swap", ci, top, bottom, n_bootstrap,
                                             n_permutations, seed),
             "spearman": _spearman_block(run, "swap", ci, scores)}
         if run.zero:
-            zl = []
-            for li, l in enumerate(run.layers):
-                entry = layer_head(l)
-                entry["sides"] = {}
-                for side in SIDES:
-                    s = {"kl": _stat(run.zero[side]["kl"][:, ci, li], n_bootstrap, seed)}
-                    if has_masses:
-                        s["delta"] = _stat(run.delta("zero", side)[:, ci, li], n_bootstrap, seed)
-                    entry["sides"][side] = s
-                zl.append(entry)
+            zl = _per_layer(run, "zero", ci, layer_head, n_bootstrap, seed, has_masses, False)
             out["zero_ablation"][comp] = {"per_layer": zl,
                                           "spearman": _spearman_block(run, "zero", ci, scores)}
         if run.inject and comp in run.inject_layers:
@@ -702,31 +603,6 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
                                       "vector_norm": run.inject_norms[comp],
                                       "layer_choice": "given", "sides": sides}
     return out
-
-
-def parse_layers(value: str, n_layers: int) -> list[int]:
-    """``"all"`` -> every layer; ``"0,3,5"`` -> those (checked against ``n_layers``)."""
-    text = str(value).strip()
-    if text in ("", "all"):
-        return list(range(n_layers))
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"LAYERS must be 'all' or comma-separated integers like '0,3,5', got "
-                         f"{value!r}") from None
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"LAYERS {bad} out of range: the model has {n_layers} layers "
-                         f"(0 to {n_layers - 1})")
-    return sorted(dict.fromkeys(layers))
-
-
-def parse_list(value, cast=str) -> list:
-    """A notebook list parameter: a list (or tuple) as is, or a comma-separated string
-    (``"a, b"`` -> ``["a", "b"]``); ``cast`` is applied to each item."""
-    if isinstance(value, (list, tuple)):
-        return [cast(x) for x in value]
-    return [cast(x.strip()) for x in str(value).split(",") if x.strip()]
 
 
 # --- notebook-level units -------------------------------------------------------------------
@@ -828,8 +704,7 @@ def full_compute_unit(lm, pairs: PromptPairs, layers: Sequence[int], token_sets:
 
 def load_full_compute(model: str, full_compute_dir: str | Path | None = None) -> dict:
     """``full_compute/<model slug>.json`` of notebook 02; a clear error when it is missing."""
-    slug = model.strip("/").replace("/", "__")
-    path = Path(full_compute_dir or paths.FULL_COMPUTE) / f"{slug}.json"
+    path = Path(full_compute_dir or paths.FULL_COMPUTE) / f"{slug(model)}.json"
     if not path.exists():
         raise FileNotFoundError(f"cross-swap results missing for model {model}: run "
                                 f"02_all_model_causal for it (python -m lib.runner --notebooks 02 "
@@ -842,14 +717,12 @@ def load_full_compute(model: str, full_compute_dir: str | Path | None = None) ->
 
 def load_all_full_compute(full_compute_dir: str | Path | None = None) -> dict[str, dict]:
     """Every ``full_compute/*.json`` written by notebook 02, by model name (files of other
-    notebooks, which have no per-pair ``swap`` results, are skipped)."""
+    notebooks, which have no per-pair ``swap`` results, are skipped). A file that is not valid
+    JSON is an error naming it: the cross-model figures never silently leave a model out."""
     folder = Path(full_compute_dir or paths.FULL_COMPUTE)
     out = {}
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = read_json(path)
-        except ValueError:
-            continue
+        data = read_json(path)  # names the file and the fix when it is unreadable
         pairs = data.get("pairs") if isinstance(data, dict) else None
         if isinstance(pairs, dict) and pairs and all(isinstance(v, dict) and "swap" in v
                                                      for v in pairs.values()):

@@ -9,8 +9,10 @@ Editing Factual Associations in GPT"). Sites are named by :mod:`lib.sites`.
   zero or any function, at chosen positions, heads and batch rows, so that many different
   interventions run in one batched forward pass (one row each).
 
-Both remove their hooks when the block exits, errors included. Positions are absolute token
-positions; when a run continues from a cached prefix (see :mod:`lib.patching`), pass
+Both remove their hooks when the block exits, errors included. An intervention that writes NaN
+or infinite values raises :class:`NonFiniteError` naming the site and the batch rows (inside
+``with allow_nonfinite():`` it does not). Positions are absolute token positions; when a run
+continues from a cached prefix (see :mod:`lib.engine`), pass
 ``offset`` = prefix length so positions still mean the same tokens.
 """
 
@@ -30,6 +32,24 @@ KINDS = ("replace", "add", "zero", "function")
 
 class SiteError(ValueError):
     """A site name, layer, position, row or head that the model does not have."""
+
+
+class NonFiniteError(FloatingPointError):
+    """An intervention wrote NaN or infinite values into the activations."""
+
+
+_ALLOW_NONFINITE = False
+
+
+@contextmanager
+def allow_nonfinite(allow: bool = True):
+    """Inside this block, interventions may write NaN or infinite values (no check)."""
+    global _ALLOW_NONFINITE
+    before, _ALLOW_NONFINITE = _ALLOW_NONFINITE, allow
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE = before
 
 
 @dataclass
@@ -282,6 +302,21 @@ def apply_intervention(x: torch.Tensor, iv: Intervention, offset: int = 0) -> to
     """Return a copy of activation ``x`` (site shape) with ``iv`` applied. Differentiable."""
     index = _select_index(x, iv, offset)
     selected = x[index]
+    what = "(rows, positions, heads, d_head)" if selected.dim() == 4 else "(rows, positions, d)"
+    if iv.kind in ("replace", "add"):
+        if not isinstance(iv.value, torch.Tensor):
+            raise TypeError(f"the {iv.kind!r} value at {iv.site!r} must be a torch.Tensor, got "
+                            f"{type(iv.value).__name__}")
+        try:
+            fits = torch.broadcast_shapes(tuple(iv.value.shape), tuple(selected.shape)) == \
+                tuple(selected.shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"the {iv.kind!r} value at {iv.site!r} has shape "
+                             f"{tuple(iv.value.shape)}, which does not broadcast to the selected "
+                             f"slice {what} = {tuple(selected.shape)}; give a value of that "
+                             "shape (or one that broadcasts, e.g. size 1 on the row axis)")
     if iv.kind == "replace":
         new = iv.value.to(device=x.device, dtype=x.dtype).expand_as(selected)
     elif iv.kind == "add":
@@ -290,12 +325,41 @@ def apply_intervention(x: torch.Tensor, iv: Intervention, offset: int = 0) -> to
         new = torch.zeros_like(selected)
     else:
         new = iv.fn(selected)
+        name = getattr(iv.fn, "__name__", repr(iv.fn))
+        if not isinstance(new, torch.Tensor):
+            raise TypeError(f"intervention fn {name} returned {type(new).__name__} at "
+                            f"{iv.site!r}, not a tensor; it must return the new activation, a "
+                            f"tensor of shape {tuple(selected.shape)} {what}")
         if new.shape != selected.shape:
-            raise ValueError(f"intervention fn returned shape {tuple(new.shape)}, expected "
-                             f"{tuple(selected.shape)} at {iv.site!r}")
+            raise ValueError(f"intervention fn {name} returned shape {tuple(new.shape)}, expected "
+                             f"{tuple(selected.shape)} {what} at {iv.site!r}")
+    if iv.kind != "zero":
+        check_finite(new, iv.site, index[0].flatten().tolist(),
+                     f"intervention {iv.kind!r} (source {iv.source or 'unnamed'!r})")
     out = x.clone()
     out[index] = new
     return out
+
+
+def check_finite(values: torch.Tensor, site: str, rows: Sequence[int] | None = None,
+                 label: str = "intervention") -> None:
+    """Raise :class:`NonFiniteError` when ``values`` (rows first) hold NaN or an infinite value,
+    naming ``site`` and the batch rows (``rows[i]`` is the batch row of ``values[i]``); a no-op
+    inside :func:`allow_nonfinite`. Any code that writes activations (the engine's merged
+    multi-row operations included) calls this on what it writes."""
+    if _ALLOW_NONFINITE:
+        return
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+    batch_rows = [rows[i] for i in bad] if rows is not None and len(rows) == len(values) else bad
+    shown = batch_rows[:10] + (["..."] if len(batch_rows) > 10 else [])
+    n_nan = int(torch.isnan(values).sum())
+    raise NonFiniteError(
+        f"{label} at {site!r} wrote non-finite values ({n_nan} NaN, "
+        f"{int((~finite).sum()) - n_nan} infinite) into batch rows {shown}; check the value or "
+        "fn that feeds it, or wrap the run in lib.hooks.allow_nonfinite() to keep them")
 
 
 # --- public context managers ----------------------------------------------------------------

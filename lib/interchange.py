@@ -40,6 +40,7 @@ import torch
 from lib.attribution import attribution_patching, correlations
 from lib.engine import Context, Engine, Ref, Row, run_naive
 from lib.hooks import Intervention
+from lib.params import parse_layers, parse_positions, parse_sites
 from lib.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, site_name
 
 DEFAULT_BASE = "The capital of Spain is"
@@ -58,49 +59,6 @@ class TokenizationMismatchError(ValueError):
 
 
 # --- parameters -----------------------------------------------------------------------------
-
-def parse_components(spec: str | Sequence[str]) -> list[str]:
-    """``"mlp_out,attn_in"`` or a list -> list of site kinds (checked against lib.sites)."""
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    items = [s for s in items if s]
-    if not items:
-        raise ValueError("COMPONENTS is empty; give at least one site kind, e.g. 'mlp_out,attn_in'")
-    aliases = {"mlp_output": "mlp_out", "attention_input": "attn_in"}
-    out = []
-    for item in items:
-        kind = aliases.get(item, item)
-        if kind not in ALL_SITE_KINDS:
-            raise ValueError(f"unknown component {item!r}; use site kinds of lib.sites: "
-                             f"{', '.join(ALL_SITE_KINDS)} (pyvene's 'mlp_output' and "
-                             "'attention_input' are accepted as aliases)")
-        if kind not in out:
-            out.append(kind)
-    return out
-
-
-def parse_indices(spec: str | int | Sequence[int], n: int, what: str) -> list[int]:
-    """``"all"``, ``"0,3,5"``, an int or a list -> sorted distinct indices in ``[0, n)``.
-    Negative values count from the end (-1 = last)."""
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text in ("all", ""):
-            return list(range(n))
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{what} must be 'all' or comma-separated integers like '0,3,5', "
-                             f"got {spec!r}") from None
-    elif isinstance(spec, int):
-        values = [spec]
-    else:
-        values = [int(v) for v in spec]
-    bad = [v for v in values if not -n <= v < n]
-    if bad:
-        raise ValueError(f"{what} {bad} out of range: valid are 0 to {n - 1} (or -{n} to -1)")
-    if not values:
-        raise ValueError(f"{what} is empty; use 'all' or a list of integers")
-    return sorted({v % n for v in values})
-
 
 def align_prompts(lm, base: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, pos) of base and source; a clear error if their lengths differ."""
@@ -205,11 +163,10 @@ def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cell
     rows = interchange_rows(cells)
     runner = Engine(lm, contexts, batch_size=batch_size, skip_noops=skip_noops,
                     progress=progress)
+    out = run_naive(lm, contexts, rows, reduce) if engine == "naive" else runner.run(rows, reduce)
     clean = {"base": runner.clean_readout(BASE_CONTEXT),
              "source": runner.clean_readout(SOURCE_CONTEXT)}
-    if engine == "naive":
-        return run_naive(lm, contexts, rows, reduce), clean
-    return runner.run(rows, reduce), clean
+    return out, clean
 
 
 # --- the whole experiment -------------------------------------------------------------------
@@ -241,11 +198,11 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
     position and token: ``prob`` and ``logit`` at the last position after the patch) and,
     with ``attribution``, ``attribution`` (estimates next to exact effects, correlations).
     """
-    components = parse_components(components)
+    components = parse_sites(components)
     base_ids, source_ids = align_prompts(lm, base, source)
     seq_len = base_ids.shape[1]
-    layers = parse_indices(layers, lm.n_layers, "LAYERS")
-    positions = parse_indices(positions, seq_len, "POSITIONS")
+    layers = parse_layers(layers, lm.n_layers)
+    positions = parse_positions(positions, seq_len)
     tokens = list(tokens)
     token_ids = answer_token_ids(lm, tokens)
     ids_t = torch.tensor(token_ids, device=lm.device)
@@ -336,23 +293,6 @@ def set_threads(n: int = 0) -> int:
     n = n or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(n)
     return n
-
-
-def cached_result(path, key_params: dict, force: bool = False) -> dict | None:
-    """The stored payload at ``path`` if it was computed with the same ``key_params``
-    (compared through :func:`lib.io.params_key`) and ``force`` is off; else None."""
-    from pathlib import Path
-
-    from lib.io import params_key, read_json
-
-    path = Path(path)
-    if force or not path.exists():
-        return None
-    try:
-        stored = read_json(path)
-    except ValueError:
-        return None
-    return stored if stored.get("params_key") == params_key(key_params) else None
 
 
 # --- tables (figures: lib.plots.interchange) ---------------------------------------------

@@ -16,6 +16,9 @@ Names understood by :func:`load_model`:
 
 GGUF files are dequantised once (30-100 s) and cached as safetensors under
 ``lib.paths.MODEL_CACHE``; later loads take a few seconds. ``trust_remote_code`` is never set.
+
+Every loaded tokenizer refuses an empty prompt and a prompt longer than the model's context
+(:class:`PromptError`, with the length and the limit), wherever in the library it is called.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import json
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,72 @@ class ModelUnavailableError(RuntimeError):
     """The model exists but cannot be loaded here (no network, package missing)."""
 
 
+class PromptError(ValueError):
+    """An empty prompt, or one longer than the model's context."""
+
+
+def check_model_name(name) -> str:
+    """Refuse, without loading anything, a model name that :func:`load_model` cannot resolve:
+    not a string, empty, or neither a known short name, a local directory nor a hub id."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFoundError(f"model name {name!r} is empty; known short names: "
+                                 f"{', '.join(KNOWN_MODELS)}")
+    if name in KNOWN_MODELS or Path(name).expanduser().is_dir() or _looks_like_hub_id(name):
+        return name
+    raise ModelNotFoundError(
+        f"unknown model {name!r}. Known short names: {', '.join(KNOWN_MODELS)}; "
+        "or pass a Hugging Face id ('owner/name') or a local model directory.")
+
+
+_GUARDED: dict[type, type] = {}
+
+
+def _lengths(ids) -> list[int]:
+    if hasattr(ids, "shape"):
+        return [int(ids.shape[-1])] if len(ids.shape) else [1]
+    if ids and isinstance(ids[0], (list, tuple)) or (ids and hasattr(ids[0], "shape")):
+        return [len(x) for x in ids]
+    return [len(ids)]
+
+
+def guard_tokenizer(tokenizer, model_name: str, max_tokens: int | None):
+    """Make ``tokenizer`` refuse empty prompts and prompts of more than ``max_tokens`` tokens.
+
+    The tokenizer's class is swapped for a subclass whose ``__call__`` checks its input and
+    output, so every caller (notebooks and library alike) gets the check."""
+    base = type(tokenizer)
+    if getattr(base, "_causal_guarded", False):
+        base = base.__mro__[1]
+    guarded = _GUARDED.get(base)
+    if guarded is None:
+        def __call__(self, text=None, *args, **kwargs):
+            prompt_like = kwargs.get("add_special_tokens", True)
+            texts = [text] if isinstance(text, str) else (
+                text if isinstance(text, (list, tuple)) else [])
+            for t in texts:
+                if isinstance(t, str) and prompt_like and not t.strip():
+                    raise PromptError(f"empty prompt {t!r} for {self._causal_model}: give a "
+                                      "prompt with at least one non-space character")
+            enc = base.__call__(self, text, *args, **kwargs)
+            limit = self._causal_max_tokens
+            ids = enc.get("input_ids") if hasattr(enc, "get") else None
+            if limit and ids is not None:
+                longest = max(_lengths(ids), default=0)
+                if longest > limit:
+                    raise PromptError(
+                        f"prompt is {longest} tokens, longer than the context of "
+                        f"{self._causal_model} ({limit} tokens); shorten it to at most {limit} "
+                        "tokens")
+            return enc
+        guarded = type(base.__name__, (base,), {"__call__": __call__, "_causal_guarded": True,
+                                                "__module__": base.__module__})
+        _GUARDED[base] = guarded
+    tokenizer.__class__ = guarded
+    tokenizer._causal_model = model_name
+    tokenizer._causal_max_tokens = max_tokens
+    return tokenizer
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer and the facts every intervention needs."""
@@ -72,11 +140,14 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: dict = field(default_factory=dict)  # provenance: file, sha256 or revision
+    max_tokens: int | None = None  # the context: longest prompt the model reads
 
     @property
     def slug(self) -> str:
-        """File-system-safe model name (no slashes) used for output folders."""
-        return self.name.strip("/").replace("/", "__")
+        """File-system-safe model name (no slashes) used for output folders (:func:`lib.io.slug`)."""
+        from lib.io import slug
+
+        return slug(self.name)
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Token ids (batch, pos) for one or several equal-length texts, on the model's device."""
@@ -137,6 +208,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_model_name(name)
     if name in TINY_MODELS:
         model, tokenizer, source = _build_tiny(name, seed)
     elif name in EMBEDDED_MODELS:
@@ -162,9 +234,11 @@ def _describe(name, model, tokenizer, dev, dt, source) -> LoadedModel:
     n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
     d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
+    max_tokens = (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None))
+    guard_tokenizer(tokenizer, name, max_tokens)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, spec=spec, n_layers=n_layers,
                        n_heads=n_heads, d_model=d_model, d_head=d_head, device=dev, dtype=dt,
-                       source=source)
+                       source=source, max_tokens=max_tokens)
 
 
 # --- embedded GGUF models -------------------------------------------------------------------
@@ -205,7 +279,8 @@ def _load_embedded(name: str):
     marker = cache_dir / "source.json"
     if not marker.exists():
         convert_gguf(name, cache_dir)
-    source = json.loads(marker.read_text())
+    # Caches written before conversion times were dropped still hold one: never pass it on.
+    source = {k: v for k, v in json.loads(marker.read_text()).items() if k != "converted_in_s"}
     model, tokenizer, _ = _load_pretrained(str(cache_dir), torch.device("cpu"), {})
     return model, tokenizer, source
 
@@ -215,7 +290,6 @@ def convert_gguf(name: str, cache_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path(name)
-    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
@@ -233,8 +307,8 @@ def convert_gguf(name: str, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    source = {"kind": "gguf", "file": gguf.name, "sha256": _sha256(gguf),
-              "converted_in_s": round(time.perf_counter() - started, 1)}
+    # No timing here: source.json goes into every result's provenance.
+    source = {"kind": "gguf", "file": gguf.name, "sha256": _sha256(gguf)}
     (tmp / "source.json").write_text(json.dumps(source, indent=2))
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)

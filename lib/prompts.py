@@ -5,12 +5,17 @@ mapping to a non-empty prompt string, e.g. ``{"cpp": "Write a C++ ...", "python"
 Python ..."}``. Entry ``i`` of a file is a *minimal pair*: the same task in the two domains.
 The committed files live in ``prompt_set/`` (``<domain_a>_<domain_b>.json``); any file of the
 same shape can be passed to the notebooks instead.
+
+A prompt repeated on one side while the pairs differ (published prompt sets have this) is a
+:class:`DuplicatePromptWarning` naming the entries, and the file loads; an entry that repeats a
+whole pair is an error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,10 @@ DEFAULT_PAIR_FILES = ("cpp_python.json", "finance_medical.json", "science_maths.
 
 class PromptFileError(ValueError):
     """A prompt file that does not have the documented shape."""
+
+
+class DuplicatePromptWarning(UserWarning):
+    """One side of a pair file repeats a prompt (the pairs themselves differ)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,12 @@ def load_pairs(path: str | os.PathLike) -> PromptPairs:
         raise PromptFileError(f"{path}: entry 0 must be an object with exactly two keys (the two "
                               f"domain names), got {first!r:.120}")
     domains = tuple(first)
+    if not all(isinstance(d, str) and d.strip() for d in domains) or domains[0] == domains[1]:
+        raise PromptFileError(f"{path}: entry 0's keys {list(domains)} must be two different, "
+                              "non-empty domain names")
     seen = {d: {} for d in domains}
+    seen_pairs: dict[tuple[str, str], int] = {}
+    repeats: list[str] = []
     columns = {d: [] for d in domains}
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
@@ -87,12 +101,27 @@ def load_pairs(path: str | os.PathLike) -> PromptPairs:
                 raise PromptFileError(f"{where}, key {d!r}: prompt must be a string, got "
                                       f"{type(text).__name__}")
             if not text.strip():
-                raise PromptFileError(f"{where}, key {d!r}: prompt is empty")
+                raise PromptFileError(f"{where}, key {d!r}: prompt is empty; write the prompt "
+                                      "or remove the entry")
+        pair = (entry[domains[0]], entry[domains[1]])
+        if pair in seen_pairs:
+            raise PromptFileError(f"{where} repeats the whole pair of entry {seen_pairs[pair]} "
+                                  f"({pair[0]!r:.60} / {pair[1]!r:.60}); remove one of them")
+        seen_pairs[pair] = i
+        for d in domains:
+            text = entry[d]
             if text in seen[d]:
-                raise PromptFileError(f"{where}, key {d!r}: duplicate of entry {seen[d][text]} "
-                                      f"({text!r:.80})")
-            seen[d][text] = i
+                repeats.append(f"entry {i} repeats entry {seen[d][text]} on {d!r} "
+                               f"({text!r:.60})")
+            else:
+                seen[d][text] = i
             columns[d].append(text)
+    if repeats:
+        shown = "; ".join(repeats[:10]) + (f"; and {len(repeats) - 10} more"
+                                           if len(repeats) > 10 else "")
+        warnings.warn(f"{path}: {len(repeats)} prompt(s) repeated on one side while the pairs "
+                      f"differ: {shown}. The file is used as it is.", DuplicatePromptWarning,
+                      stacklevel=2)
     return PromptPairs(path.stem, domains, tuple(columns[domains[0]]),
                        tuple(columns[domains[1]]), str(path))
 

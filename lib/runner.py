@@ -5,23 +5,35 @@
     python -m lib.runner --notebooks 05 -p N_PROMPTS=8 -p LAYERS='"0,1"'
     python -m lib.runner --help                           # lists notebooks and parameters
 
-The model goes in as the notebook parameter ``MODEL``; ``-p NAME=VALUE`` sets any other one
-(VALUE is read as JSON when it parses, else as a string). Executed copies, with their inline
-figures, are kept as ``runs/<model>/<notebook>.ipynb``. The run stops at the first failing
-notebook and prints the notebook, the cell and the error; the failed copy is kept as
-``runs/<model>/<notebook>.failed.ipynb``.
+The model goes in as the notebook parameter ``MODEL``; ``-p NAME=VALUE`` sets any other one.
+Before anything runs, every value is checked against the declaring notebooks' ``parameters``
+cells (:mod:`lib.params`): a name that no selected notebook declares, a value of the wrong
+type (VALUE is the text itself for a ``str`` parameter, JSON for the others) or out of range,
+an unknown model or an unwritable ``--runs-dir`` is a one-line error and exit code 2, before
+any kernel starts. A notebook gets only the parameters it declares. Torch in every kernel uses
+``--threads`` CPU threads (default 2, the thread count of the committed results).
+
+Executed copies, with their inline figures, are kept as ``runs/<model>/<notebook>.ipynb``.
+The run stops at the first failing notebook (an error, a cell past ``--timeout``, a dead
+kernel) and prints the notebook, the cell and the error, exit code 1; the failed copy is kept
+as ``runs/<model>/<notebook>.failed.ipynb`` and removed by the next successful run of that
+notebook. SIGTERM, SIGHUP and Ctrl-C stop the run and shut the kernel down with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
-from lib import paths
-from lib.models import DEFAULT_MODEL
+from lib import io, paths
+from lib.models import DEFAULT_MODEL, ModelNotFoundError, check_model_name
+from lib.params import CliText, ParameterError, check_params, read_parameters
+
+DEFAULT_THREADS = 2  # torch CPU threads in every kernel; the committed results use 2
 
 
 def list_notebooks(folder: Path = paths.NOTEBOOKS) -> list[Path]:
@@ -40,36 +52,36 @@ def select_notebooks(selectors: list[str] | None, folder: Path = paths.NOTEBOOKS
         match = [p for p in available if p.stem == sel or p.stem.split("_")[0] == sel]
         if not match:
             names = ", ".join(p.stem for p in available) or "(none)"
-            raise SystemExit(f"no notebook matches {sel!r}; available: {names}")
+            raise ParameterError(f"no notebook matches {sel!r}; available: {names}")
         chosen.extend(m for m in match if m not in chosen)
     return sorted(chosen)
 
 
 def parse_params(pairs: list[str]) -> dict:
+    """``["NAME=VALUE", ...]`` -> ``{NAME: CliText(VALUE)}``; each value is converted to its
+    declared type by :func:`lib.params.check_value` once the notebooks are known."""
     params = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"parameter {pair!r} must look like NAME=VALUE")
+            raise ParameterError(f"parameter {pair!r} must look like NAME=VALUE, e.g. "
+                                 "-p N_PROMPTS=8")
         key, value = pair.split("=", 1)
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+        key = key.strip()
+        if not key.isidentifier():
+            raise ParameterError(f"parameter name {key!r} (in {pair!r}) is not a name; write "
+                                 "NAME=VALUE, e.g. -p N_PROMPTS=8")
+        params[key] = CliText(value)
     return params
 
 
 def describe_notebooks(folder: Path = paths.NOTEBOOKS) -> str:
     """Each notebook with its parameters (from the ``parameters`` cell), for ``--help``."""
-    import papermill as pm
-
     lines = []
     for nb in list_notebooks(folder):
         lines.append(f"  {nb.stem}")
         try:
-            for name, info in pm.inspect_notebook(str(nb)).items():
-                help_text = f"  # {info['help']}" if info.get("help") else ""
-                lines.append(f"      {name}: {info['inferred_type_name']} = {info['default']}"
-                             f"{help_text}")
+            for param in read_parameters(nb).values():
+                lines.append(f"      {param.describe()}")
         except Exception as err:  # a broken notebook should not break --help
             lines.append(f"      (cannot read parameters: {err})")
     return "\n".join(lines) if lines else "  (no notebooks found)"
@@ -77,6 +89,15 @@ def describe_notebooks(folder: Path = paths.NOTEBOOKS) -> str:
 
 class NotebookFailed(RuntimeError):
     pass
+
+
+def takes_model(notebook: Path) -> bool:
+    """Whether the notebook's ``parameters`` cell has ``MODEL``. One that does not (a notebook
+    without a language model, like 08_das_mlp) runs once, whatever ``models`` says, and its
+    executed copy goes to ``runs/<name without the number>/``."""
+    import papermill as pm
+
+    return "MODEL" in pm.inspect_notebook(str(notebook))
 
 
 def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> None:
@@ -96,43 +117,138 @@ def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> Non
     nbformat.write(nb, str(executed))
 
 
+def check_runs_dir(runs_dir: Path) -> None:
+    """Refuse a ``--runs-dir`` that cannot be created or written, before anything runs."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=runs_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ParameterError(f"--runs-dir {runs_dir} is not writable ({err.strerror or err}); "
+                             "choose a folder you can write to, e.g. --runs-dir /tmp/runs") from None
+
+
+def check_run(notebooks: list[Path], models: list[str], params: dict | None,
+              runs_dir: Path, check_models: bool = True) -> dict[Path, dict]:
+    """Everything that can be checked before a kernel starts; returns each notebook's own
+    checked parameters. Raises :class:`lib.params.ParameterError` (or
+    :class:`lib.models.ModelNotFoundError`) naming the problem and the fix."""
+    if not models:
+        raise ParameterError("no model given; use e.g. --models smollm2-135m")
+    for model in models:
+        if not isinstance(model, str) or not model.strip():
+            raise ParameterError(f"model name {model!r} is empty; use e.g. --models smollm2-135m")
+        if check_models:
+            check_model_name(model)
+    params = dict(params or {})
+    if "MODEL" in params:
+        raise ParameterError("set the model with --models, not -p MODEL=...")
+    per_notebook = check_params(notebooks, params)
+    check_runs_dir(runs_dir)
+    return per_notebook
+
+
+def _clean_strays(out_dir: Path, nb: Path) -> None:
+    """After a successful run: remove the failed copy and running copies of earlier runs."""
+    (out_dir / f"{nb.stem}.failed.ipynb").unlink(missing_ok=True)
+    for stray in out_dir.glob(f".{nb.stem}.running*.ipynb"):
+        stray.unlink(missing_ok=True)
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGTERM / SIGHUP, so that the kernel is shut down."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None = None,
                   runs_dir: Path = paths.RUNS, timeout: int | None = None,
-                  kernel_name: str = "python3", progress: bool = True) -> list[Path]:
+                  kernel_name: str = "python3", progress: bool = True,
+                  check_models: bool = False, threads: int | None = None) -> list[Path]:
     """Execute ``notebooks`` for each model in order; returns the executed copies.
 
+    Parameters are checked first (:func:`check_run`); each notebook gets the ones it declares.
+    ``threads`` sets torch's CPU threads in the kernels (None: the environment's default).
     Raises :class:`NotebookFailed` with the notebook, cell and error at the first failure.
     """
+    per_notebook = check_run(notebooks, models, params, Path(runs_dir), check_models)
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(int(threads))
+    try:
+        return _run_all(notebooks, models, per_notebook, Path(runs_dir), timeout, kernel_name,
+                        progress)
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_all(notebooks, models, per_notebook, runs_dir, timeout, kernel_name, progress):
     import papermill as pm
     from tqdm.auto import tqdm
 
     done = []
-    jobs = [(m, nb) for m in models for nb in notebooks]
+    with_model = {nb: takes_model(nb) for nb in notebooks}
+    jobs = [(m, nb) for m in models for nb in notebooks if with_model[nb]]
+    jobs += [(None, nb) for nb in notebooks if not with_model[nb]]
     bar = tqdm(jobs, desc="notebooks", unit="nb", disable=not progress)
     for model, nb in bar:
-        slug = model.strip("/").replace("/", "__")
+        slug = io.slug(model) if model is not None else nb.stem.split("_", 1)[-1]
         out_dir = Path(runs_dir) / slug
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / nb.name
         tmp = out_dir / f".{nb.stem}.running.ipynb"
+        failed = out_dir / f"{nb.stem}.failed.ipynb"
         bar.set_postfix_str(f"{slug}: {nb.stem}")
-        run_params = {"MODEL": model, **(params or {})}
+        run_params = {**({"MODEL": model} if model is not None else {}),
+                      **per_notebook[Path(nb)]}
         try:
             pm.execute_notebook(str(nb), str(tmp), parameters=run_params, kernel_name=kernel_name,
                                 execution_timeout=timeout, progress_bar=False,
                                 cwd=str(paths.REPO_ROOT))
         except pm.PapermillExecutionError as err:
-            failed = out_dir / f"{nb.stem}.failed.ipynb"
-            os.replace(tmp, failed)
+            if tmp.exists():
+                os.replace(tmp, failed)
             source = "\n".join("      " + line for line in err.source.splitlines()[:15])
             raise NotebookFailed(
                 f"{nb.name} failed for model {model!r} in cell {err.cell_index} "
                 f"(execution {err.exec_count}):\n{source}\n  {err.ename}: {err.evalue}\n"
                 f"  executed copy with the traceback: {failed}") from None
+        except BaseException as err:
+            if tmp.exists():
+                os.replace(tmp, failed)
+            if isinstance(err, TimeoutError):  # nbclient's CellTimeoutError
+                raise NotebookFailed(
+                    f"{nb.name} for model {model!r}: a cell ran longer than --timeout {timeout} s "
+                    f"and was stopped; raise --timeout or use smaller parameters. Executed copy: "
+                    f"{failed}") from None
+            if isinstance(err, (KeyboardInterrupt, _Stopped)):
+                raise
+            raise NotebookFailed(f"{nb.name} for model {model!r} did not finish: "
+                                 f"{type(err).__name__}: {str(err)[:300]}. Executed copy: "
+                                 f"{failed}") from None
         _relative_papermill_paths(tmp, nb, target)
         os.replace(tmp, target)
+        _clean_strays(out_dir, nb)
         done.append(target)
     return done
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,30 +260,50 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lib.runner",
         description="Run numbered notebooks through papermill, per model, in order.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="notebooks and their parameters:\n" + describe_notebooks(known.notebook_dir)
+        epilog="notebooks and their parameters ([...] is the allowed range):\n"
+        + describe_notebooks(known.notebook_dir)
         if ("-h" in (argv or sys.argv[1:]) or "--help" in (argv or sys.argv[1:])) else None)
     parser.add_argument("--notebooks", nargs="*", default=["all"],
                         help="numbers (00 01 ...), names, or 'all' (default)")
     parser.add_argument("--models", nargs="*", default=[DEFAULT_MODEL],
                         help=f"model names (default {DEFAULT_MODEL})")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="notebook parameter (JSON value, or a plain string)")
+                        help="notebook parameter: the text itself for str parameters, JSON for "
+                             "int, float, bool and list ones")
     parser.add_argument("--runs-dir", type=Path, default=paths.RUNS,
                         help="where executed copies go (default runs/)")
     parser.add_argument("--notebook-dir", type=Path, default=folder_default,
                         help="folder of numbered notebooks (default notebooks/)")
-    parser.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    parser.add_argument("--timeout", type=_positive_int, default=None,
+                        help="seconds per cell")
+    parser.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS,
+                        help=f"torch CPU threads in each kernel (default {DEFAULT_THREADS}; "
+                             "results move at the last digits with it, see the README)")
     args = parser.parse_args(argv)
-    notebooks = select_notebooks(args.notebooks, args.notebook_dir)
-    if not notebooks:
-        print(f"no numbered notebooks in {args.notebook_dir}", file=sys.stderr)
-        return 2
     try:
-        done = run_notebooks(notebooks, args.models, parse_params(args.param), args.runs_dir,
-                             args.timeout)
+        notebooks = select_notebooks(args.notebooks, args.notebook_dir)
+        if not notebooks:
+            print(f"error: no numbered notebooks in {args.notebook_dir}", file=sys.stderr)
+            return 2
+        params = parse_params(args.param)
+        check_run(notebooks, args.models, params, args.runs_dir)
+    except (ParameterError, ModelNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        done = run_notebooks(notebooks, args.models, params, args.runs_dir, args.timeout,
+                             threads=args.threads)
     except NotebookFailed as err:
         print(f"\nFAILED: {err}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Stopped) as err:
+        print(f"\nSTOPPED ({type(err).__name__} {err}): the kernel was shut down; rerun to "
+              "resume (finished units and results are kept)", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for path in done:
         print(f"wrote {path}")
     return 0

@@ -299,27 +299,6 @@ def build_comparisons(pair_sets: Sequence, cross: bool = True) -> list[Compariso
     return out
 
 
-def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
-    """``"all"`` -> every layer; ``"0,3,5"`` (or a list) -> those layers, checked and sorted."""
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text in ("all", ""):
-            return list(range(n_layers))
-        try:
-            layers = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-        except ValueError:
-            raise ValueError(f"LAYERS must be 'all' or comma-separated integers like '0,3,5', "
-                             f"got {spec!r}") from None
-    else:
-        layers = [int(x) for x in spec]
-    layers = [l + n_layers if l < 0 else l for l in layers]
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: the model has {n_layers} layers "
-                         f"(0 to {n_layers - 1})")
-    return sorted(dict.fromkeys(layers))
-
-
 def _check_names(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
     values = [values] if isinstance(values, str) else list(values)
     bad = [v for v in values if v not in allowed]
@@ -440,24 +419,3 @@ def prompts_digest(pair_sets: Sequence) -> str:
     text = json.dumps([[ps.name, list(ps.domains), list(ps.a), list(ps.b)] for ps in pair_sets],
                       ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def load_current(path, parameters: dict) -> dict | None:
-    """The scores file at ``path`` if it exists, parses, has the schema and was written with
-    exactly ``parameters`` (its ``provenance.parameters``); otherwise None."""
-    import json
-    from pathlib import Path
-
-    from lib.io import dumps
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        validate_scores(payload)
-    except (ValueError, OSError):
-        return None
-    if payload.get("provenance", {}).get("parameters") != json.loads(dumps(parameters)):
-        return None
-    return payload

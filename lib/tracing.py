@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from lib.engine import Capture, Context, Engine, Ref, Row, run_naive
 from lib.hooks import Intervention, capture
-from lib.io import dumps, params_key, provenance, read_json, write_json
+from lib.io import params_key, provenance, read_current, write_json
 from lib.sites import site_name
 
 TRACE_KINDS = ("hidden", "mlp", "attention")
@@ -570,26 +570,12 @@ def summarize_facts(results: Sequence[dict], effects=None) -> dict:
 
 # --- results on disk ---------------------------------------------------------------------------
 
-def read_if_current(path, parameters: dict):
-    """The JSON at ``path`` if it exists and was written with exactly ``parameters`` (as
-    stored in its provenance), else None."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        data = read_json(path)
-    except ValueError:
-        return None
-    stored = (data.get("provenance") or {}).get("parameters")
-    return data if dumps(stored) == dumps(parameters) else None
-
-
 def load_or_compute(path, lm, parameters: dict, compute, force: bool = False,
                     seed: int | None = None) -> dict:
     """Read ``path`` when it holds a result of the same ``parameters`` (unless ``force``);
     otherwise call ``compute()`` (a JSON-ready dict), write it atomically with provenance
     and return it (without the provenance block)."""
-    found = None if force else read_if_current(path, parameters)
+    found = read_current(path, parameters, force=force)
     if found is not None:
         found.pop("provenance", None)
         return found

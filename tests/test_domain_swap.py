@@ -29,11 +29,12 @@ def test_swap_with_own_activation_changes_nothing(lm):
     assert np.allclose(run.base["b_into_a"]["mass_a"], run.base["a_into_b"]["mass_a"], atol=1e-6)
 
 
-def test_batched_equals_naive_seed_algorithm(lm):
+def test_batched_equals_naive_loop(lm):
     layers = list(range(lm.n_layers))
     fast = ds.run_pair(lm, PAIRS, layers, token_ids=TOKEN_IDS, zero=True, batch_size=5,
+                       pairs_per_engine=3, progress=False)
+    slow = ds.run_pair(lm, PAIRS, layers, token_ids=TOKEN_IDS, zero=True, naive=True,
                        progress=False)
-    slow = ds.run_pair_naive(lm, PAIRS, layers, token_ids=TOKEN_IDS, zero=True)
     for kind in ("swap", "zero"):
         for side in ds.SIDES:
             for key in ("kl", "mass_a", "mass_b"):
@@ -177,21 +178,30 @@ def test_scores_lookup_ranking_and_errors(tmp_path):
         ds.pair_layer_scores(scores, "code_prose", "attn_out", "mmd")
 
 
-def test_parse_helpers():
-    assert ds.parse_layers("all", 3) == [0, 1, 2]
-    assert ds.parse_layers("2, 0,2", 3) == [0, 2]
-    with pytest.raises(ValueError, match="out of range"):
-        ds.parse_layers("3", 3)
-    with pytest.raises(ValueError, match="comma-separated"):
-        ds.parse_layers("first", 3)
-    assert ds.parse_list(["a", "b"]) == ["a", "b"] and ds.parse_list("0, 0.5", float) == [0.0, 0.5]
 
 
-def test_last_token_rows_rejects_other_positions(llama):
-    ids = llama.tokenize("hello")
-    with pytest.raises(ValueError, match="last position"):
-        ds.last_token_rows(llama, ids, None, [[Intervention("blocks.0.mlp_out", positions=(0,),
-                                                            kind="zero")]])
+
+def test_one_swap_equals_the_seed_algorithm_by_hand(llama):
+    """Capture B's last-token MLP output in B's own run, patch it into A's last token, KL(A || A
+    swapped): the seed's cross-swap, written out with lib.hooks."""
+    from lib.hooks import capture, patch
+
+    one = PAIRS.head(1)
+    layer = 1
+    site = site_name("mlp_out", layer)
+    run = ds.run_pair(llama, one, [layer], ["mlp_out"], TOKEN_IDS, progress=False)
+    ids_a, ids_b = llama.tokenize(one.a[0]), llama.tokenize(one.b[0])
+    with torch.no_grad():
+        with capture(llama, [site]) as cache:
+            llama.model(input_ids=ids_b)
+        base = llama.model(input_ids=ids_a).logits[0, -1].double()
+        last = ids_a.shape[1] - 1
+        with patch(llama, [Intervention(site, positions=(last,), value=cache[site][:, -1:])]):
+            swapped = llama.model(input_ids=ids_a).logits[0, -1].double()
+    p, q = base.log_softmax(-1), swapped.log_softmax(-1)
+    kl = float((p.exp() * (p - q)).sum())
+    assert run.swap["b_into_a"]["kl"][0, 0, 0] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+    assert kl > 1e-4
 
 
 @pytest.fixture(scope="module")

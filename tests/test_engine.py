@@ -9,7 +9,7 @@ import torch
 
 from lib.engine import (Batch, Capture, Context, Engine, Ref, Row, merge_interventions, plan,
                         row_start, run, run_naive)
-from lib.hooks import Intervention, count_hooks
+from lib.hooks import Intervention, NonFiniteError, allow_nonfinite, count_hooks
 from lib.models import load_model
 
 ARCHS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
@@ -216,10 +216,12 @@ def test_nan_from_an_intervention_names_the_site_and_row(tiny):
     base = tiny.tokenize("The capital of Spain is")
     bad = Intervention("blocks.0.mlp_out", positions=(2,), kind="add",
                        value=torch.full((tiny.d_model,), float("nan")))
-    with pytest.raises(FloatingPointError, match=r"blocks\.0\.mlp_out.*check_finite"):
+    with pytest.raises(NonFiniteError, match=r"blocks\.0\.mlp_out.*rows \['row 1'\].*allow_nonfinite"):
         run(tiny, [Context(base)], [Row(0), Row(0, [bad])])
     out = run(tiny, [Context(base)], [Row(0, [bad])], check_finite=False)
     assert torch.isnan(out).all()
+    with allow_nonfinite():   # the one switch of lib.hooks holds for the engine too
+        assert torch.isnan(run(tiny, [Context(base)], [Row(0, [bad])])).all()
 
 
 def test_bad_rows_give_clear_errors(tiny):

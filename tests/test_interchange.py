@@ -9,10 +9,9 @@ import torch
 from lib.attribution import attribution_patching, correlations
 from lib.hooks import Intervention, patch, run_with_cache
 from lib.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
-                             align_prompts, cached_result, grid_cells, interchange_rows,
-                             node_order, parse_components, parse_indices, run_interchange,
-                             strongest_cells, sweep_interchange)
-from lib.io import params_key, provenance, read_json, write_json
+                             align_prompts, grid_cells, interchange_rows,
+                             node_order, run_interchange, strongest_cells, sweep_interchange)
+from lib.io import params_key, provenance, read_current, read_json, write_json
 from lib.models import load_model
 from lib.plots.interchange import (plot_attribution, plot_attribution_scatter, plot_heatmap,
                                    plot_layer_bars)
@@ -112,19 +111,7 @@ def test_answer_token_must_be_one_token(llama):
         run_interchange(llama, BASE, SOURCE, ["xy", "z"], progress=False)
 
 
-def test_parameter_parsing():
-    assert parse_indices("all", 4, "LAYERS") == [0, 1, 2, 3]
-    assert parse_indices("3, 0,-1", 5, "LAYERS") == [0, 3, 4]
-    assert parse_indices([1, 1], 3, "LAYERS") == [1]
-    assert parse_indices(-1, 6, "POSITIONS") == [5]
-    with pytest.raises(ValueError, match=r"LAYERS \[7\] out of range"):
-        parse_indices("7", 4, "LAYERS")
-    with pytest.raises(ValueError, match="comma-separated"):
-        parse_indices("first", 4, "LAYERS")
-    assert parse_components("mlp_out, attn_in") == ["mlp_out", "attn_in"]
-    assert parse_components(["mlp_output", "attention_input"]) == ["mlp_out", "attn_in"]
-    with pytest.raises(ValueError, match="unknown component 'mlp'"):
-        parse_components("mlp")
+def test_node_order():  # parameter parsing: tests/test_params.py
     assert node_order(["mlp_out", "attn_in"], [0, 1]) == ["a0", "f0", "a1", "f1"]
     assert node_order(["resid_pre", "embed"], [2]) == ["embed", "resid_pre2"]
 
@@ -250,10 +237,10 @@ def test_records_schema_and_json_round_trip(llama, payload, tmp_path):
     back = read_json(path)
     assert back["provenance"]["model"]["name"] == "tiny-random-llama"
     assert back["records"] == [dict(r) for r in payload["records"]]
-    assert cached_result(path, key) is not None
-    assert cached_result(path, {**key, "BASE": "other"}) is None
-    assert cached_result(path, key, force=True) is None
-    assert cached_result(tmp_path / "missing.json", key) is None
+    assert read_current(path, key) is not None
+    assert read_current(path, {**key, "BASE": "other"}) is None
+    assert read_current(path, key, force=True) is None
+    assert read_current(tmp_path / "missing.json", key) is None
 
 
 def test_same_inputs_give_identical_results(llama, payload):

@@ -20,6 +20,10 @@ def test_write_json_has_provenance_and_is_byte_stable(tmp_path, monkeypatch):
     assert prov["parameters"] == {"k": 5}
     assert {"torch", "transformers", "python"} <= set(prov["versions"])
     assert "git_commit" in prov and prov["created_utc"].endswith("+00:00")
+    import torch
+
+    assert prov["torch_threads"] == torch.get_num_threads()
+    assert prov["device"] == "cpu" and prov["dtype"] == "float32"
     assert data["scores"][2] is None  # NaN is not valid JSON
     before = target.read_bytes()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # a later run, a different time
@@ -78,3 +82,22 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
     save_figure(fig, "demo", "tiny", graphs_dir=tmp_path)
     assert written[1].read_bytes() == first_pdf
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["demo.pdf", "demo.png"]
+
+
+def test_provenance_carries_no_timing(monkeypatch):
+    lm = load_model("tiny-random")
+    monkeypatch.setattr(lm, "source", {"kind": "gguf", "sha256": "ab", "converted_in_s": 22.6})
+    prov = io.provenance(lm, {"k": 1}, seed=0)
+    assert prov["model"]["source"] == {"kind": "gguf", "sha256": "ab"}
+    assert set(prov) == {"model", "parameters", "seed", "device", "dtype", "torch_threads",
+                         "versions", "git_commit", "created_utc"}
+
+
+def test_read_current_compares_the_given_parameters_with_provenance(tmp_path):
+    target = tmp_path / "r.json"
+    io.write_json(target, {"x": 1}, io.provenance(None, {"A": 1, "B": [1, 2], "NAME": "n"}))
+    assert io.read_current(target, {"A": 1, "B": [1, 2]})["x"] == 1  # a subset is enough
+    assert io.read_current(target, {"A": 2}) is None
+    assert io.read_current(target, {"C": 1}) is None
+    assert io.read_current(target, {"A": 1}, force=True) is None
+    assert target.exists()  # a stale result is kept (it is only overwritten on success)

@@ -78,3 +78,17 @@ def test_gemma3_tokenizer_is_whole_words():
     ids = lm.tokenize("The capital of Spain is")
     assert ids.shape[1] == 6  # <bos> + five whole words
     assert lm.n_layers == 18
+
+
+def test_tokenizer_guard_keeps_the_tokenizer_and_knows_the_context():
+    from transformers import PreTrainedTokenizerBase
+
+    from lib.models import PromptError
+
+    lm = models.load_model("tiny-random-gpt2")
+    assert lm.max_tokens == 256
+    assert isinstance(lm.tokenizer, PreTrainedTokenizerBase)
+    assert lm.tokenizer("a" * 255)["input_ids"][-1] == lm.tokenizer("a")["input_ids"][-1]
+    with pytest.raises(PromptError, match="257 tokens, longer than the context"):
+        lm.tokenizer("a" * 256)  # BOS + 256 bytes
+    assert lm.tokenizer(" ", add_special_tokens=False)["input_ids"]  # a space token is fine

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lib import paths
-from lib.prompts import (DEFAULT_PAIR_FILES, PromptFileError, PromptPairs, load_pair_files,
-                         load_pairs)
+from lib.prompts import (DEFAULT_PAIR_FILES, DuplicatePromptWarning, PromptFileError,
+                         PromptPairs, load_pair_files, load_pairs)
 
 GOOD = [{"cpp": "Write C++ code.", "python": "Write Python code."},
         {"cpp": "Sort in C++.", "python": "Sort in Python."},
@@ -92,9 +92,19 @@ def test_empty_prompt(tmp_path):
     _expect_error(tmp_path, bad, "entry 1", "'python'", "empty")
 
 
-def test_duplicate_prompt(tmp_path):
-    bad = GOOD + [{"cpp": "Something new.", "python": "Sort in Python."}]
-    _expect_error(tmp_path, bad, "entry 3", "'python'", "duplicate of entry 1")
+def test_one_side_repeating_a_prompt_is_a_warning_naming_the_entries(tmp_path):
+    data = GOOD + [{"cpp": "Something new.", "python": "Sort in Python."}]
+    path = write(tmp_path, data)
+    with pytest.warns(DuplicatePromptWarning) as record:
+        pairs = load_pairs(path)
+    message = str(record[0].message)
+    assert str(path) in message and "entry 3 repeats entry 1 on 'python'" in message
+    assert len(pairs) == 4 and pairs.b[3] == pairs.b[1]  # the run goes on, file unchanged
+
+
+def test_a_repeated_pair_is_an_error(tmp_path):
+    bad = GOOD + [dict(GOOD[1])]
+    _expect_error(tmp_path, bad, "entry 3", "repeats the whole pair of entry 1")
 
 
 def test_wrong_type(tmp_path):

@@ -34,8 +34,8 @@ def test_stops_at_first_failure_and_names_notebook_cell_error(tmp_path):
 
 
 def test_cli_exit_codes_and_help(tmp_path, capsys):
-    rc = runner.main(["--notebook-dir", str(NB_DIR), "--notebooks", "01", "--models", "x",
-                      "--runs-dir", str(tmp_path)])
+    rc = runner.main(["--notebook-dir", str(NB_DIR), "--notebooks", "01", "--models",
+                      "tiny-random", "--runs-dir", str(tmp_path)])
     assert rc == 1
     assert "deliberate failure" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
@@ -43,12 +43,119 @@ def test_cli_exit_codes_and_help(tmp_path, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "00_ok" in out and "REPEAT: int = 2" in out and "01_fail" in out
-    with pytest.raises(SystemExit, match="no notebook matches '07'"):
+    with pytest.raises(runner.ParameterError, match="no notebook matches '07'"):
         runner.select_notebooks(["07"], NB_DIR)
 
 
-def test_parse_params():
-    assert runner.parse_params(["A=3", "B=true", 'C="x"', "D=hello", "E=[1, 2]"]) == \
-        {"A": 3, "B": True, "C": "x", "D": "hello", "E": [1, 2]}
-    with pytest.raises(SystemExit, match="NAME=VALUE"):
+def test_parse_params_keeps_the_text_until_the_type_is_known():
+    from lib.params import CliText, ParameterError
+
+    parsed = runner.parse_params(["A=3", "B=true", 'C="x"', "D=hello", "E=[1, 2]", "F=a=b"])
+    assert parsed == {"A": "3", "B": "true", "C": '"x"', "D": "hello", "E": "[1, 2]", "F": "a=b"}
+    assert all(isinstance(v, CliText) for v in parsed.values())
+    with pytest.raises(ParameterError, match="NAME=VALUE"):
         runner.parse_params(["oops"])
+
+
+def test_notebook_without_model_runs_once_under_its_own_name(tmp_path):
+    notebooks = runner.select_notebooks(["00", "02"], NB_DIR)
+    assert runner.takes_model(notebooks[0]) and not runner.takes_model(notebooks[1])
+    done = runner.run_notebooks(notebooks, ["m1", "m2"], {"REPEAT": 3}, runs_dir=tmp_path,
+                                progress=False)
+    assert done == [tmp_path / "m1" / "00_ok.ipynb", tmp_path / "m2" / "00_ok.ipynb",
+                    tmp_path / "no_model" / "02_no_model.ipynb"]
+    nb = json.loads(done[2].read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "no modelno modelno model" in text
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "MODEL" not in "".join(injected[0]["source"])
+
+
+def test_cli_values_are_converted_to_the_declared_type(tmp_path):
+    notebooks = runner.select_notebooks(["00"], NB_DIR)
+    checked = runner.check_run(notebooks, ["m"], runner.parse_params(["REPEAT=3"]), tmp_path,
+                               check_models=False)
+    assert checked[notebooks[0]] == {"REPEAT": 3}
+
+
+def test_a_successful_run_removes_the_failed_and_running_copies_of_earlier_runs(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "00_ok.failed.ipynb").write_text("{}")
+    (out / ".00_ok.running.ipynb").write_text("{}")
+    runner.run_notebooks(runner.select_notebooks(["00"], NB_DIR), ["m"], runs_dir=tmp_path,
+                         progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["00_ok.ipynb"]
+
+
+def _sleep_notebook(folder: Path) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                  "language": "python"}}
+    params = nbformat.v4.new_code_cell('MODEL: str = "m"  # model\nPID_FILE: str = ""  # pid file')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        'import os, time\nopen(PID_FILE, "w").write(str(os.getpid()))\ntime.sleep(300)')]
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i}"
+    nbformat.write(nb, str(folder / "00_sleep.ipynb"))
+    return folder
+
+
+def test_the_kernel_dies_with_the_runner(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = _sleep_notebook(tmp_path)
+    pid_file = tmp_path / "kernel.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib.runner", "--notebook-dir", str(folder), "--models",
+         "tiny-random", "--runs-dir", str(tmp_path / "runs"), "-p", f"PID_FILE={pid_file}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        kernel = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "STOPPED" in err and "kernel was shut down" in err
+    for _ in range(50):
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(kernel, signal.SIGKILL)
+        pytest.fail("the kernel outlived the runner")
+    assert (tmp_path / "runs" / "tiny-random" / "00_sleep.failed.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_a_small_notebook_rerun_gives_byte_identical_results(tmp_path, monkeypatch):
+    """05 on a tiny model, twice, into two folders: the result JSON is the same byte for byte
+    (the time is pinned with SOURCE_DATE_EPOCH; the rest of provenance has no timing)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    nb = runner.select_notebooks(["05"])
+    outputs = []
+    for run in ("first", "second"):
+        params = {"BASE": "abcd", "SOURCE": "abce", "TOKENS": ["x", "y"], "LAYERS": "all",
+                  "NAME": "bytes", "FULL_COMPUTE_DIR": str(tmp_path / run / "fc"),
+                  "GRAPHS_DIR": str(tmp_path / run / "graphs"), "ATTRIBUTION": False}
+        runner.run_notebooks(nb, ["tiny-random"], params, runs_dir=tmp_path / run / "runs",
+                             progress=False)
+        outputs.append(tmp_path / run / "fc" / "tiny-random" / "interchange_bytes.json")
+    first, second = (p.read_bytes() for p in outputs)
+    assert first == second
+    prov = json.loads(first)["provenance"]
+    assert prov["torch_threads"] >= 1 and prov["device"] == "cpu" and prov["dtype"] == "float32"
+    assert "converted_in_s" not in json.dumps(prov)

@@ -159,15 +159,6 @@ def test_same_seed_same_result_other_seed_differs():
     assert S.sliced_wasserstein(X, Y, seed=1) != S.sliced_wasserstein(X, Y, seed=2)
 
 
-def test_parse_layers():
-    assert S.parse_layers("all", 4) == [0, 1, 2, 3]
-    assert S.parse_layers("3, 0,0", 4) == [0, 3]
-    assert S.parse_layers("-1", 4) == [3]
-    with pytest.raises(ValueError, match="out of range"):
-        S.parse_layers("4", 4)
-    with pytest.raises(ValueError, match="comma-separated"):
-        S.parse_layers("first", 4)
-
 
 def _pairs(name, da, db, n):
     return PromptPairs(name, (da, db), tuple(f"{da} prompt number {i}" for i in range(n)),

@@ -9,7 +9,8 @@ shows or saves it: the notebook displays it and calls :func:`lib.plots.save_figu
 
 from __future__ import annotations
 
-from lib.interchange import ATTRIBUTION_KEYS, RECORD_KEYS, parse_indices
+from lib.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
+from lib.params import parse_positions
 
 
 def records_frame(payload: dict):
@@ -62,7 +63,7 @@ def plot_layer_bars(payload: dict, position: int = -1, title: str = ""):
     from plotnine import (aes, element_text, facet_wrap, geom_hline, geom_rect, ggplot, labs,
                           scale_x_continuous, scale_y_log10, theme, theme_bw)
 
-    position = parse_indices(position, len(payload["base"]["tokens"]), "BAR_POSITION")[0]
+    position = parse_positions(position, len(payload["base"]["tokens"]), "BAR_POSITION")[0]
     if position not in payload["positions"]:
         raise ValueError(f"position {position} was not patched; patched positions: "
                          f"{payload['positions']}")

@@ -1,0 +1,101 @@
+"""Distributed alignment search on the small MLPs of notebook 08: the experiment steps.
+
+Geiger, Wu et al. 2023, "Finding alignments between interpretable causal variables and
+distributed neural representations" (hierarchical equality, section 4); the thesis experiments
+of maraPislar (ABAB pattern tasks, wrong-causal-model ablation). The pieces are
+:mod:`lib.causal_model` (tasks and counterfactual data), :mod:`lib.mlp` (networks) and
+:mod:`lib.das` (rotated-subspace interventions); this module strings them together so that the
+notebook stays thin, and caches trained networks as safetensors (never pickles) under
+``.cache/das_mlp/`` keyed by everything that determines them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lib import das, paths
+from lib.causal_model import CausalModel, CounterfactualDataset, encode
+from lib.io import params_key
+from lib.mlp import MLP, accuracy, interchange_data, load_mlp, save_mlp, train_mlp
+
+CACHE = paths.REPO_ROOT / ".cache" / "das_mlp"
+
+
+def network_path(model: CausalModel, n_train: int, n_test: int, epochs: int, batch_size: int,
+                 lr: float, seed: int, h_dim: int = 16, n_layers: int = 3,
+                 cache_dir: Path = CACHE, init: str = "torch") -> Path:
+    """Where :func:`task_network` caches the network trained with these settings."""
+    spec = {"task": model.name, "n_train": n_train, "n_test": n_test, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "h_dim": h_dim,
+            "n_layers": n_layers, "init": init, "version": 2}
+    return Path(cache_dir) / f"{model.name}-{params_key(spec)}.safetensors"
+
+
+def task_network(model: CausalModel, n_train: int, n_test: int, epochs: int, batch_size: int,
+                 lr: float, seed: int, h_dim: int = 16, n_layers: int = 3,
+                 cache_dir: Path | None = CACHE, force: bool = False,
+                 init: str = "torch") -> tuple[MLP, dict]:
+    """Train an MLP on ``model``'s factual task (or load the cached one); returns it and
+    ``{"curve", "test_accuracy", "n_train", "n_test"}``. Training and test inputs come from
+    different seeds (fresh random object vectors).
+
+    ``init`` (see :class:`lib.mlp.MLP`): ``"torch"``, nn.Linear's default, is what the DAS
+    tutorial's recorded run had (transformers 4.x left ``PreTrainedModel._init_weights`` a no-op,
+    so pyvene's MLP kept PyTorch's initialisation); ``"normal"`` (N(0, 0.02²)) is what
+    transformers 5 does to the same model, and trains worse here (test accuracy 0.981 against
+    0.998 for seed 0)."""
+    path = (network_path(model, n_train, n_test, epochs, batch_size, lr, seed, h_dim, n_layers,
+                         cache_dir, init) if cache_dir else None)
+    x_test, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
+    x_test = encode(x_test, model.inputs)
+    if path is not None and path.exists() and not force:
+        net, meta = load_mlp(path)
+        return net, {**meta, "cached": True}
+    x, y = model.factual_dataset(n_train, seed=seed * 1000 + 1)
+    net = MLP(d_in=x_test.shape[1], h_dim=h_dim, n_layers=n_layers, seed=seed, init=init)
+    curve = train_mlp(net, encode(x, model.inputs), y, epochs, batch_size, lr, seed,
+                      x_test, y_test)
+    info = {"curve": curve, "test_accuracy": accuracy(net, x_test, y_test), "n_train": n_train,
+            "n_test": n_test, "test_label_counts": torch.bincount(y_test, minlength=2).tolist()}
+    net.eval()
+    if path is not None:
+        save_mlp(net, path, info)
+    return net, {**info, "cached": False}
+
+
+def das_at_layer(net: MLP, layer: int, train: CounterfactualDataset,
+                 test: CounterfactualDataset, epochs: int, batch_size: int, lr: float, seed: int,
+                 subspaces=None, progress: bool = False) -> tuple[das.RotatedSpaceIntervention, dict]:
+    """Train a full rotation at block ``layer`` (each intermediate variable owns an equal share
+    of the rotated coordinates unless ``subspaces`` says otherwise); returns it and its
+    held-out IIA, the IIA of a random rotation with the same subspaces, and the curve."""
+    d = net.h_dim
+    k = len(train.intermediates)
+    subspaces = subspaces or [(j * d // k, (j + 1) * d // k) for j in range(k)]
+    train_data = interchange_data(net, layer, train)
+    test_data = interchange_data(net, layer, test)
+    module = das.RotatedSpaceIntervention(d, subspaces, seed=seed)
+
+    def head(h):
+        return net.forward_from(layer, h)
+
+    out = das.train_das(module, head, train_data, epochs, batch_size, lr, seed, test_data,
+                        progress=progress)
+    control = das.random_control(module, seed=seed + 1)
+    seconds = [row.pop("seconds") for row in out["curve"]]
+    result = {"layer": layer, "iia": das.iia(module, head, test_data),
+              "control_iia": das.iia(control, head, test_data), "curve": out["curve"],
+              "trainable_parameters": out["trainable_parameters"],
+              "orthogonality_error": das.orthogonality_error(module),
+              "n_train": len(train), "n_test": len(test), "semantics": train.semantics,
+              "subspaces": [list(s) for s in subspaces]}
+    result["seconds_per_epoch"] = sum(seconds) / len(seconds)  # timing: printed, not stored
+    return module, result
+
+
+def iia_on(net: MLP, layer: int, module: das.RotatedSpaceIntervention,
+           test: CounterfactualDataset) -> float:
+    """IIA of a trained ``module`` on counterfactuals ``test`` (possibly of another model)."""
+    return das.iia(module, lambda h: net.forward_from(layer, h), interchange_data(net, layer, test))

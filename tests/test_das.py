@@ -1,0 +1,235 @@
+"""Rotated-subspace interventions: swaps they must equal, orthogonality through training, the
+random control, safetensors round trip, lib.hooks integration with gradients, the hand-built
+MLP (factual accuracy and vanilla-swap IIA 1.00), and errors."""
+
+import pytest
+import torch
+
+from lib import das
+from lib.causal_model import encode, hierarchical_equality
+from lib.mlp import MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp, save_mlp
+
+torch.set_num_threads(1)
+D = 16
+
+
+def _acts(n=32, seed=0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = shape or (n, D)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_identity_rotation_over_all_dims_equals_vanilla_swap():
+    base, src, _ = _acts()
+    iv = das.RotatedSpaceIntervention(D)
+    iv.set_rotation(torch.eye(D))
+    assert torch.allclose(iv(base, src), src, atol=1e-6)
+    # and with two halves, each from its own source: a vanilla half swap
+    iv2 = das.RotatedSpaceIntervention(D, [(0, 8), (8, 16)])
+    iv2.set_rotation(torch.eye(D))
+    base, s1, s2 = _acts(seed=1)
+    masks = torch.tensor([[True, False], [False, True], [True, True], [False, False]]).repeat(8, 1)
+    out = iv2(base, [s1, s2], masks)
+    expected = base.clone()
+    expected[masks[:, 0], :8] = s1[masks[:, 0], :8]
+    expected[masks[:, 1], 8:] = s2[masks[:, 1], 8:]
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out[~masks.any(1)], base[~masks.any(1)])
+
+
+def test_any_full_rotation_over_all_dims_is_a_full_swap():
+    base, src, _ = _acts(seed=2)
+    iv = das.RotatedSpaceIntervention(D, seed=5)
+    assert torch.allclose(iv(base, src), src, atol=1e-5)
+
+
+def test_low_rank_with_k_equal_d_is_a_full_swap_and_smaller_k_is_a_projection():
+    base, src, _ = _acts(seed=3)
+    full = das.LowRankRotatedSpaceIntervention(D, rank=D, seed=1)
+    assert torch.allclose(full(base, src), src, atol=1e-5)
+    low = das.LowRankRotatedSpaceIntervention(D, rank=3, seed=1)
+    R = low.R.detach()
+    assert torch.allclose(low(base, src), base + (src - base) @ R @ R.T, atol=1e-6)
+    # the part of the base orthogonal to span(R) is untouched
+    P = torch.eye(D) - R @ R.T
+    assert torch.allclose(low(base, src) @ P, base @ P, atol=1e-5)
+
+
+def test_boundless_mask_covering_everything_is_a_full_swap():
+    base, src, _ = _acts(seed=4)
+    iv = das.BoundlessRotatedSpaceIntervention(D, init_fraction=1.0, temperature=1e-3, seed=2)
+    assert torch.allclose(iv.coordinate_masks(), torch.ones(1, D))
+    assert torch.allclose(iv(base, src), src, atol=1e-5)
+    half = das.BoundlessRotatedSpaceIntervention(D, init_fraction=0.25, temperature=1e-3)
+    assert half.coordinate_masks().sum().item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", ["full", "low_rank", "boundless"])
+@pytest.mark.parametrize("orth", ["matrix_exp", "cayley", "householder"])
+def test_rotation_stays_orthogonal_through_training(kind, orth):
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(D, 2)
+    base, s1, s2 = _acts(256, seed=6)
+    data = das.InterchangeData(base, torch.stack([s1, s2]),
+                               torch.randint(0, 2, (256, 2), generator=g).bool(),
+                               torch.randint(0, 2, (256,), generator=g))
+    if kind == "full":
+        iv = das.RotatedSpaceIntervention(D, [(0, 8), (8, 16)], orthogonal_map=orth)
+    elif kind == "low_rank":
+        iv = das.LowRankRotatedSpaceIntervention(D, 6, [(0, 3), (3, 6)], orthogonal_map=orth)
+    else:
+        iv = das.BoundlessRotatedSpaceIntervention(D, [(0, 8), (8, 16)], orthogonal_map=orth)
+    before = iv.R.detach().clone()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    out = das.train_das(iv, head, data, epochs=5, batch_size=32, lr=0.05, seed=0)
+    assert not torch.allclose(iv.R.detach(), before)          # it did train
+    assert das.orthogonality_error(iv) <= 1e-5
+    assert len(out["curve"]) == 5 and out["steps"] == 40
+    if kind == "boundless":
+        assert iv.temperature == pytest.approx(0.1)
+
+
+def test_training_learns_a_planted_subspace_and_the_random_control_does_not():
+    """A head that reads only rotated coordinates 0..3 of a hidden rotation Q: DAS on that
+    subspace reaches IIA near 1; the random control of the same rank stays near chance."""
+    g = torch.Generator().manual_seed(0)
+    Q = das.random_rotation(D, D, seed=9)
+    w = torch.randn(4, generator=g)
+
+    def head(h):
+        score = (h @ Q[:, :4]) @ w
+        return torch.stack([-score, score], -1) * 5
+
+    n = 4096
+    base, src, _ = _acts(n, seed=7)
+    labels = ((src @ Q[:, :4]) @ w > 0).long()       # the source's value decides
+    data = das.InterchangeData(base, src[None], torch.ones(n, 1, dtype=torch.bool), labels)
+    iv = das.LowRankRotatedSpaceIntervention(D, 4, seed=0)
+    das.train_das(iv, head, data, epochs=30, batch_size=512, lr=0.02, seed=0)
+    assert das.iia(iv, head, data) > 0.95
+    control = das.random_control(iv, seed=1)
+    assert control.config() == iv.config()
+    assert not any(p.requires_grad for p in control.parameters())
+    assert das.iia(control, head, data) < 0.8
+    with pytest.raises(das.DASError, match="no trainable"):
+        das.train_das(control, head, data, epochs=1)
+
+
+def test_batch_shuffle_keeps_each_block_of_batch_size_together():
+    """shuffle="batches" (the tutorial's sampler): every batch is one run of consecutive
+    examples; the loss seen per step equals that of training on exactly those blocks."""
+    n, bs = 96, 32
+    base, s1, _ = _acts(n, seed=11)
+    seen = []
+
+    def head(h):
+        seen.append(h.detach().clone())
+        return torch.stack([h[:, 0], -h[:, 0]], -1)
+
+    data = das.InterchangeData(base, s1[None], torch.zeros(n, 1, dtype=torch.bool),
+                               torch.zeros(n, dtype=torch.long))
+    iv = das.RotatedSpaceIntervention(D, seed=0)
+    das.train_das(iv, head, data, epochs=2, batch_size=bs, lr=1e-3, seed=0, shuffle="batches")
+    blocks = {tuple(base[i:i + bs].flatten().tolist()) for i in range(0, n, bs)}
+    assert len(seen) == 6
+    for h in seen:                                   # no swap: the head sees the bases
+        assert tuple(h.flatten().tolist()) in blocks
+    with pytest.raises(das.DASError, match="shuffle"):
+        das.train_das(iv, head, data, epochs=1, shuffle="rows")
+
+
+def test_mlp_init_torch_and_normal_differ_and_are_seeded():
+    a, b = MLP(16, 16, 3, seed=3, init="torch"), MLP(16, 16, 3, seed=3, init="torch")
+    c = MLP(16, 16, 3, seed=3, init="normal")
+    assert torch.equal(a.blocks[0].weight, b.blocks[0].weight)
+    assert float(c.blocks[0].weight.std()) == pytest.approx(0.02, rel=0.2)
+    assert float(a.blocks[0].weight.abs().max()) <= 0.25 + 1e-6   # U(-1/sqrt(16), 1/sqrt(16))
+    assert float(a.blocks[0].bias.abs().sum()) > 0 and float(c.blocks[0].bias.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("kind", ["full", "low_rank", "boundless"])
+def test_save_and_load_safetensors(tmp_path, kind):
+    iv = das.build({"full": {"kind": "full", "d": D, "subspaces": [(0, 8), (8, 16)], "seed": 3},
+                    "low_rank": {"kind": "low_rank", "d": D, "rank": 5, "seed": 3},
+                    "boundless": {"kind": "boundless", "d": D, "seed": 3,
+                                  "init_fraction": 0.3}}[kind])
+    path = das.save_intervention(iv, tmp_path / "rot.safetensors", {"layer": 0})
+    back, meta = das.load_intervention(path)
+    assert meta == {"layer": 0} and back.config()["kind"] == kind
+    assert torch.allclose(back.R, iv.R, atol=1e-6)
+    base, src, _ = _acts(seed=8)
+    assert torch.allclose(back(base, src), iv(base, src), atol=1e-5)
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    with pytest.raises(FileNotFoundError, match="train and save"):
+        das.load_intervention(tmp_path / "missing.safetensors")
+
+
+def test_through_lib_hooks_gradients_reach_the_rotation():
+    from lib.hooks import capture, patch
+    from lib.models import load_model
+
+    lm = load_model("tiny-random-llama")
+    base_ids, src_ids = lm.tokenize("abcdef"), lm.tokenize("ghijkl")
+    site = "blocks.0.resid_post"
+    with capture(lm, [site]) as cache:
+        lm.model(input_ids=src_ids)
+    d = cache[site].shape[-1]
+    src = cache[site][:, [2, 3]]
+    iv = das.LowRankRotatedSpaceIntervention(d, 2, seed=0)
+    hook_iv = das.hooks_intervention(iv, site, src, positions=(2, 3))
+    assert hook_iv.kind == "function"
+    with patch(lm, [hook_iv]):
+        logits = lm.model(input_ids=base_ids).logits
+    logits[0, -1].logsumexp(-1).backward()
+    grads = [p.grad for p in iv.parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # a full-rank rotation over all dimensions equals patching in the source activation
+    full = das.RotatedSpaceIntervention(d, seed=1)
+    with torch.no_grad():
+        with patch(lm, [das.hooks_intervention(full, site, cache[site])]):
+            patched = lm.model(input_ids=base_ids).logits
+        clean_src = lm.model(input_ids=src_ids).logits
+    assert torch.allclose(patched, clean_src, atol=1e-4)
+
+
+def test_hand_built_mlp_accuracy_and_vanilla_half_swap_iia():
+    model = hierarchical_equality(object_dim=2)
+    net = hand_built_equality_mlp()
+    x, y = model.factual_dataset(100_000, seed=0)
+    assert accuracy(net, encode(x, model.inputs), y) == 1.0
+    data = interchange_data(net, 0, model.counterfactual_dataset(2048, seed=1))
+    vanilla = das.RotatedSpaceIntervention(8, [(0, 4), (4, 8)])
+    vanilla.set_rotation(torch.eye(8))
+    assert das.iia(vanilla, lambda h: net.forward_from(0, h), data) == 1.0
+    # swapping the wrong halves breaks it: the check can fail
+    wrong = das.RotatedSpaceIntervention(8, [(4, 8), (0, 4)])
+    wrong.set_rotation(torch.eye(8))
+    assert das.iia(wrong, lambda h: net.forward_from(0, h), data) < 0.9
+
+
+def test_mlp_save_load(tmp_path):
+    net = MLP(seed=1)
+    path = save_mlp(net, tmp_path / "mlp.safetensors", {"note": "x"})
+    back, meta = load_mlp(path)
+    x = torch.randn(5, 16)
+    assert torch.equal(back(x), net(x)) and meta == {"note": "x"}
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(das.DASError, match="overlap"):
+        das.RotatedSpaceIntervention(D, [(0, 9), (8, 16)])
+    with pytest.raises(das.DASError, match="inside"):
+        das.RotatedSpaceIntervention(D, [(0, 17)])
+    with pytest.raises(das.DASError, match="rank"):
+        das.LowRankRotatedSpaceIntervention(D, 0)
+    with pytest.raises(das.DASError, match="orthogonal_map"):
+        das.RotatedSpaceIntervention(D, orthogonal_map="qr")
+    iv = das.RotatedSpaceIntervention(D, [(0, 8), (8, 16)])
+    base, s1, _ = _acts()
+    with pytest.raises(das.DASError, match="one per subspace"):
+        iv(base, [s1])
+    with pytest.raises(das.DASError, match="width"):
+        iv(base[:, :8], s1[:, :8])
+    with pytest.raises(ValueError, match="layer"):
+        MLP().hidden(base, 3)

@@ -1,0 +1,84 @@
+"""lib.params: the parameters-cell reader, the validator and the one parser each for layers,
+positions, lists and sites (the same meaning in every notebook)."""
+
+import papermill as pm
+import pytest
+
+from lib import paths
+from lib.params import (CliText, ParameterError, check_value, parse_layers, parse_list,
+                        parse_positions, parse_sites, read_parameters)
+from lib.runner import list_notebooks
+
+
+def test_layers_mean_the_same_everywhere():
+    assert parse_layers("all", 4) == [0, 1, 2, 3] == parse_layers("", 4)
+    assert parse_layers("3, 0,-1", 5) == [0, 3, 4]
+    assert parse_layers("-1", 30) == [29]
+    assert parse_layers([1, 1], 3) == [1]
+    assert parse_layers(2, 3) == [2]
+    assert parse_positions(-1, 6) == [5]
+    with pytest.raises(ValueError, match=r"LAYERS \[7\] out of range"):
+        parse_layers("7", 4)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_layers("first", 4)
+
+
+def test_lists_and_sites():
+    assert parse_list(["a", "b"]) == ["a", "b"]
+    assert parse_list("0, 0.5", float) == [0.0, 0.5]
+    assert parse_list((1, 2), float) == [1.0, 2.0]
+    assert parse_sites("mlp_out, attn_in") == ["mlp_out", "attn_in"]
+    assert parse_sites(["mlp_output", "attention_input", "mlp_out"]) == ["mlp_out", "attn_in"]
+    with pytest.raises(ValueError, match="unknown component 'mlp'"):
+        parse_sites("mlp")
+
+
+@pytest.mark.parametrize("nb", list_notebooks(), ids=lambda p: p.stem)
+def test_every_notebook_declares_typed_parameters_that_papermill_reads_alike(nb):
+    declared = read_parameters(nb)  # also checks every default against its own rule
+    inspected = pm.inspect_notebook(str(nb))
+    assert list(declared) == list(inspected)
+    for name, p in declared.items():
+        assert p.type == inspected[name]["inferred_type_name"], name
+    assert {"MODEL"} <= set(declared)
+    assert declared["MODEL"].rule == "model"
+    for name, p in declared.items():  # every bracket at the start of a comment is a real rule
+        assert p.help.startswith("[") == (p.rule is not None), (name, p.help)
+
+
+def test_rules_and_plain_brackets():
+    from lib.params import rule_of
+
+    assert rule_of("[0..] count") == "0.." and rule_of("[-1..4]") == "-1..4"
+    assert rule_of("[a|b_c|d-e] x") == "a|b_c|d-e"
+    assert rule_of("[some of hidden|mlp] x") == "some of hidden|mlp"
+    assert rule_of("[layers] x") == "layers"
+    assert rule_of("[0, L) the layers") is None and rule_of('[{"prompt"}] facts') is None
+    assert rule_of("no rule") is None
+
+
+def test_the_validator_converts_cli_text_by_declared_type():
+    nb = paths.NOTEBOOKS / "02_all_model_causal.ipynb"
+    ps = read_parameters(nb)
+    assert check_value(ps["N_PROMPTS"], CliText("8")) == 8
+    assert check_value(ps["ALPHAS"], CliText("[0, 1]")) == [0.0, 1.0]
+    assert check_value(ps["FORCE"], CliText("True")) is True
+    assert check_value(ps["LAYERS"], CliText("5")) == "5"
+    assert check_value(ps["LAYERS"], CliText('"0,1"')) == "0,1"
+    assert check_value(ps["INJECT_LAYER"], -1) == -1
+    with pytest.raises(ParameterError, match="INJECT_LAYER.*at least -1"):
+        check_value(ps["INJECT_LAYER"], -2)
+    with pytest.raises(ParameterError, match="N_PROMPTS.*bool"):
+        check_value(ps["N_PROMPTS"], True)
+
+
+def test_a_default_that_breaks_its_own_rule_is_refused(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell('MODEL: str = "m"  # [model]\nN: int = -1  # [0..] count')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell]
+    nbformat.write(nb, str(tmp_path / "00_x.ipynb"))
+    with pytest.raises(ParameterError, match="N=-1"):
+        read_parameters(tmp_path / "00_x.ipynb")
