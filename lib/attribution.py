@@ -60,10 +60,15 @@ def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
     sites = list(dict.fromkeys(sites))
     engine = Engine(lm, [Context(base_ids, name="base"), Context(source_ids, name="source")],
                     skip_noops=False)
-    # both clean runs come from one batched pass, so identical inputs give identical values
     base_cache, src_cache = ({s: v[None] for s, v in
                               engine.clean_readout(c, Capture(tuple(sites))).items()}
                              for c in (0, 1))
+    # Where base and source agree on every token up to p, their activations at p are the same
+    # (causal attention); batched runs may differ there in the last bits, so set them equal.
+    shared = int((base_ids[0] != source_ids[0]).to(torch.long).cumsum(0).eq(0).sum())
+    for site in sites:
+        src_cache[site] = src_cache[site].clone()
+        src_cache[site][:, :shared] = base_cache[site][:, :shared]
 
     # A "function" intervention that returns the tensor it receives puts that tensor into the
     # graph: the metric's gradient with respect to it is dm/da at every position. The model's

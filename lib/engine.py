@@ -434,6 +434,11 @@ def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:
     return _restrict(iv, lambda p: p >= start)
 
 
+# sites of a block that no later position reads inside that block (only the residual stream
+# carries them on, to the next block's attention)
+_AFTER_ATTENTION = ("head_out", "attn_out", "mlp_in", "mlp_out", "resid_post")
+
+
 class _Group:
     """Stored clean runs of the contexts of one length (identical contexts share a slot)."""
 
@@ -621,8 +626,43 @@ class Engine:
             if not isinstance(r, Row):
                 raise TypeError(f"rows must be lib.engine.Row, got {type(r).__name__}")
             self._check_ctx(r.context)
+        same = [self._reads_an_identical_prefix(r) for r in rows]
         rows = self._resolve(rows, grad)
-        return self._run_resolved(rows, readout, grad)
+        return self._run_resolved(rows, readout, grad, noop_hint=same)
+
+    def _unread(self, ivs: Sequence[Intervention], length: int) -> bool:
+        """Whether the last position's output cannot depend on these interventions: all of
+        them sit in the last block after its attention (nothing reads them but their own
+        position) at positions before the last."""
+        last_layer = self.lm.n_layers - 1
+        return bool(ivs) and all(
+            parse_site(iv.site) in {(k, last_layer) for k in _AFTER_ATTENTION}
+            and iv.positions is not None and max(iv.positions) < length - 1 for iv in ivs)
+
+    def _reads_an_identical_prefix(self, row: Row) -> bool:
+        """Whether every intervention of ``row`` replaces a site with the same site of another
+        plain context whose tokens agree with the row's up to the patched positions: by causal
+        attention the values are the same, so the row changes nothing (even where two batched
+        runs differ in the last bits)."""
+        if not row.interventions:
+            return False
+        ids = self.contexts[row.context].input_ids[0]
+        for iv in row.interventions:
+            ref = iv.value
+            if iv.kind != "replace" or not isinstance(ref, Ref) or ref.interventions \
+                    or ref.site != iv.site or iv.positions is None \
+                    or ref.positions not in (None, iv.positions):
+                return False
+            if not 0 <= ref.context < len(self.contexts):
+                return False  # resolution names the bad context
+            other = self.contexts[ref.context]
+            if self.ctx_ivs[row.context] or self.ctx_ivs[ref.context]:
+                return False
+            last = max(iv.positions)
+            if other.length <= last or not torch.equal(ids[:last + 1],
+                                                       other.input_ids[0, :last + 1]):
+                return False
+        return True
 
     def _row_ivs(self, row: Row) -> list[Intervention]:
         length = self.contexts[row.context].length
@@ -657,7 +697,8 @@ class Engine:
                              for s, v in current.items()))
         return flags
 
-    def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows"):
+    def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows",
+                      noop_hint: Sequence[bool] | None = None):
         lm = self.lm
         n = len(rows)
         ivs = [self._row_ivs(r) for r in rows]
@@ -669,6 +710,10 @@ class Engine:
             low = min(max(0, site_layer(s)) for s in readout.sites)
             starts = [(p, min(l, low)) for p, l in starts]
         noop = self._noop_flags(rows, ivs, readout, grad)
+        if self.skip_noops and not grad:
+            hints = noop_hint or [False] * n
+            noop = [a or b or (not isinstance(readout, Capture) and self._unread(v, length))
+                    for a, b, v, length in zip(noop, hints, ivs, lengths)]
         for length in set(lengths):
             self._ensure(self.groups[length],
                          readout.sites if isinstance(readout, Capture) else ())

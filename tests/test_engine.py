@@ -237,3 +237,21 @@ def test_bad_rows_give_clear_errors(tiny):
     with pytest.raises(ValueError, match="one non-empty prompt"):
         Context(torch.zeros(2, 3, dtype=torch.long))
     assert count_hooks(tiny.model) == 0
+
+
+def test_patches_nothing_reads_are_noops(tiny):
+    """In the last block, what comes after attention at an earlier position reaches no later
+    position: the last position's logits are the clean ones exactly, without running."""
+    base, other = tiny.tokenize("The capital of Spain is"), tiny.tokenize("The capital of Italy is")
+    last = tiny.n_layers - 1
+    p = int((base != other)[0].nonzero()[0])  # the first token where the prompts differ
+    rows = [Row(0, [Intervention(f"blocks.{last}.{k}", positions=(p,), value=Ref(1, f"blocks.{last}.{k}"))])
+            for k in ("attn_out", "mlp_in", "mlp_out", "resid_post", "head_out")]
+    reads = Row(0, [Intervention(f"blocks.{last}.attn_in", positions=(p,),
+                                 value=Ref(1, f"blocks.{last}.attn_in"))])  # attention reads it
+    engine = Engine(tiny, [Context(base), Context(other)])
+    got = engine.run(rows + [reads])
+    assert engine.stats["rows_noop"] == len(rows) and engine.stats["rows_run"] == 1
+    assert torch.equal(got[:-1], engine.clean_readout(0).expand(len(rows), -1))
+    naive = run_naive(tiny, [Context(base), Context(other)], rows + [reads])
+    assert float((got - naive).abs().max()) <= 1e-5

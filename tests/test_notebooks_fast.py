@@ -23,7 +23,7 @@ N_PAIRS = 4
 
 # Output folders: whichever of these a notebook declares is redirected to the temporary tree.
 FOLDERS = {"SCORES_DIR": "scores", "TOKEN_SETS_DIR": "token_sets",
-           "FULL_COMPUTE_DIR": "full_compute", "GRAPHS_DIR": "graphs"}
+           "FULL_COMPUTE_DIR": "full_compute", "GRAPHS_DIR": "graphs", "CACHE_DIR": "cache"}
 # Small sizes, given to every notebook that declares the parameter.
 SMALL = {"N_PROMPTS": N_PAIRS, "N_BOOTSTRAP": 50, "N_PERMUTATIONS": 50, "SAMPLES": 2}
 FAST_PARAMETERS = {
@@ -37,6 +37,10 @@ FAST_PARAMETERS = {
     "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
     # IOI names are several bytes: the metric reads each name's first byte (lib.ioi.name_token)
     "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 1, "N_RECEIVERS": 1},
+    # no language model: the sizes of its MLPs' data and training runs
+    "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
+           "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
+           "DAS_BATCH": 128, "SWEEP_N_TRAIN": 256, "LAYERS": "0,1", "SEMANTICS": "independent"},
 }
 NOTEBOOKS = list_notebooks()
 
@@ -201,6 +205,15 @@ def check_07(ws, executed):
 
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
           "05": check_05, "06": check_06, "07": check_07}
+def check_08(ws, executed):
+    out = ws["FULL_COMPUTE_DIR"] / "das_mlp"
+    hand = json.loads((out / "hand_built.json").read_text())
+    assert hand["factual_accuracy"] == 1.0 and hand["iia"] == {"independent": 1.0}
+    assert len(list(out.glob("*.json"))) >= 3
+
+
+CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
+          "05": check_05, "06": check_06, "08": check_08}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
