@@ -203,8 +203,6 @@ def check_07(ws, executed):
                    "ioi_queries", "eap")))
 
 
-CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
-          "05": check_05, "06": check_06, "07": check_07}
 def check_08(ws, executed):
     out = ws["FULL_COMPUTE_DIR"] / "das_mlp"
     hand = json.loads((out / "hand_built.json").read_text())
@@ -213,7 +211,7 @@ def check_08(ws, executed):
 
 
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
-          "05": check_05, "06": check_06, "08": check_08}
+          "05": check_05, "06": check_06, "07": check_07, "08": check_08}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
