@@ -57,7 +57,7 @@ import torch
 
 from lib.hooks import (Intervention, NonFiniteError, SiteError, _Hooks, _hook_point,
                        check_finite as _check_finite)
-from lib.sites import parse_site, site_name
+from lib.sites import HEAD_SITES, parse_site, site_name
 
 
 
@@ -418,7 +418,7 @@ def _restrict(iv: Intervention, keep_position) -> Intervention | None:
         return iv
     value = iv.value
     if value is not None:
-        pos_dim = -3 if parse_site(iv.site)[0] == "head_out" else -2
+        pos_dim = -3 if parse_site(iv.site)[0] in HEAD_SITES else -2
         if value.dim() >= -pos_dim and value.shape[pos_dim] == len(iv.positions):
             value = value.index_select(value.dim() + pos_dim,
                                        torch.tensor(keep, device=value.device))
@@ -829,8 +829,8 @@ def _substitute(iv: Intervention, cache: dict, key) -> Intervention:
     full = cache[key(ref)]
     positions = ref.positions if ref.positions is not None else iv.positions
     value = full if positions is None else full[:, list(positions)]
-    if iv.heads is not None and parse_site(ref.site)[0] == "head_out" and \
-            parse_site(iv.site)[0] == "head_out":
+    if iv.heads is not None and parse_site(ref.site)[0] in HEAD_SITES and \
+            parse_site(iv.site)[0] in HEAD_SITES:
         value = value[:, :, list(iv.heads)]
     return replace(iv, value=value, source=iv.source or f"ref:context {ref.context} {ref.site}")
 
@@ -923,7 +923,7 @@ def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None
         full = forward(ref.context, ref.interventions, Capture((ref.site,)), False)[ref.site]
         positions = ref.positions if ref.positions is not None else iv.positions
         value = (full if positions is None else full[list(positions)])[None]
-        if iv.heads is not None and parse_site(ref.site)[0] == "head_out":
+        if iv.heads is not None and parse_site(ref.site)[0] in HEAD_SITES:
             value = value[:, :, list(iv.heads)]
         return replace(iv, value=value)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lib.sites import LAYER_SITES, parse_site
+from lib.sites import HEAD_SITES, KNOWN_LAYER_SITES, parse_site
 
 KINDS = ("replace", "add", "zero", "function")
 
@@ -66,7 +66,7 @@ class Intervention:
     positions: tuple[int, ...] | None = None  # absolute token positions; None = all
     kind: str = "replace"                     # replace | add | zero | function
     rows: tuple[int, ...] | None = None       # batch rows it applies to; None = all rows
-    heads: tuple[int, ...] | None = None      # only for head_out; None = all heads
+    heads: tuple[int, ...] | None = None      # head_out, q_in, k_in, v_in; None = all heads
     source: str = ""
     value: torch.Tensor | None = field(default=None, repr=False, compare=False)
     fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False,
@@ -80,8 +80,9 @@ class Intervention:
             raise ValueError(f"a {self.kind!r} intervention needs a value")
         if self.kind == "function" and self.fn is None:
             raise ValueError("a 'function' intervention needs fn")
-        if self.heads is not None and parse_site(self.site)[0] != "head_out":
-            raise ValueError(f"heads only apply to head_out sites, not {self.site!r}")
+        if self.heads is not None and parse_site(self.site)[0] not in HEAD_SITES:
+            raise ValueError(f"heads only apply to {', '.join(HEAD_SITES)} sites, not "
+                             f"{self.site!r}")
         for name in ("positions", "rows", "heads"):
             val = getattr(self, name)
             if isinstance(val, int):
@@ -119,9 +120,12 @@ class ActivationCache(dict):
 @dataclass(frozen=True)
 class _HookPoint:
     module: torch.nn.Module
-    when: str          # "pre" (module input) or "post" (module output)
+    when: str          # "pre" (module input), "post" (module output) or "head_in" (below)
     kind: str          # site kind
     layer: int | None
+    # "head_in" (q_in / k_in / v_in): the attention's pre-norm, and which of q, k, v
+    norm: torch.nn.Module | None = None
+    part: int = 0
 
 
 def _hook_point(lm, site: str) -> _HookPoint:
@@ -133,6 +137,11 @@ def _hook_point(lm, site: str) -> _HookPoint:
         raise SiteError(f"layer {layer} is out of range for {lm.name}: it has {lm.n_layers} "
                         f"layers, 0 to {lm.n_layers - 1} (site {site!r})")
     block = spec.blocks(model)[layer]
+    if kind in ("q_in", "k_in", "v_in"):
+        part = ("q_in", "k_in", "v_in").index(kind)
+        proj = (spec.q_proj, spec.k_proj, spec.v_proj)[part]
+        return _HookPoint(block.get_submodule(proj), "head_in", kind, layer,
+                          norm=block.get_submodule(spec.attn_norm), part=part)
     table = {
         "resid_pre": (block, "pre"),
         "resid_post": (block, "post"),
@@ -141,8 +150,12 @@ def _hook_point(lm, site: str) -> _HookPoint:
         "head_out": (block.get_submodule(spec.o_proj), "pre"),
         "mlp_in": (block.get_submodule(spec.mlp), "pre"),
         "mlp_out": (block.get_submodule(spec.mlp), "post"),
+        "attn_norm_in": (block.get_submodule(spec.attn_norm), "pre"),
+        "mlp_norm_in": (block.get_submodule(spec.mlp_norm), "pre"),
+        "attn_add": (block.get_submodule(spec.attn_post_norm or spec.attn), "post"),
+        "mlp_add": (block.get_submodule(spec.mlp_post_norm or spec.mlp), "post"),
     }
-    assert set(table) == set(LAYER_SITES)
+    assert set(table) | {"q_in", "k_in", "v_in"} == set(KNOWN_LAYER_SITES)
     module, when = table[kind]
     return _HookPoint(module, when, kind, layer)
 
@@ -178,6 +191,8 @@ class _Hooks:
 
     def add(self, point: _HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
         """``fn(activation) -> new activation or None``, activation in site shape."""
+        if point.when == "head_in":
+            return self._add_head_input(point, fn)
         n_heads, d_head = self.lm.n_heads, self.lm.d_head
         is_heads = point.kind == "head_out"
 
@@ -199,10 +214,60 @@ class _Hooks:
             handle = point.module.register_forward_hook(post_hook)
         self.handles.append(handle)
 
+    def _add_head_input(self, point: _HookPoint, fn):
+        """q_in / k_in / v_in: the attention's pre-norm input, one copy per (query or key/value)
+        head, (batch, pos, heads, d_model). A forward hook on the norm keeps its input; a
+        forward hook on the projection hands ``fn`` the per-head copies and, for the (row,
+        head) pairs whose input ``fn`` changed, recomputes that head's slice of the projection
+        from norm(new input). Unchanged heads keep the model's own output bit for bit."""
+        lm, spec = self.lm, self.lm.spec
+        d_head = lm.d_head
+        n_slots = lm.n_heads if point.part == 0 else n_kv_heads(lm)
+        offset = point.part * lm.n_heads * d_head if spec.fused_qkv else 0
+        state: dict[str, torch.Tensor] = {}
+
+        def norm_hook(module, args, kwargs, output):
+            state["x"] = _get_input(args, kwargs)
+            return None
+
+        def proj_hook(module, args, output):
+            x = state.pop("x", None)
+            if x is None:
+                raise RuntimeError(f"{point.kind} at layer {point.layer}: the attention's "
+                                   "norm did not run before its projection")
+            xh = x.unsqueeze(2).expand(*x.shape[:2], n_slots, x.shape[-1])
+            new = fn(xh)
+            if new is None:
+                return None
+            changed = (new != xh).flatten(3).any(-1).any(1)          # (batch, heads)
+            if not bool(changed.any()):
+                return None
+            out = output.clone()
+            for h in torch.nonzero(changed.any(0)).flatten().tolist():
+                rows = torch.nonzero(changed[:, h]).flatten()
+                normed = point.norm.forward(new[rows, :, h])   # no hooks: not a new input
+                cols = slice(offset + h * d_head, offset + (h + 1) * d_head)
+                if spec.fused_qkv:   # GPT-2 Conv1D: x @ W + b, W (d_in, d_out)
+                    part = normed @ module.weight[:, cols] + module.bias[cols]
+                else:
+                    bias = None if module.bias is None else module.bias[cols]
+                    part = torch.nn.functional.linear(normed, module.weight[cols], bias)
+                out[rows, :, cols] = part.to(out.dtype)
+            return out
+        self.handles.append(point.norm.register_forward_hook(norm_hook, with_kwargs=True))
+        self.handles.append(point.module.register_forward_hook(proj_hook))
+
     def close(self):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def n_kv_heads(lm) -> int:
+    """Key/value heads (fewer than query heads under grouped-query attention)."""
+    cfg = lm.model.config
+    cfg = getattr(cfg, "text_config", cfg)
+    return int(getattr(cfg, "num_key_value_heads", None) or lm.n_heads)
 
 
 def _positions_index(positions, seq_len: int, offset: int, site: str) -> torch.Tensor | None:

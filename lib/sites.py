@@ -20,6 +20,23 @@ kind                  meaning
 ``resid_post``        residual stream leaving block ``layer`` (a block's output)
 ====================  ===================================================================
 
+Path-patching sites (:data:`PATH_SITES`; not in :func:`all_sites`, so sweeps over the
+vocabulary above are unchanged). They let one receiver's input change without changing the
+residual stream, and give each sub-layer's additive contribution:
+
+====================  ===================================================================
+``attn_norm_in``      the attention sub-layer's input *before* its norm (the residual stream
+                      as attention reads it; patching it leaves the residual stream alone)
+``mlp_norm_in``       the MLP's input before its norm (the residual stream after attention)
+``attn_add``          what attention adds to the residual stream (after Gemma's post-norm;
+                      equal to ``attn_out`` on Llama and GPT-2)
+``mlp_add``           what the MLP adds to the residual stream (after Gemma's post-norm)
+``q_in``              (batch, pos, n_heads, d_model): the pre-norm input each head's query
+                      reads; patching one head's slice recomputes only that head's query
+``k_in``, ``v_in``    (batch, pos, n_kv_heads, d_model): the same for keys and values (one
+                      slice per key/value head under grouped-query attention)
+====================  ===================================================================
+
 Each architecture has one :class:`ArchSpec` row that maps these sites to module paths, in the
 spirit of causal-tracer's ``LayerConfig``.
 """
@@ -34,6 +51,10 @@ import torch
 LAYER_SITES = ("resid_pre", "attn_in", "head_out", "attn_out", "mlp_in", "mlp_out", "resid_post")
 GLOBAL_SITES = ("embed",)
 ALL_SITE_KINDS = GLOBAL_SITES + LAYER_SITES
+PATH_SITES = ("attn_norm_in", "mlp_norm_in", "attn_add", "mlp_add", "q_in", "k_in", "v_in")
+KNOWN_LAYER_SITES = LAYER_SITES + PATH_SITES
+# sites whose third axis is a head (queries' heads, or key/value heads for k_in / v_in)
+HEAD_SITES = ("head_out", "q_in", "k_in", "v_in")
 
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
 
@@ -50,6 +71,14 @@ class ArchSpec:
     attn: str
     mlp: str
     o_proj: str
+    attn_norm: str = "input_layernorm"            # the attention's pre-norm
+    mlp_norm: str = "post_attention_layernorm"    # the MLP's pre-norm
+    attn_post_norm: str | None = None             # a norm on attention's output (Gemma 2/3)
+    mlp_post_norm: str | None = None              # a norm on the MLP's output (Gemma 2/3)
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    fused_qkv: bool = False                       # GPT-2: one Conv1D gives q, k, v
 
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -59,18 +88,31 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", "model.layers", "model.embed_tokens", "model.norm",
                       "self_attn", "mlp", "self_attn.o_proj"),
     "gemma3_text": ArchSpec("gemma3_text", "model.layers", "model.embed_tokens", "model.norm",
-                            "self_attn", "mlp", "self_attn.o_proj"),
+                            "self_attn", "mlp", "self_attn.o_proj",
+                            mlp_norm="pre_feedforward_layernorm",
+                            attn_post_norm="post_attention_layernorm",
+                            mlp_post_norm="post_feedforward_layernorm"),
     "gemma3": ArchSpec("gemma3", "model.language_model.layers",
                        "model.language_model.embed_tokens", "model.language_model.norm",
-                       "self_attn", "mlp", "self_attn.o_proj"),
+                       "self_attn", "mlp", "self_attn.o_proj",
+                       mlp_norm="pre_feedforward_layernorm",
+                       attn_post_norm="post_attention_layernorm",
+                       mlp_post_norm="post_feedforward_layernorm"),
     "gpt2": ArchSpec("gpt2", "transformer.h", "transformer.wte", "transformer.ln_f",
-                     "attn", "mlp", "attn.c_proj"),
+                     "attn", "mlp", "attn.c_proj", attn_norm="ln_1", mlp_norm="ln_2",
+                     q_proj="attn.c_attn", k_proj="attn.c_attn", v_proj="attn.c_attn",
+                     fused_qkv=True),
 }
-# Same module layout as Llama.
-for _alias in ("mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+# Same module layout as Llama (Gemma 2 has Gemma 3's norms).
+for _alias in ("mistral", "qwen2", "qwen3", "gemma"):
     ARCH_SPECS[_alias] = ArchSpec(_alias, *[getattr(ARCH_SPECS["llama"], f) for f in
                                             ("blocks_path", "embed_path", "final_norm_path",
                                              "attn", "mlp", "o_proj")])
+ARCH_SPECS["gemma2"] = ArchSpec("gemma2", "model.layers", "model.embed_tokens", "model.norm",
+                                "self_attn", "mlp", "self_attn.o_proj",
+                                mlp_norm="pre_feedforward_layernorm",
+                                attn_post_norm="post_attention_layernorm",
+                                mlp_post_norm="post_feedforward_layernorm")
 
 
 def arch_spec_for(model: torch.nn.Module) -> ArchSpec:
@@ -89,8 +131,9 @@ def site_name(kind: str, layer: int | None = None) -> str:
         if layer is not None:
             raise ValueError(f"site {kind!r} has no layer")
         return kind
-    if kind not in LAYER_SITES:
-        raise ValueError(f"unknown site kind {kind!r}; known: {', '.join(ALL_SITE_KINDS)}")
+    if kind not in KNOWN_LAYER_SITES:
+        raise ValueError(f"unknown site kind {kind!r}; known: "
+                         f"{', '.join(ALL_SITE_KINDS + PATH_SITES)}")
     if layer is None:
         raise ValueError(f"site {kind!r} needs a layer")
     return f"blocks.{int(layer)}.{kind}"
@@ -101,10 +144,10 @@ def parse_site(name: str) -> tuple[str, int | None]:
     if name in GLOBAL_SITES:
         return name, None
     match = _SITE_RE.match(name)
-    if not match or match.group(2) not in LAYER_SITES:
+    if not match or match.group(2) not in KNOWN_LAYER_SITES:
         raise ValueError(
             f"unknown site {name!r}; use 'embed' or 'blocks.<layer>.<kind>' with kind one of "
-            f"{', '.join(LAYER_SITES)}")
+            f"{', '.join(KNOWN_LAYER_SITES)}")
     return match.group(2), int(match.group(1))
 
 

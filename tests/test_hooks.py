@@ -204,3 +204,54 @@ def test_capture_without_detach_gives_gradients_at_every_site(lm, ids):
     for site in sites[1:]:
         assert site in grads and grads[site].abs().sum() > 0, site
         assert grads[site].shape == cache[site].shape
+
+
+# --- path-patching sites (lib.sites.PATH_SITES) ----------------------------------------------
+
+def test_path_sites_shapes_and_self_patch_exact(lm):
+    """Every path-patching site resolves with its documented shape, and patching a run with its
+    own activations there changes the logits by exactly 0."""
+    from lib.hooks import n_kv_heads
+    from lib.sites import PATH_SITES
+
+    ids = lm.tokenize("Hello world")
+    sites = [site_name(k, l) for l in range(lm.n_layers) for k in PATH_SITES]
+    base, cache = run_with_cache(lm, ids, sites)
+    for s in sites:
+        kind = parse_site(s)[0]
+        heads = {"q_in": lm.n_heads, "k_in": n_kv_heads(lm), "v_in": n_kv_heads(lm)}.get(kind)
+        expected = (1, ids.shape[1]) + ((heads,) if heads else ()) + (lm.d_model,)
+        assert tuple(cache[s].shape) == expected, s
+        with patch(lm, [Intervention(s, value=cache[s])]):
+            out = lm.model(input_ids=ids).logits.float()
+        assert torch.equal(out, base), s
+
+
+def test_per_head_inputs_compose_to_the_attention_input(lm):
+    """Patching every head's q, k and v input with the source's equals patching the attention's
+    pre-norm input (GPT-2's fused c_attn included); one head's query alone changes the output;
+    patching the pre-norm input leaves the residual stream (the next block's input minus the
+    attention's addition) unchanged."""
+    ids, src = lm.tokenize("Hello world"), lm.tokenize("Jello world")
+    sites = [site_name(k, 1) for k in ("attn_norm_in", "q_in", "k_in", "v_in")]
+    base, _ = run_with_cache(lm, ids, [])
+    _, cs = run_with_cache(lm, src, sites)
+    with patch(lm, [Intervention(sites[0], value=cs[sites[0]])]):
+        whole = lm.model(input_ids=ids).logits
+    with patch(lm, [Intervention(s, value=cs[s]) for s in sites[1:]]):
+        per_head = lm.model(input_ids=ids).logits
+    assert torch.equal(whole, per_head)
+    assert not torch.equal(whole.float(), base)
+    q = Intervention(sites[1], heads=(1,), value=cs[sites[1]][:, :, [1]])
+    with patch(lm, [q]):
+        one = lm.model(input_ids=ids).logits.float()
+    assert not torch.equal(one, base)
+    _, clean = run_with_cache(lm, ids, [site_name("resid_pre", 1)])
+    with patch(lm, [Intervention(sites[0], value=cs[sites[0]])]), \
+            capture(lm, [site_name("resid_pre", 1), site_name("mlp_norm_in", 1),
+                         site_name("attn_add", 1)]) as got:
+        lm.model(input_ids=ids)
+    assert torch.equal(got[site_name("resid_pre", 1)], clean[site_name("resid_pre", 1)])
+    assert torch.allclose(got[site_name("mlp_norm_in", 1)],
+                          clean[site_name("resid_pre", 1)] + got[site_name("attn_add", 1)],
+                          atol=1e-6)

@@ -35,6 +35,8 @@ FAST_PARAMETERS = {
     # the byte tokenizer: one-byte answers; "Spain" and "Italy" have the same byte length
     "05": {"TOKENS": ["M", "R"], "NAME": "fast"},
     "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
+    # IOI names are several bytes: the metric reads each name's first byte (lib.ioi.name_token)
+    "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 1, "N_RECEIVERS": 1},
     # no language model: the sizes of its MLPs' data and training runs
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
@@ -184,6 +186,23 @@ def check_06(ws, executed):
                   ("hidden", "mlp", "attention", "severed", "average", "average_severed")))
 
 
+def check_07(ws, executed):
+    out = ws["FULL_COMPUTE_DIR"] / MODEL
+    capital = json.loads((out / "path_patching_capital.json").read_text())
+    n_pos = len(capital["base_tokens"])
+    assert len(capital["records"]) == (1 + 2 * 2) * n_pos * 2   # nodes x positions x tokens
+    assert len(capital["cumulative"]) == (1 + 2 * 2) * 2 * 2
+    data = json.loads((out / "path_patching_ioi.json").read_text())
+    assert data["n_pairs"] >= 50 and 0 <= data["accuracy"] <= 1
+    assert len(data["to_logits"]) == 2 * 4 * 2                 # layers x heads x policies
+    assert len(data["strongest"]) == 1 and data["to_queries"]
+    eap = json.loads((out / "path_patching_eap.json").read_text())
+    assert len(eap["records"]) == 15                             # node-level edges, 2 layers
+    figures(ws, *(f"path_patching_{n}" for n in
+                  ("capital_heatmap", "capital_cumulative", "lineage", "ioi_heads",
+                   "ioi_queries", "eap")))
+
+
 def check_08(ws, executed):
     out = ws["FULL_COMPUTE_DIR"] / "das_mlp"
     hand = json.loads((out / "hand_built.json").read_text())
@@ -192,7 +211,7 @@ def check_08(ws, executed):
 
 
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
-          "05": check_05, "06": check_06, "08": check_08}
+          "05": check_05, "06": check_06, "07": check_07, "08": check_08}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)

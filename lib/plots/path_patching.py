@@ -1,0 +1,100 @@
+"""Figures of path patching (notebook 07): nano-causal-interventions' node x position heatmap
+and cumulative direct-path bars, the lineage tree of one tree patch (networkx layout drawn with
+matplotlib; no graphviz), Wang et al.'s layer x head heatmaps, and edge attribution patching
+beside exact edge patching. Plot functions take JSON-ready records and return a figure; the
+notebook shows it and saves it with :func:`lib.plots.save_figure`.
+"""
+
+from __future__ import annotations
+
+
+def sweep_heatmap(records: list[dict], nodes: list[str], positions: list[str], title: str = ""):
+    """Node (rows, top layer first) x position heatmap of p(token), one facet per token."""
+    import pandas as pd
+    from plotnine import (aes, element_text, facet_wrap, geom_tile, ggplot, labs,
+                          scale_fill_gradient, theme, theme_bw)
+
+    df = pd.DataFrame(records)
+    df["node"] = pd.Categorical(df["node"], categories=list(reversed(nodes)), ordered=True)
+    df["position_label"] = pd.Categorical(df["position_label"], categories=positions,
+                                          ordered=True)
+    return (ggplot(df, aes("position_label", "node", fill="prob")) + geom_tile()
+            + facet_wrap("~token") + scale_fill_gradient(low="white", high="purple")
+            + labs(x="position", y="node", fill="p", title=title) + theme_bw()
+            + theme(axis_text_x=element_text(rotation=45, ha="right"),
+                    axis_text_y=element_text(size=5)))
+
+
+def cumulative_bars(records: list[dict], nodes: list[str], title: str = ""):
+    """Bars of p(token) per cumulative node (everything from the top down to it patched
+    along direct paths), one facet per position, colour the token."""
+    import pandas as pd
+    from plotnine import (aes, element_text, facet_wrap, geom_col, ggplot, labs,
+                          position_dodge, theme, theme_bw)
+
+    df = pd.DataFrame(records)
+    df["node"] = pd.Categorical(df["node"], categories=nodes, ordered=True)
+    return (ggplot(df, aes("node", "prob", fill="token"))
+            + geom_col(position=position_dodge()) + facet_wrap("~position_label", ncol=1)
+            + labs(x="lowest node patched (from the top down)", y="p", title=title)
+            + theme_bw() + theme(axis_text_x=element_text(rotation=90, size=5)))
+
+
+def draw_lineage(labels: dict, edges: list, title: str = ""):
+    """The lineage tree (from :func:`lib.path_patching.lineage_edges`) as a top-down tree:
+    root at the top, input leaves at the bottom, identical sub-lineages merged."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_nodes_from(labels)
+    g.add_edges_from(edges)
+    depth = {}
+    for n in nx.topological_sort(g):
+        preds = list(g.predecessors(n))
+        depth[n] = 0 if not preds else max(depth[p] for p in preds) + 1
+    for n in g.nodes:
+        g.nodes[n]["layer"] = depth[n]
+    pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal", scale=1.0)
+    pos = {n: (x, -y) for n, (x, y) in pos.items()}
+    width = max(6.0, 1.6 * max(list(depth.values()).count(d) for d in set(depth.values())))
+    fig, ax = plt.subplots(figsize=(width, 0.9 * (max(depth.values()) + 2)))
+    leaf = [n for n in g.nodes if labels[n].startswith("input")]
+    colours = ["#f4c7a1" if n in leaf else "#d7e3f4" for n in g.nodes]
+    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=8, edge_color="#555555")
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colours, node_size=900, node_shape="s")
+    nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=6)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    plt.close(fig)
+    return fig
+
+
+def head_heatmap(records: list[dict], value: str = "delta", facet: str = "policy",
+                 title: str = ""):
+    """Layer (rows) x head heatmap of ``value``, faceted by ``facet`` (diverging colours)."""
+    import pandas as pd
+    from plotnine import (aes, facet_wrap, geom_tile, ggplot, labs, scale_fill_gradient2,
+                          theme_bw)
+
+    df = pd.DataFrame(records)
+    df["layer"] = pd.Categorical(df["layer"], categories=sorted(set(df["layer"]), reverse=True),
+                                 ordered=True)
+    df["head"] = pd.Categorical(df["head"], categories=sorted(set(df["head"])), ordered=True)
+    return (ggplot(df, aes("head", "layer", fill=value)) + geom_tile() + facet_wrap(f"~{facet}")
+            + scale_fill_gradient2(low="#2166ac", mid="white", high="#b2182b", midpoint=0)
+            + labs(x="head", y="layer", fill="Δ logit diff", title=title) + theme_bw())
+
+
+def eap_scatter(records: list[dict], title: str = ""):
+    """Edge attribution patching estimate vs the exact edge score, one point per edge."""
+    import pandas as pd
+    from plotnine import aes, geom_abline, geom_point, ggplot, labs, theme_bw
+
+    df = pd.DataFrame(records)
+    return (ggplot(df, aes("exact", "estimate")) + geom_point(alpha=0.5, size=1)
+            + geom_abline(slope=1, intercept=0, linetype="dashed")
+            + labs(x="exact edge patch: Δ logit diff", y="EAP estimate", title=title)
+            + theme_bw())
