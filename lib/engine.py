@@ -398,7 +398,7 @@ def _capture_hooks(lm, sites: Sequence[str], store: dict, detach: bool = True,
 
 # --- the engine -----------------------------------------------------------------------------------
 
-def _logits_to_keep(model, n_positions: int, device):
+def _logits_to_keep(n_positions: int, device):
     # An index tensor (not the int 1) makes transformers gather a contiguous slice; a strided
     # one makes the head's matmul several times slower on CPU.
     return torch.tensor([n_positions - 1], device=device)
@@ -442,9 +442,9 @@ _AFTER_ATTENTION = ("head_out", "attn_out", "mlp_in", "mlp_out", "resid_post")
 class _Group:
     """Stored clean runs of the contexts of one length (identical contexts share a slot)."""
 
-    def __init__(self, members: list[int], slot: dict[int, int] | None = None):
+    def __init__(self, members: list[int], slot: dict[int, int]):
         self.members = members                    # one context index per slot
-        self.slot = slot if slot is not None else {c: j for j, c in enumerate(members)}
+        self.slot = slot                          # context index -> slot
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
         self.resid: list[torch.Tensor] | None = None   # resid_pre per block, (n_ctx, T, d)
@@ -472,7 +472,7 @@ class Engine:
                         for c in self.contexts]
         for c, ivs in zip(self.contexts, self.ctx_ivs):
             for iv in ivs:
-                if any(isinstance(v, Ref) for v in (iv.value,)):
+                if isinstance(iv.value, Ref):
                     raise ValueError(f"context {c.name!r}: context interventions cannot hold "
                                      "references; put them in the rows")
         # contexts of one length run together; identical ones (same tokens, same intervention
@@ -511,7 +511,7 @@ class Engine:
         capture_sites = list(dict.fromkeys(want + resid_sites))
         with _ops_hooks(lm, merged, self.check_finite), _capture_hooks(lm, capture_sites, store):
             out = lm.model(input_ids=ids, use_cache=True,
-                           logits_to_keep=_logits_to_keep(lm.model, ids.shape[1], lm.device))
+                           logits_to_keep=_logits_to_keep(ids.shape[1], lm.device))
         self.stats["forwards"] += 1
         group.logits = out.logits[:, -1].float()
         past = out.past_key_values
@@ -541,7 +541,7 @@ class Engine:
                                        if iv is not None] for s in slots])
         with _ops_hooks(lm, merged, self.check_finite):
             out = lm.model(input_ids=ids[:, :start].to(lm.device), use_cache=True,
-                           logits_to_keep=_logits_to_keep(lm.model, start, lm.device))
+                           logits_to_keep=_logits_to_keep(start, lm.device))
         self.stats["forwards"] += 1
         return out.past_key_values
 
@@ -668,7 +668,7 @@ class Engine:
         length = self.contexts[row.context].length
         return [_full_positions(iv, length) for iv in row.interventions]
 
-    def _noop_flags(self, rows: list[Row], ivs: list[list[Intervention]], readout,
+    def _noop_flags(self, rows: list[Row], ivs: list[list[Intervention]],
                     grad: bool) -> list[bool]:
         if not self.skip_noops or grad:
             return [False] * len(rows)
@@ -709,7 +709,7 @@ class Engine:
             # before the first patched one are the context's own and come from its store)
             low = min(max(0, site_layer(s)) for s in readout.sites)
             starts = [(p, min(l, low)) for p, l in starts]
-        noop = self._noop_flags(rows, ivs, readout, grad)
+        noop = self._noop_flags(rows, ivs, grad)
         if self.skip_noops and not grad:
             hints = noop_hint or [False] * n
             noop = [a or b or (not isinstance(readout, Capture) and self._unread(v, length))
@@ -778,7 +778,7 @@ class Engine:
             stack.enter_context(skip_blocks(lm, layer))
             try:
                 out = lm.model(**inputs, logits_to_keep=_logits_to_keep(
-                    lm.model, batch.length - p, lm.device))
+                    batch.length - p, lm.device))
             except _Stop:
                 out = None
         self.stats["forwards"] += 1
@@ -792,9 +792,15 @@ class Engine:
                     got = torch.cat([before.to(got.dtype), got], dim=1)
                 result[s] = _positions(got, readout.positions)
             return result
-        logits = out.logits[:, -1]
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return logits if readout in (None, "logits") else readout(logits)
+        return _read(out.logits[:, -1], readout)
+
+
+def _read(logits: torch.Tensor, readout) -> torch.Tensor:
+    """A logits readout of last-position logits (rows, vocab): half precision widened to
+    float32, then ``readout`` applied unless it is the default."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits if readout in (None, "logits") else readout(logits)
 
 
 def _positions(x: torch.Tensor, positions):
@@ -826,13 +832,20 @@ def _substitute(iv: Intervention, cache: dict, key) -> Intervention:
     ref = iv.value
     if not isinstance(ref, Ref):
         return iv
-    full = cache[key(ref)]
+    return replace(iv, value=_ref_slice(cache[key(ref)], ref, iv),
+                   source=iv.source or f"ref:context {ref.context} {ref.site}")
+
+
+def _ref_slice(full: torch.Tensor, ref: Ref, iv: Intervention) -> torch.Tensor:
+    """The part of a referenced activation ``full`` (1, positions, ...) that ``iv`` writes:
+    the reference's positions (by default the intervention's own) and, between head sites,
+    the intervention's heads."""
     positions = ref.positions if ref.positions is not None else iv.positions
     value = full if positions is None else full[:, list(positions)]
     if iv.heads is not None and parse_site(ref.site)[0] in HEAD_SITES and \
             parse_site(iv.site)[0] in HEAD_SITES:
         value = value[:, :, list(iv.heads)]
-    return replace(iv, value=value, source=iv.source or f"ref:context {ref.context} {ref.site}")
+    return value
 
 
 # --- the self-check for starting mid-stack ----------------------------------------------------
@@ -854,16 +867,11 @@ def layer_start_exact(lm, engine: Engine | None = None) -> bool:
     if engine is not None:
         probe_ids = engine.contexts[0].input_ids
     probe_ids = probe_ids.to(lm.device)
-    probe = Engine.__new__(Engine)  # a bare engine without the check itself
-    probe.lm, probe.contexts = lm, [Context(probe_ids)]
-    probe.batch_size, probe.prefix, probe.skip_noops = 1, True, False
-    probe.check_finite, probe.progress, probe.layer_start = True, False, True
-    probe.ctx_ivs = [()]
-    probe.groups = {probe_ids.shape[1]: _Group([0])}
-    probe.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0}
-    group = probe.groups[probe_ids.shape[1]]
-    probe._ensure(group)
+    # layer_start=False: the probe itself does not ask for this check
+    probe = Engine(lm, [Context(probe_ids)], batch_size=1, skip_noops=False, layer_start=False)
     length = probe_ids.shape[1]
+    group = probe.groups[length]
+    probe._ensure(group)
     batch = Batch(length, length // 2, lm.n_layers // 2, (0,))
     got = probe._run_batch(batch, [Row(0)], [[]], None, grad=False)[0]
     clean = group.logits[0]
@@ -913,19 +921,14 @@ def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None
             logits = lm.model(input_ids=c.input_ids.to(lm.device)).logits[:, -1]
         if isinstance(rd, Capture):
             return {s: _positions(store[s], rd.positions)[0] for s in rd.sites}
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return (logits if rd in (None, "logits") else rd(logits))[0]
+        return _read(logits, rd)[0]
 
     def _naive_value(iv: Intervention) -> Intervention:
         ref = iv.value
         if not isinstance(ref, Ref):
             return iv
         full = forward(ref.context, ref.interventions, Capture((ref.site,)), False)[ref.site]
-        positions = ref.positions if ref.positions is not None else iv.positions
-        value = (full if positions is None else full[list(positions)])[None]
-        if iv.heads is not None and parse_site(ref.site)[0] in HEAD_SITES:
-            value = value[:, :, list(iv.heads)]
-        return replace(iv, value=value)
+        return replace(iv, value=_ref_slice(full[None], ref, iv))
 
     results = [forward(r.context, r.interventions, readout, grad) for r in rows]
     if isinstance(readout, Capture):
