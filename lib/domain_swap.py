@@ -24,17 +24,25 @@ distribution at the last prompt position):
   information gives Δ > 0 on ``b_into_a`` and Δ < 0 on ``a_into_b``.
 * **Zero ablation**: the component's last-token output set to 0; KL and Δ against the base.
 * **Concept-vector injection** at one layer: add α·(mean_B - mean_A) of the component's
-  last-token outputs (means over all prompts of the pair) to A's runs (``b_into_a``), and
+  last-token outputs (means over the discovery half's prompts, so the vector is not fitted to
+  the held-out prompts it is tested on) to A's runs (``b_into_a``), and
   α·(mean_A - mean_B) to B's runs (``a_into_b``); masses, bias and KL per α.
-* **Reverse intervention** (notebook 01): score_B(t) = mean over prompts, layers and components
-  of p_swapped(t) - p_base(t) on side ``b_into_a`` (B's activation promotes t in A's run, so t
-  is characteristic of B); score_A(t) likewise on side ``a_into_b``. Note: the seed notebook
-  filed the tokens promoted on ``b_into_a`` under A; we follow the study's definition and file
-  them under B. :func:`select_token_sets` keeps the top N of each domain, disjoint (below).
-  :func:`assign_token_sets` with ``assignment="base"`` gives the seed's filing instead (it only
-  exchanges the two lists' labels). On smollm2-135m the ``source`` filing puts context words of
-  the *base* domain into the other domain's set (e.g. medical words under finance), because a
-  last-token swap mostly perturbs the distribution toward tokens that fit the unchanged context.
+* **Reverse intervention** (notebook 01), on the *discovery* half of a seeded split of each
+  pair file (:func:`split_pairs`; notebook 02 measures every effect on the other half):
+  score_B(t) = mean over prompts, layers and components of the change of t's next-token
+  probability on side ``b_into_a`` (B's activation promotes t in A's run, so t is
+  characteristic of B); score_A(t) likewise on side ``a_into_b``. The change is
+  log max(p_swapped, floor) - log max(p_base, floor) (``dlogp``, the default: relative, so a
+  frequent token does not win by having much probability to move) or p_swapped - p_base
+  (``dprob``, the seed's: on smollm2-135m its sets are mostly ' the', '\n', ' a').
+  :func:`select_token_sets` keeps the top N of each domain, disjoint (below). The seed's code
+  filed the tokens promoted on ``b_into_a`` under A (``assignment="base"``, which exchanges the
+  two lists' labels). **Reference** (no intervention): ref_B(t) = mean over pairs of
+  log max(p_B(t), floor) - log max(p_A(t), floor) of the clean runs, ref_A = -ref_B; the Jaccard
+  overlap of each score and filing with its top N (:func:`reference_agreement`) says which
+  sets characterize their domain.
+* **Depth control** (:func:`_depth_control`): separability vs swap effect per layer, given the
+  layer index (partial Spearman) and relative to zero ablation at the same layer.
 
 Efficiency. Every swap, zero ablation and injection is a row on the intervention engine
 (:mod:`lib.engine`): each prompt is a context run once; a last-token intervention cannot change
@@ -51,7 +59,8 @@ Result file of notebook 02, ``full_compute/<model>.json``::
     {"model": str, "metric": "fisher", "components": ["attn_out", "mlp_out"],
      "sides": {"b_into_a": "base = A prompt, B's activation", "a_into_b": ...},
      "pairs": {"cpp_python": {
-        "domains": ["cpp", "python"], "n_prompts": int, "layers": [ints evaluated],
+        "domains": ["cpp", "python"], "n_prompts": int (held-out pairs evaluated),
+        "evaluated_pairs": [their indices in the pair file], "layers": [ints evaluated],
         "token_set_sizes": {"cpp": int, "python": int},
         "layer_ranking": {component: [layers, most separable first]},
         "top_layers": {component: [k layers]}, "bottom_layers": {component: [k layers]},
@@ -64,7 +73,11 @@ Result file of notebook 02, ``full_compute/<model>.json``::
             "top_vs_bottom": {"k": int, "top_layers": [...], "bottom_layers": [...],
                               side|"both": {effect: {"top": STAT, "bottom": STAT, "diff": STAT,
                                                      "p_value": float, "test": str, ...}}},
-            "spearman": {side|"both": {effect: {"rho", "p_value", "n"}}}}},
+            "spearman": {side|"both": {effect: {"rho", "p_value", "n"}}},
+            "depth_control": {side|"both": {effect: {
+                "partial_given_layer": {"rho", "p_value", "n", "df"},
+                "partial_given_zero": {...}, "ratio_to_zero": {"rho", "p_value", "n"},
+                "relative_top_vs_bottom": {"top", "bottom", "diff", "p_value", ...}}}}}},
         "zero_ablation": {component: {"per_layer": [{"layer", "score", "group",
                                                      "sides": {side: {"kl": STAT, "delta": STAT}}}],
                                       "spearman": {...}}},
@@ -100,7 +113,7 @@ from lib.hooks import Intervention
 from lib.io import read_json, slug
 from lib.prompts import PromptPairs
 from lib.sites import site_name
-from lib.stats import permutation_test, spearman, summarize
+from lib.stats import partial_spearman, permutation_test, spearman, summarize
 
 COMPONENTS = ("attn_out", "mlp_out")
 SIDES = ("b_into_a", "a_into_b")
@@ -129,8 +142,11 @@ class PairRun:
     ``base[side]``: masses of the clean base run, ``{"mass_a", "mass_b"}`` of shape (n,).
     ``swap[side]`` / ``zero[side]``: ``{"kl", "mass_a", "mass_b"}`` of shape
     (n, len(components), len(layers)). ``inject[side]``: same keys, shape (n, len(components),
-    len(alphas)). ``dprob[side]``: sum over prompts, components and layers of
-    p_swapped - p_base (vocab,), float64 torch tensor (only with ``accumulate_dprob``).
+    len(alphas)). With ``accumulate_dprob`` (float64 torch tensors of shape (vocab,)):
+    ``dprob[side]`` = sum over prompts, components and layers of p_swapped - p_base;
+    ``dlogp[side]`` = the same sum of log max(p_swapped, floor) - log max(p_base, floor);
+    ``clean_logp[d]`` = sum over the prompts of domain d (0 = A, 1 = B) of the clean run's
+    log max(p, floor); ``clean_p[d]`` = the sum of its p.
     """
 
     name: str
@@ -146,6 +162,10 @@ class PairRun:
     inject_norms: dict = field(default_factory=dict)
     alphas: list[float] = field(default_factory=list)
     dprob: dict = field(default_factory=dict)
+    dlogp: dict = field(default_factory=dict)
+    clean_logp: dict = field(default_factory=dict)
+    clean_p: dict = field(default_factory=dict)
+    prob_floor: float = 0.0
 
     def delta(self, kind: str, side: str) -> np.ndarray:
         """Bias shift Δ = (mass_B - mass_A)_after - (mass_B - mass_A)_before, per prompt."""
@@ -212,14 +232,16 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
              components: Sequence[str] = COMPONENTS,
              token_ids: tuple[Sequence[int], Sequence[int]] | None = None, *,
              zero: bool = False, inject: dict[str, int] | None = None,
-             alphas: Sequence[float] = (), accumulate_dprob: bool = False,
-             batch_size: int = 64, act_batch_size: int = 16, pairs_per_engine: int = 8,
-             naive: bool = False, progress: bool = True) -> PairRun:
+             alphas: Sequence[float] = (), vector_pairs: PromptPairs | None = None,
+             accumulate_dprob: bool = False,
+             prob_floor: float = 1e-6, batch_size: int = 64, act_batch_size: int = 16,
+             pairs_per_engine: int = 8, naive: bool = False, progress: bool = True) -> PairRun:
     """Last-token swaps (and optionally zero ablation and injection) for every prompt pair.
 
     ``token_ids`` = (ids of A's token set, ids of B's) enables masses and Δ. ``inject`` maps a
     component to the layer where ``alphas`` x concept vector are added (the vector's means come
-    from one batched pass over the pair's prompts, :func:`lib.activations.collect_last_token`).
+    from one batched pass over the prompts of ``vector_pairs``, default ``pairs``,
+    :func:`lib.activations.collect_last_token`).
 
     The rows run on :mod:`lib.engine`, ``pairs_per_engine`` prompt pairs at a time: each prompt
     is a context (run once: its clean next-token logits, key/value cache, residual stream and
@@ -227,7 +249,12 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
     prompt's last-token output; zeros; injections) is a row that runs only its last token, on
     the stored cache, from the intervened layer up (where that is exact). ``naive=True`` runs
     the same rows with :func:`lib.engine.run_naive` (one full forward each), for tests.
+    ``accumulate_dprob`` also sums the whole-vocabulary changes the token-set scores need
+    (``PairRun.dprob``, ``dlogp``, ``clean_logp``, ``clean_p``; ``prob_floor`` is the floor of
+    the log-probabilities).
     """
+    if not 0 < prob_floor < 1:
+        raise ValueError(f"prob_floor must be in (0, 1), got {prob_floor}")
     layers = _check_layers(lm, layers)
     components = _check_components(components)
     inject = dict(inject or {})
@@ -242,8 +269,9 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
     vectors = {}
     if inject_sites:
         isites = list(inject_sites.values())
-        mean_a = collect_last_token(lm, list(pairs.a), isites, act_batch_size, progress=False)
-        mean_b = collect_last_token(lm, list(pairs.b), isites, act_batch_size, progress=False)
+        fit = vector_pairs if vector_pairs is not None else pairs
+        mean_a = collect_last_token(lm, list(fit.a), isites, act_batch_size, progress=False)
+        mean_b = collect_last_token(lm, list(fit.b), isites, act_batch_size, progress=False)
         for c, site in inject_sites.items():
             diff = (mean_b[site].mean(0) - mean_a[site].mean(0)).to(lm.device)  # mean_B - mean_A
             vectors[c] = {"b_into_a": diff, "a_into_b": -diff}
@@ -252,7 +280,9 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
 
     run = PairRun(pairs.name, tuple(pairs.domains), layers, components, n, alphas=alphas,
                   inject_layers={c: int(l) for c, l in inject.items()},
-                  inject_norms={c: float(v["b_into_a"].norm()) for c, v in vectors.items()})
+                  inject_norms={c: float(v["b_into_a"].norm()) for c, v in vectors.items()},
+                  prob_floor=float(prob_floor))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
     keys = ["kl"] + (["mass_a", "mass_b"] if token_ids else [])
     for side in SIDES:
         run.base[side] = {k: np.zeros(n) for k in keys if k != "kl"}
@@ -262,8 +292,12 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
         if inject:
             run.inject[side] = {k: np.full((n, n_c, n_a), np.nan) for k in keys}
         if accumulate_dprob:
-            run.dprob[side] = torch.zeros(lm.model.get_output_embeddings().weight.shape[0],
-                                          dtype=torch.float64)
+            for store in (run.dprob, run.dlogp):
+                store[side] = torch.zeros(vocab, dtype=torch.float64)
+    if accumulate_dprob:
+        for d in (0, 1):
+            run.clean_logp[d] = torch.zeros(vocab, dtype=torch.float64)
+            run.clean_p[d] = torch.zeros(vocab, dtype=torch.float64)
 
     n_swap = n_c * n_l
     chunks = [list(range(lo, min(n, lo + pairs_per_engine)))
@@ -324,20 +358,91 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                     run.inject[side][key][i, ci, ai] = vals[off + j]
             if accumulate_dprob:
                 probs = m["probs"]
+                logp = probs.clamp_min(prob_floor).log()
                 run.dprob[side] += (probs[1:1 + n_swap].sum(0) - n_swap * probs[0]).cpu()
+                run.dlogp[side] += (logp[1:1 + n_swap].sum(0) - n_swap * logp[0]).cpu()
+                d = _BASE_OF[side]
+                run.clean_logp[d] += logp[0].cpu()
+                run.clean_p[d] += probs[0].cpu()
     return run
 
 
 # --- reverse intervention and token sets ----------------------------------------------------
 
-def reverse_intervention_scores(run: PairRun) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score_A, score_B), each (vocab,): mean over prompts, components and layers of
-    p_swapped - p_base. B's tokens are those promoted on ``b_into_a`` (B's activation in A's
-    run), A's those promoted on ``a_into_b``."""
+SCORES = {
+    "dlogp": "mean change of log max(p, floor): a token's relative gain, so frequent tokens "
+             "are not favoured (the default)",
+    "dprob": "mean change of p (the seed's score): absolute gains, dominated by frequent "
+             "tokens such as ' the' or '\\n'",
+}
+
+
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"SCORE must be one of {sorted(SCORES)}, got {score!r}")
+    return score
+
+
+def reverse_intervention_scores(run: PairRun, score: str = "dlogp"
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score_A, score_B), each (vocab,): mean over prompts, components and layers of the
+    change p_swapped - p_base (``score="dprob"``) or log max(p_swapped, floor) -
+    log max(p_base, floor) (``"dlogp"``). B's tokens are those promoted on ``b_into_a`` (B's
+    activation in A's run), A's those promoted on ``a_into_b``."""
+    _check_score(score)
     if not run.dprob:
         raise ValueError("run_pair was called without accumulate_dprob=True")
+    sums = run.dprob if score == "dprob" else run.dlogp
     count = run.n * len(run.components) * len(run.layers)
-    return run.dprob["a_into_b"] / count, run.dprob["b_into_a"] / count
+    return sums["a_into_b"] / count, sums["b_into_a"] / count
+
+
+def reference_scores(run: PairRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intervention-free reference (ref_A, ref_B), each (vocab,): the contrast of the two
+    domains' clean next-token distributions, ref_B(t) = mean over pairs of
+    log max(p_B(t), floor) - log max(p_A(t), floor) (p_A, p_B: the clean runs on the pair's A
+    and B prompt), and ref_A = -ref_B."""
+    if not run.clean_logp:
+        raise ValueError("run_pair was called without accumulate_dprob=True")
+    ref_b = (run.clean_logp[1] - run.clean_logp[0]) / run.n
+    return -ref_b, ref_b
+
+
+def jaccard(x: Sequence[int], y: Sequence[int]) -> float | None:
+    """|X ∩ Y| / |X ∪ Y| of two id sets (None when both are empty)."""
+    x, y = set(x), set(y)
+    return len(x & y) / len(x | y) if x | y else None
+
+
+def split_pairs(pairs: PromptPairs, held_out_fraction: float = 0.5, seed: int = 0) -> dict:
+    """A seeded split of a pair file into a discovery half (token sets are found on it) and a
+    held-out half (notebook 02 measures every effect on it), so no effect is measured on the
+    prompts its token sets were fitted to.
+
+    ``{"seed", "held_out_fraction", "discovery": [indices], "held_out": [indices],
+    "discovery_keys": [a hash of each discovery pair's two prompts]}``; the keys let notebook 02
+    recognise the discovery pairs in any selection of the file (:func:`held_out_pairs`)."""
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"HELD_OUT_FRACTION must be in (0, 1) (a share of the pairs kept "
+                         f"out of token-set discovery), got {held_out_fraction}")
+    n = len(pairs)
+    n_held = int(round(n * held_out_fraction))
+    if n < 2 or not 0 < n_held < n:
+        raise ValueError(f"{pairs.name}: {n} pairs cannot be split into a discovery and a "
+                         f"held-out half with HELD_OUT_FRACTION={held_out_fraction}; use more "
+                         "pairs (N_PROMPTS) or another fraction")
+    order = np.random.default_rng(seed).permutation(n)
+    discovery = sorted(int(i) for i in order[:n - n_held])
+    held_out = sorted(int(i) for i in order[n - n_held:])
+    return {"seed": int(seed), "held_out_fraction": float(held_out_fraction),
+            "discovery": discovery, "held_out": held_out,
+            "discovery_keys": [_pair_key(pairs, i) for i in discovery]}
+
+
+def _pair_key(pairs: PromptPairs, i: int) -> str:
+    from lib.io import params_key
+
+    return params_key({"a": pairs.a[i], "b": pairs.b[i]})
 
 
 def select_token_sets(score_a: torch.Tensor, score_b: torch.Tensor, top_n: int,
@@ -376,10 +481,16 @@ def select_token_sets(score_a: torch.Tensor, score_b: torch.Tensor, top_n: int,
     return top(a, own_a), top(b, own_b)
 
 
-def token_entries(lm, ranked: Sequence[tuple[int, float]]) -> list[dict]:
-    """``[{"id", "token", "score"}]`` with each id decoded by the model's tokenizer."""
+def token_entries(lm, ranked: Sequence[tuple[int, float]],
+                  clean_p: torch.Tensor | None = None) -> list[dict]:
+    """``[{"id", "token", "score"}]`` with each id decoded by the model's tokenizer, and
+    ``clean_p`` (the token's mean clean next-token probability) when given."""
     strings = lm.token_strings([i for i, _ in ranked])
-    return [{"id": int(i), "token": s, "score": float(v)} for (i, v), s in zip(ranked, strings)]
+    out = [{"id": int(i), "token": s, "score": float(v)} for (i, v), s in zip(ranked, strings)]
+    if clean_p is not None:
+        for e in out:
+            e["clean_p"] = float(clean_p[e["id"]])
+    return out
 
 
 def token_sets_path(model: str, token_sets_dir: str | Path | None = None) -> Path:
@@ -493,29 +604,74 @@ def _top_vs_bottom(run, kind, ci, top, bottom, n_bootstrap, n_permutations, seed
     t_idx = [li[l] for l in top]
     b_idx = [li[l] for l in bottom]
     out = {"k": len(top), "top_layers": list(top), "bottom_layers": list(bottom)}
+    for side, effects in _effects_by_side(run, kind).items():
+        out[side] = {}
+        for effect, arr in effects.items():
+            out[side][effect] = _paired_comparison(
+                arr[:, ci, t_idx].mean(axis=1), arr[:, ci, b_idx].mean(axis=1), n_bootstrap,
+                n_permutations, seed, "mean(top-k layers) - mean(bottom-k layers)")
+    return out
+
+
+def _paired_comparison(top_vals, bot_vals, n_bootstrap, n_permutations, seed, what) -> dict:
+    """Top vs bottom per prompt: both summaries, their difference, and the paired sign-flip
+    permutation p-value (:func:`lib.stats.permutation_test`)."""
+    test = permutation_test(top_vals, bot_vals, n_permutations, seed, paired=True)
+    return {"top": _stat(top_vals, n_bootstrap, seed),
+            "bottom": _stat(bot_vals, n_bootstrap, seed),
+            "diff": _stat(top_vals - bot_vals, n_bootstrap, seed),
+            "p_value": test["p_value"], "n_permutations": test["n_permutations"],
+            "test": f"paired sign-flip permutation over prompts, two-sided, of {what}"}
+
+
+def _effects_by_side(run: PairRun, kind: str) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`_effects` of both sides and of "both" (the two sides' mean per prompt)."""
     per_side = {side: _effects(run, kind, side) for side in SIDES}
     per_side["both"] = {e: (per_side[SIDES[0]][e] + per_side[SIDES[1]][e]) / 2
                         for e in per_side[SIDES[0]]}
-    for side, effects in per_side.items():
+    return per_side
+
+
+def _depth_control(run, ci, scores_by_layer, top, bottom, n_bootstrap, n_permutations, seed):
+    """Does separability predict the swap effect beyond depth and beyond how much the component
+    matters at all? Per side and effect, over the layers that have a score:
+
+    * ``partial_given_layer``: partial Spearman of separability and the per-layer mean swap
+      effect given the layer index (:func:`lib.stats.partial_spearman`);
+    * ``partial_given_zero``: the same given the per-layer mean zero-ablation effect;
+    * ``ratio_to_zero``: Spearman of separability and mean swap / mean zero ablation per layer;
+    * ``relative_top_vs_bottom``: per prompt, the share swap / (swap + zero) of each layer
+      (0.5 where both are 0), averaged over the top-k and the bottom-k layers; paired sign-flip
+      permutation test of top - bottom, as for the raw effects."""
+    swap, zero = _effects_by_side(run, "swap"), _effects_by_side(run, "zero")
+    layers = [l for l in run.layers if l in scores_by_layer]
+    idx = [run.layers.index(l) for l in layers]
+    sep = [scores_by_layer[l] for l in layers]
+    li = {l: j for j, l in enumerate(run.layers)}
+    t_idx, b_idx = [li[l] for l in top], [li[l] for l in bottom]
+    out = {}
+    for side, effects in swap.items():
         out[side] = {}
         for effect, arr in effects.items():
-            top_vals = arr[:, ci, t_idx].mean(axis=1)
-            bot_vals = arr[:, ci, b_idx].mean(axis=1)
-            test = permutation_test(top_vals, bot_vals, n_permutations, seed, paired=True)
+            s_arr, z_arr = arr[:, ci], zero[side][effect][:, ci]
+            mean_s, mean_z = s_arr[:, idx].mean(0), z_arr[:, idx].mean(0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = mean_s / mean_z
+                total = s_arr + z_arr
+                share = np.where(total > 0, s_arr / np.where(total > 0, total, 1.0), 0.5)
             out[side][effect] = {
-                "top": _stat(top_vals, n_bootstrap, seed),
-                "bottom": _stat(bot_vals, n_bootstrap, seed),
-                "diff": _stat(top_vals - bot_vals, n_bootstrap, seed),
-                "p_value": test["p_value"], "n_permutations": test["n_permutations"],
-                "test": "paired sign-flip permutation over prompts, two-sided, of "
-                        "mean(top-k layers) - mean(bottom-k layers)"}
+                "partial_given_layer": partial_spearman(sep, mean_s, layers),
+                "partial_given_zero": partial_spearman(sep, mean_s, mean_z),
+                "ratio_to_zero": spearman(sep, ratio),
+                "relative_top_vs_bottom": _paired_comparison(
+                    share[:, t_idx].mean(1), share[:, b_idx].mean(1), n_bootstrap,
+                    n_permutations, seed, "the share swap / (swap + zero ablation), top-k "
+                    "minus bottom-k layers")}
     return out
 
 
 def _spearman_block(run, kind, ci, scores_by_layer):
-    per_side = {side: _effects(run, kind, side) for side in SIDES}
-    per_side["both"] = {e: (per_side[SIDES[0]][e] + per_side[SIDES[1]][e]) / 2
-                        for e in per_side[SIDES[0]]}
+    per_side = _effects_by_side(run, kind)
     layers = [l for l in run.layers if l in scores_by_layer]
     idx = [run.layers.index(l) for l in layers]
     x = [scores_by_layer[l] for l in layers]
@@ -582,6 +738,8 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
             zl = _per_layer(run, "zero", ci, layer_head, n_bootstrap, seed, has_masses, False)
             out["zero_ablation"][comp] = {"per_layer": zl,
                                           "spearman": _spearman_block(run, "zero", ci, scores)}
+            out["swap"][comp]["depth_control"] = _depth_control(
+                run, ci, scores, top, bottom, n_bootstrap, n_permutations, seed)
         if run.inject and comp in run.inject_layers:
             sides = {}
             for side in SIDES:
@@ -609,24 +767,45 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
 
 def token_set_unit(lm, pairs: PromptPairs, layers: Sequence[int],
                    components: Sequence[str] = COMPONENTS, top_n: int = 50,
-                   exclude_special: bool = True, batch_size: int = 64,
-                   progress: bool = True) -> dict:
-    """Reverse intervention on one pair file (notebook 01's unit of work):
-    ``{"domains", "n_prompts", "n_candidates": {domain: int}, "sets": {domain: entries}}``
-    where entries are ``[{"id", "token", "score"}]``, best first, disjoint between domains."""
-    run = run_pair(lm, pairs, layers, components, accumulate_dprob=True, batch_size=batch_size,
-                   progress=progress)
-    score_a, score_b = reverse_intervention_scores(run)
+                   exclude_special: bool = True, batch_size: int = 64, progress: bool = True, *,
+                   held_out_fraction: float = 0.5, seed: int = 0,
+                   prob_floor: float = 1e-6) -> dict:
+    """Reverse intervention on one pair file (notebook 01's unit of work), on the discovery half
+    of a seeded split (:func:`split_pairs`).
+
+    For every score of ``SCORES`` the top ``top_n`` tokens per domain (``source`` filing,
+    disjoint, :func:`select_token_sets`), and the intervention-free reference sets (top
+    ``top_n`` of :func:`reference_scores`), each entry ``{"id", "token", "score", "clean_p"}``
+    (``clean_p``: mean clean next-token probability over the discovery prompts of both
+    domains)::
+
+        {"domains", "n_prompts", "split", "prob_floor",
+         "scores": {score: {"sets": {domain: entries}, "n_candidates": {domain: int}}},
+         "reference": {"sets": {domain: entries}, "n_candidates": {domain: int}}}
+
+    :func:`assign_token_sets` picks one score and filing and measures the agreement."""
+    split = split_pairs(pairs, held_out_fraction, seed)
+    discovery = pairs.select(split["discovery"])
+    run = run_pair(lm, discovery, layers, components, accumulate_dprob=True,
+                   prob_floor=prob_floor, batch_size=batch_size, progress=progress)
     exclude = list(lm.tokenizer.all_special_ids) if exclude_special else []
-    top_a, top_b = select_token_sets(score_a, score_b, top_n, exclude)
-    a, b = pairs.domains
-    excluded = torch.zeros_like(score_a, dtype=torch.bool)
+    excluded = torch.zeros_like(run.clean_p[0], dtype=torch.bool)
     if exclude:
         excluded[torch.tensor([i for i in exclude if 0 <= i < excluded.numel()])] = True
-    return {"domains": [a, b], "n_prompts": len(pairs),
-            "n_candidates": {a: int(((score_a > 0) & (score_a > score_b) & ~excluded).sum()),
-                             b: int(((score_b > 0) & (score_b > score_a) & ~excluded).sum())},
-            "sets": {a: token_entries(lm, top_a), b: token_entries(lm, top_b)}}
+    clean_p = (run.clean_p[0] + run.clean_p[1]) / (2 * run.n)
+    a, b = pairs.domains
+
+    def sets_of(score_a, score_b):
+        top_a, top_b = select_token_sets(score_a, score_b, top_n, exclude)
+        return {"sets": {a: token_entries(lm, top_a, clean_p), b: token_entries(lm, top_b, clean_p)},
+                "n_candidates": {
+                    a: int(((score_a > 0) & (score_a > score_b) & ~excluded).sum()),
+                    b: int(((score_b > 0) & (score_b > score_a) & ~excluded).sum())}}
+
+    return {"domains": [a, b], "n_prompts": len(pairs), "split": split,
+            "prob_floor": float(prob_floor),
+            "scores": {name: sets_of(*reverse_intervention_scores(run, name)) for name in SCORES},
+            "reference": sets_of(*reference_scores(run))}
 
 
 ASSIGNMENTS = {
@@ -637,20 +816,65 @@ ASSIGNMENTS = {
 }
 
 
-def assign_token_sets(unit: dict, assignment: str = "source") -> dict:
-    """A :func:`token_set_unit` (computed with the ``source`` filing) under ``assignment`` (see
-    ``ASSIGNMENTS``): a copy whose ``sets`` and ``n_candidates`` follow that filing.
+def _filed(unit: dict, score: str, assignment: str) -> dict:
+    """``{"sets", "n_candidates"}`` of one score under one filing (``base`` exchanges the two
+    domains' lists: the disjoint selection is symmetric in the two score vectors)."""
+    chosen = unit["scores"][score]
+    if assignment == "source":
+        return chosen
+    a, b = unit["domains"]
+    return {key: {a: chosen[key][b], b: chosen[key][a]} for key in ("sets", "n_candidates")}
 
-    The disjoint selection is symmetric in the two score vectors, so ``base`` gives exactly the
-    ``source`` lists with the two domain labels exchanged; nothing is recomputed."""
+
+def reference_agreement(unit: dict) -> dict:
+    """Jaccard overlap of every (score, filing)'s sets with the reference sets, per domain and
+    their mean: ``{score: {assignment: {domain: J, "mean": J}}}``."""
+    ref = unit["reference"]["sets"]
+    out = {}
+    for score in unit["scores"]:
+        out[score] = {}
+        for assignment in ASSIGNMENTS:
+            sets = _filed(unit, score, assignment)["sets"]
+            js = {d: jaccard([e["id"] for e in sets[d]], [e["id"] for e in ref[d]])
+                  for d in unit["domains"]}
+            vals = [v for v in js.values() if v is not None]
+            out[score][assignment] = {**js, "mean": sum(vals) / len(vals) if vals else None}
+    return out
+
+
+def assign_token_sets(unit: dict, score: str = "dlogp", assignment: str = "source") -> dict:
+    """A :func:`token_set_unit` under one score and filing (see ``SCORES``, ``ASSIGNMENTS``):
+    ``{"domains", "n_prompts", "split", "sets", "n_candidates", "reference", "agreement"}``,
+    where ``reference`` are the reference sets and ``agreement`` is
+    :func:`reference_agreement` (every score and filing, so the choice can be checked)."""
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"ASSIGNMENT must be one of {sorted(ASSIGNMENTS)}, got {assignment!r}")
-    out = dict(unit)
-    if assignment == "base":
-        a, b = unit["domains"]
-        for key in ("sets", "n_candidates"):
-            out[key] = {a: unit[key][b], b: unit[key][a]}
-    return out
+    _check_score(score)
+    filed = _filed(unit, score, assignment)
+    return {"domains": unit["domains"], "n_prompts": unit["n_prompts"], "split": unit["split"],
+            "sets": filed["sets"], "n_candidates": filed["n_candidates"],
+            "reference": unit["reference"]["sets"], "agreement": reference_agreement(unit)}
+
+
+def held_out_pairs(token_sets: dict, pairs: PromptPairs
+                   ) -> tuple[PromptPairs, list[int], PromptPairs]:
+    """(held out, their indices in ``pairs``, discovery): the pairs of ``pairs`` that notebook
+    01 did not use to find ``token_sets`` (every pair whose two prompts are not a discovery pair
+    of its split), and those it did. A clear error when the file has no split (written before
+    splits existed) or no held-out pair is left."""
+    split = token_sets.get("split", {}).get(pairs.name)
+    if split is None:
+        raise TokenSetMissingError(
+            f"token sets of model {token_sets.get('model')} have no discovery/held-out split for "
+            f"{pairs.name!r}: they were found on every prompt, so effects measured on those "
+            "prompts would be circular; rerun 01_reverse_intervention (FORCE=True)")
+    found = set(split["discovery_keys"])
+    keep = [i for i in range(len(pairs)) if _pair_key(pairs, i) not in found]
+    if not keep:
+        raise ValueError(f"{pairs.name}: every selected pair was used to find the token sets; "
+                         "select more pairs (N_PROMPTS) or rerun 01 with a held-out half")
+    return pairs.select(keep), keep, pairs.select(
+        [i for i in range(len(pairs)) if i not in set(keep)])
 
 
 def token_set_table(token_sets: dict, pair: str, n: int = 15):
@@ -678,7 +902,9 @@ def full_compute_unit(lm, pairs: PromptPairs, layers: Sequence[int], token_sets:
     """Everything notebook 02 computes for one pair file (its unit of work; schema in the module
     docstring). Layers are ranked per component by ``metric`` from the "pair" comparison of
     ``scores``; injection runs at ``inject_layer``, or at each component's most separable layer
-    when it is negative."""
+    when it is negative. Every effect is measured on the pairs that were not used to find the
+    token sets (:func:`held_out_pairs`); their indices in ``pairs`` are stored."""
+    pairs, evaluated, discovery = held_out_pairs(token_sets, pairs)
     a, b = pairs.domains
     ids = (token_set_ids(token_sets, pairs.name, a), token_set_ids(token_sets, pairs.name, b))
     layer_scores = {c: pair_layer_scores(scores, pairs.name, c, metric) for c in components}
@@ -692,13 +918,18 @@ def full_compute_unit(lm, pairs: PromptPairs, layers: Sequence[int], token_sets:
         if alphas:
             inject[c] = int(inject_layer) if inject_layer >= 0 else ranking[0]
             choice[c] = "given" if inject_layer >= 0 else f"most separable layer by {metric}"
+    if inject and len(discovery) == 0:
+        raise ValueError(f"{pairs.name}: the concept vector is fitted on the discovery pairs, "
+                         "and none is among the selected pairs; select more pairs (N_PROMPTS) "
+                         "or skip injection (ALPHAS=[])")
     run = run_pair(lm, pairs, layers, components, ids, zero=zero, inject=inject, alphas=alphas,
-                   batch_size=batch_size, progress=progress)
+                   vector_pairs=discovery, batch_size=batch_size, progress=progress)
     unit = summarize_pair(run, layer_scores, k, n_bootstrap, n_permutations, seed,
                           token_set_sizes={a: len(ids[0]), b: len(ids[1])},
                           store_per_prompt=store_per_prompt)
     for c, text in choice.items():
         unit["injection"][c]["layer_choice"] = text
+    unit["evaluated_pairs"] = evaluated
     return unit
 
 

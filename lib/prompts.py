@@ -52,6 +52,15 @@ class PromptPairs:
             return self
         return PromptPairs(self.name, self.domains, self.a[:n], self.b[:n], self.path)
 
+    def select(self, indices) -> "PromptPairs":
+        """The pairs at ``indices`` (in that order), e.g. one half of a seeded split."""
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"{self.name}: pair indices {bad} out of range 0..{len(self) - 1}")
+        return PromptPairs(self.name, self.domains, tuple(self.a[i] for i in idx),
+                           tuple(self.b[i] for i in idx), self.path)
+
     def prompts(self, domain: str) -> tuple[str, ...]:
         if domain not in self.domains:
             raise KeyError(f"{self.name} has domains {self.domains}, not {domain!r}")

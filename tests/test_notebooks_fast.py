@@ -136,15 +136,25 @@ def check_00(ws, executed):
 def check_01(ws, executed):
     data = json.loads((ws["TOKEN_SETS_DIR"] / f"{MODEL}.json").read_text())
     assert set(data["pairs"]) == {"cpp_python", "finance_medical"} and data["top_n"] == 5
-    for sets in data["pairs"].values():
+    for name, sets in data["pairs"].items():
         assert len(sets) == 2 and all(0 < len(v) <= 5 for v in sets.values())
+        split = data["split"][name]
+        assert len(split["discovery"]) == len(split["held_out"]) == N_PAIRS // 2
+        assert set(data["reference"][name]) == set(sets)
+        assert data["agreement"][name]["dlogp"]["source"]["mean"] is not None
+    assert data["score"]["name"] == "dlogp" and data["assignment"]["name"] == "source"
+    figures(ws, "token_sets_agreement", "token_sets_frequency")
 
 
 def check_02(ws, executed):
     data = json.loads((ws["FULL_COMPUTE_DIR"] / f"{MODEL}.json").read_text())
     assert set(data["pairs"]) == {"cpp_python", "finance_medical"}
-    for pair in data["pairs"].values():
-        assert pair["n_prompts"] == N_PAIRS and pair["layers"] == [0, 1]
+    sets = json.loads((ws["TOKEN_SETS_DIR"] / f"{MODEL}.json").read_text())
+    for name, pair in data["pairs"].items():
+        # every effect on the pairs notebook 01 held out
+        assert pair["evaluated_pairs"] == sets["split"][name]["held_out"]
+        assert pair["n_prompts"] == N_PAIRS // 2 and pair["layers"] == [0, 1]
+        assert "depth_control" in pair["swap"]["mlp_out"]
         for comp in data["components"]:
             assert [e["layer"] for e in pair["swap"][comp]["per_layer"]] == [0, 1]
             assert len(pair["top_layers"][comp]) == len(pair["bottom_layers"][comp]) == 1

@@ -196,3 +196,24 @@ def test_monte_carlo_permutation_p_moves_only_within_its_error(paired):
     assert abs(new["p_value"] - truth) < 4 * se
     assert abs(old - truth) < 4 * se
     assert abs(new["p_value"] - old) < 4 * np.sqrt(2) * se
+
+
+def test_partial_spearman_equals_the_closed_form_and_removes_a_shared_cause():
+    from scipy.stats import spearmanr
+
+    from lib.stats import partial_spearman
+
+    rng = np.random.default_rng(0)
+    z = np.arange(30.0)
+    x, y = z + rng.normal(0, 5, 30), z + rng.normal(0, 5, 30)
+    r_xy, r_xz, r_yz = (spearmanr(a, b)[0] for a, b in ((x, y), (x, z), (y, z)))
+    closed = (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+    res = partial_spearman(x, y, z)
+    assert res["rho"] == pytest.approx(closed, abs=1e-12) and res["df"] == 27
+    assert spearmanr(x, y)[1] < 1e-4 and res["p_value"] > 0.05   # z was the shared cause
+    direct = partial_spearman(x, x + rng.normal(0, 1, 30), z)
+    assert direct["rho"] > 0.5 and direct["p_value"] < 1e-3
+    assert partial_spearman([1, 2, 3], [1, 2, 3], [1, 2, 3])["rho"] is None   # n < 4
+    assert partial_spearman(z, z * 2, z)["rho"] is None   # nothing left once z is removed
+    with pytest.raises(ValueError, match="equal length"):
+        partial_spearman([1, 2], [1, 2, 3], [1, 2, 3])

@@ -380,3 +380,168 @@ def summary_table(result: dict) -> pd.DataFrame:
                     row[f"{effect}_rho_p"] = sp[effect]["p_value"]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --- token sets (notebook 01) ----------------------------------------------------------------
+
+def agreement_frame(token_sets: dict) -> pd.DataFrame:
+    """One row per (pair, domain, score, assignment): the Jaccard overlap of that score and
+    filing's set with the intervention-free reference set (``agreement`` of notebook 01)."""
+    rows = []
+    for pair, by_score in (token_sets.get("agreement") or {}).items():
+        for score, by_assignment in by_score.items():
+            for assignment, js in by_assignment.items():
+                for domain, j in js.items():
+                    rows.append({"pair": pair, "domain": domain, "score": score,
+                                 "assignment": assignment, "jaccard": j})
+    if not rows:
+        raise NoResultsError(f"token sets of {token_sets.get('model')!r} hold no reference "
+                             "agreement; rerun 01_reverse_intervention")
+    return pd.DataFrame(rows)
+
+
+def plot_reference_agreement(token_sets: dict):
+    """Jaccard overlap with the reference sets, per pair (x), score and filing (colour), one
+    panel per score kind; the mean over the pair's two domains is the bar, each domain a point."""
+    df = agreement_frame(token_sets)
+    per_domain = df[df["domain"] != "mean"].copy()
+    mean = df[df["domain"] == "mean"].copy()
+    chosen = (token_sets.get("score", {}).get("name"), token_sets.get("assignment", {}).get("name"))
+    mean["label"] = ["default" if (s, a) == chosen else "" for s, a in
+                     zip(mean["score"], mean["assignment"])]
+    dodge = position_dodge(width=0.8)
+    return (ggplot(mean, aes("pair", "jaccard", fill="assignment"))
+            + geom_col(position=dodge, width=0.75, alpha=0.8)
+            + geom_point(aes(group="assignment"), data=per_domain, position=dodge, size=1.5)
+            + geom_text(aes(label="label", group="assignment"), position=dodge, va="bottom",
+                        size=7)
+            + facet_wrap("~ score")
+            + labs(x="", y="Jaccard overlap with the reference set", fill="filing",
+                   title=f"{token_sets.get('model')}: token sets vs the clean-distribution "
+                         "contrast (bar: mean, points: domains)")
+            + theme_bw() + theme(axis_text_x=element_text(rotation=30, ha="right"),
+                                 legend_position="bottom"))
+
+
+def token_frequency_frame(token_sets: dict) -> pd.DataFrame:
+    """One row per kept token of every score's sets (``source`` filing, the ``alternatives`` of
+    notebook 01) and of the reference: pair, domain, set, rank, token, clean_p."""
+    rows = []
+    for pair, by_score in (token_sets.get("alternatives") or {}).items():
+        sets = {**{f"score {s}": v for s, v in by_score.items()},
+                "reference": token_sets.get("reference", {}).get(pair, {})}
+        for name, by_domain in sets.items():
+            for domain, entries in by_domain.items():
+                for rank, e in enumerate(entries, 1):
+                    rows.append({"pair": pair, "domain": domain, "set": name, "rank": rank,
+                                 "token": e["token"], "clean_p": e.get("clean_p")})
+    df = pd.DataFrame(rows)
+    if df.empty or df["clean_p"].isna().all():
+        raise NoResultsError(f"token sets of {token_sets.get('model')!r} carry no clean "
+                             "probabilities; rerun 01_reverse_intervention")
+    return df
+
+
+def plot_token_frequency(token_sets: dict, floor: float = 1e-12):
+    """How frequent the kept tokens are: each token's mean clean next-token probability (log
+    scale), per set kind (x) and pair (panels). An absolute score (``dprob``) keeps tokens that
+    are likely anyway (' the', '\\n'); a relative one (``dlogp``) and the reference do not."""
+    df = token_frequency_frame(token_sets).dropna(subset=["clean_p"])
+    df["clean_p"] = df["clean_p"].clip(lower=floor)
+    med = df.groupby(["pair", "set"])["clean_p"].median().reset_index()
+    return (ggplot(df, aes("set", "clean_p", color="domain"))
+            + geom_point(position=position_dodge(width=0.6), alpha=0.5, size=1.2)
+            + geom_point(aes("set", "clean_p"), data=med, inherit_aes=False, shape="_", size=12)
+            + facet_wrap("~ pair", ncol=4) + scale_y_log10()
+            + labs(x="", y="mean clean next-token probability (log)", color="domain",
+                   title=f"{token_sets.get('model')}: frequency of the kept tokens (bar: median)")
+            + theme_bw() + theme(axis_text_x=element_text(rotation=30, ha="right"),
+                                 legend_position="bottom"))
+
+
+# --- depth control (notebooks 02 and 03) -----------------------------------------------------
+
+DEPTH_TESTS = {
+    "spearman": "Spearman ρ, separability vs swap effect",
+    "partial_given_layer": "partial ρ given the layer index",
+    "partial_given_zero": "partial ρ given zero ablation",
+    "ratio_to_zero": "ρ with swap / zero ablation",
+}
+
+
+def depth_control_frame(result: dict, effect: str = "kl", side: str = "both") -> pd.DataFrame:
+    """One row per (pair, component, test): the estimate and p-value of the raw top-vs-bottom
+    difference, the raw Spearman ρ and each depth control of notebook 02 (``DEPTH_TESTS``, and
+    ``relative_top_vs_bottom``: top - bottom of the share swap / (swap + zero ablation))."""
+    rows = []
+    for pair, data in _pairs(result).items():
+        for comp, block in (data.get("swap") or {}).items():
+            base = {"model": result.get("model"), "pair": pair, "component": comp}
+            raw = block["top_vs_bottom"].get(side, {}).get(effect)
+            if raw:
+                rows.append({**base, "test": "top_vs_bottom", "estimate": raw["diff"]["mean"],
+                             "p_value": raw["p_value"], "n": raw["diff"]["n"]})
+            sp = block.get("spearman", {}).get(side, {}).get(effect)
+            if sp:
+                rows.append({**base, "test": "spearman", "estimate": sp["rho"],
+                             "p_value": sp["p_value"], "n": sp["n"]})
+            dc = block.get("depth_control", {}).get(side, {}).get(effect, {})
+            for test, st in dc.items():
+                if test == "relative_top_vs_bottom":
+                    rows.append({**base, "test": test, "estimate": st["diff"]["mean"],
+                                 "p_value": st["p_value"], "n": st["diff"]["n"]})
+                else:
+                    rows.append({**base, "test": test, "estimate": st["rho"],
+                                 "p_value": st["p_value"], "n": st["n"]})
+    return pd.DataFrame(rows)
+
+
+def claim_table(result: dict, effect: str = "kl", side: str = "both",
+                alpha: float = 0.05) -> pd.DataFrame:
+    """Per pair and component, whether "the most separable layers matter more" holds: raw (top
+    > bottom, and ρ > 0), given depth (partial ρ given the layer index > 0) and relative to zero
+    ablation (top > bottom in the share swap / (swap + zero)), each at ``alpha``."""
+    df = depth_control_frame(result, effect, side)
+    if df.empty:
+        raise NoResultsError("no swap results")
+    df["holds"] = (df["estimate"] > 0) & (df["p_value"] < alpha)
+    wide = df.pivot_table(index=["model", "pair", "component"], columns="test",
+                          values="holds", aggfunc="first", dropna=False).reset_index()
+    est = df.pivot_table(index=["model", "pair", "component"], columns="test",
+                         values="estimate", aggfunc="first", dropna=False).add_suffix("_est").reset_index()
+    pv = df.pivot_table(index=["model", "pair", "component"], columns="test",
+                        values="p_value", aggfunc="first", dropna=False).add_suffix("_p").reset_index()
+    out = wide.merge(est, on=["model", "pair", "component"]).merge(
+        pv, on=["model", "pair", "component"])
+    has = [c for c in ("top_vs_bottom", "partial_given_layer", "relative_top_vs_bottom")
+           if c in out]
+    out["survives_depth_control"] = out[has].astype(bool).all(axis=1) if has else False
+    return out
+
+
+def plot_depth_control(result: dict, effect: str = "kl", side: str = "both"):
+    """The raw Spearman ρ of separability and swap effect beside the depth-controlled ones
+    (given the layer index, given zero ablation, and against swap / zero ablation), per pair
+    (x) and component (panels); the shape marks p < 0.05."""
+    df = depth_control_frame(result, effect, side)
+    df = df[df["test"].isin(DEPTH_TESTS)].dropna(subset=["estimate"]).copy()
+    if df.empty:
+        raise NoResultsError("no depth-control correlation is defined: they need at least four "
+                             "layers with a separability score (and a result file of "
+                             "02_all_model_causal that has them)")
+    df["test"] = pd.Categorical([DEPTH_TESTS[t] for t in df["test"]],
+                                categories=list(DEPTH_TESTS.values()))
+    df["significant"] = pd.Categorical(
+        ["p < 0.05" if p is not None and p < 0.05 else "p ≥ 0.05" for p in df["p_value"]],
+        categories=["p < 0.05", "p ≥ 0.05"])
+    df["component"] = _components(df["component"])
+    dodge = position_dodge(width=0.7)
+    return (ggplot(df, aes("pair", "estimate", color="test", shape="significant"))
+            + geom_hline(yintercept=0, linetype="dashed", color="grey")
+            + geom_point(position=dodge, size=3)
+            + facet_wrap("~ component")
+            + labs(x="", y="rank correlation with separability", color="", shape="",
+                   title=f"{result.get('model')}: separability vs {EFFECT_LABELS.get(effect, effect)}"
+                         ", raw and with depth held fixed")
+            + theme_bw() + theme(axis_text_x=element_text(rotation=30, ha="right"),
+                                 legend_position="bottom", legend_box="vertical"))
