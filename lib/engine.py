@@ -618,9 +618,11 @@ class Engine:
 
     # -- running rows ------------------------------------------------------------------------------
 
-    def run(self, rows: Sequence[Row], readout=None, *, grad: bool = False):
+    def run(self, rows: Sequence[Row], readout=None, *, grad: bool = False,
+            batch_size: int | None = None, progress: bool | None = None):
         """Readouts of ``rows`` in order: a tensor (n_rows, ...) for ``"logits"`` (default) or
-        a callable, ``{site: (n_rows, positions, ...)}`` for :class:`Capture`."""
+        a callable, ``{site: (n_rows, positions, ...)}`` for :class:`Capture`. ``batch_size``
+        and ``progress`` override the engine's for this call only."""
         rows = list(rows)
         for r in rows:
             if not isinstance(r, Row):
@@ -628,7 +630,8 @@ class Engine:
             self._check_ctx(r.context)
         same = [self._reads_an_identical_prefix(r) for r in rows]
         rows = self._resolve(rows, grad)
-        return self._run_resolved(rows, readout, grad, noop_hint=same)
+        return self._run_resolved(rows, readout, grad, noop_hint=same, batch_size=batch_size,
+                                  progress=progress)
 
     def _unread(self, ivs: Sequence[Intervention], length: int) -> bool:
         """Whether the last position's output cannot depend on these interventions: all of
@@ -698,7 +701,8 @@ class Engine:
         return flags
 
     def _run_resolved(self, rows: list[Row], readout, grad: bool, kind: str = "rows",
-                      noop_hint: Sequence[bool] | None = None):
+                      noop_hint: Sequence[bool] | None = None, batch_size: int | None = None,
+                      progress: bool | None = None):
         lm = self.lm
         n = len(rows)
         ivs = [self._row_ivs(r) for r in rows]
@@ -717,8 +721,9 @@ class Engine:
         for length in set(lengths):
             self._ensure(self.groups[length],
                          readout.sites if isinstance(readout, Capture) else ())
-        batches, skipped = plan(starts, lengths, self.batch_size, noop, self.prefix,
-                                self.layer_start, lm.n_layers)
+        size = self.batch_size if batch_size is None else batch_size
+        batches, skipped = plan(starts, lengths, size, noop, self.prefix, self.layer_start,
+                                lm.n_layers)
         results: list = [None] * n
         clean: dict[int, object] = {}  # one clean readout per context, shared by its no-op rows
         for i in skipped:
@@ -728,7 +733,7 @@ class Engine:
             results[i] = clean[c]
         self.stats[f"{kind}_noop"] += len(skipped)
         it = batches
-        if self.progress and len(batches) > 1:
+        if (self.progress if progress is None else progress) and len(batches) > 1:
             from tqdm.auto import tqdm
             it = tqdm(batches, desc="interventions", unit="batch", leave=False)
         for batch in it:

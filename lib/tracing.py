@@ -388,8 +388,8 @@ class CausalTracer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         jobs = list(jobs)
         self._check(jobs)
-        self.engine.batch_size, self.engine.progress = batch_size, progress
-        return self._mean(self.engine.run(self._rows(jobs), self._readout), len(jobs))
+        return self._mean(self.engine.run(self._rows(jobs), self._readout, batch_size=batch_size,
+                                          progress=progress), len(jobs))
 
     @torch.no_grad()
     def scores_naive(self, jobs: Sequence[Restoration], progress: bool = False) -> np.ndarray:

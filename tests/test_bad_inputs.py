@@ -93,6 +93,9 @@ RUNNER_CASES = [
     ("engine-choice", ["05"], ["ENGINE=fast"], ["ENGINE", "batched, naive"]),
     ("assignment-choice", ["01"], ["ASSIGNMENT=target"], ["ASSIGNMENT", "source, base"]),
     ("side-choice", ["03"], ["SIDE=left"], ["SIDE", "both, b_into_a, a_into_b"]),
+    ("score-choice", ["01"], ["SCORE=rank"], ["SCORE", "dlogp, dprob"]),
+    ("held-out-fraction", ["01"], ["HELD_OUT_FRACTION=1"], ["HELD_OUT_FRACTION", "from 0.05 to 0.95"]),
+    ("prob-floor-zero", ["01"], ["PROB_FLOOR=0"], ["PROB_FLOOR", "from 1e-12 to 0.1"]),
     ("trace-kinds", ["06"], ["KINDS=hidden,mpl"], ["KINDS", "unknown ['mpl']"]),
     ("trace-kinds-empty", ["06"], ["KINDS=,"], ["KINDS", "is empty"]),
     ("dtype", ["00"], ["DTYPE=float64"], ["DTYPE", "bfloat16"]),
@@ -454,3 +457,15 @@ def test_the_generic_schema_check_catches_a_string_split_into_characters(tmp_pat
     assert not target.exists()
     io.write_json(target, {"model": "m", "components": ["mlp_out"]}, check=check)
     assert io.read_current(target, {}, check=check) is None  # no provenance: not current
+
+
+def test_02_refuses_token_sets_found_on_every_prompt():
+    """A token-set file without a discovery/held-out split (written before splits, or by hand)
+    would make 02's effects circular: a clear error naming the fix, before any model runs."""
+    from lib import domain_swap as ds
+    from lib.prompts import PromptPairs
+
+    pairs = PromptPairs("p_q", ("p", "q"), ("a", "b"), ("c", "d"))
+    sets = {"model": "tiny-random", "top_n": 1, "pairs": {"p_q": {"p": [], "q": []}}}
+    with pytest.raises(ds.TokenSetMissingError, match="circular.*rerun 01_reverse_intervention"):
+        ds.full_compute_unit(None, pairs, [0], sets, {})

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 N = 6
+N_HELD = 3   # notebook 01 finds the token sets on half the pairs, 02 measures on the other half
 LAYERS = [0, 10, 20, 29]
 FILES = ["cpp_python.json", "finance_medical.json"]
 PAIRS = {"cpp_python": ("cpp", "python"), "finance_medical": ("finance", "medical")}
@@ -88,11 +89,19 @@ def test_token_sets(pipeline, smollm):
             assert len(ids[d]) == len(entries) and not ids[d] & special
         assert not ids[a] & ids[b], f"{name}: token sets overlap"
         assert data["pair_info"][name]["n_prompts"] == N
+        split = data["split"][name]
+        assert len(split["held_out"]) == N_HELD and len(split["discovery"]) == N - N_HELD
+        ref = {d: {e["id"] for e in data["reference"][name][d]} for d in (a, b)}
+        assert not ref[a] & ref[b]
+        js = data["agreement"][name]["dlogp"]["source"]
+        assert js["mean"] == pytest.approx(
+            (len(ids[a] & ref[a]) / len(ids[a] | ref[a]) + len(ids[b] & ref[b]) / len(ids[b] | ref[b])) / 2)
 
 
 def test_full_compute(pipeline):
     data = json.loads((pipeline["dirs"]["FULL_COMPUTE_DIR"] / f"{MODEL}.json").read_text())
     scores = json.loads((pipeline["dirs"]["SCORES_DIR"] / f"{MODEL}.json").read_text())
+    sets = json.loads((pipeline["dirs"]["TOKEN_SETS_DIR"] / f"{MODEL}.json").read_text())
     assert data["model"] == MODEL and data["metric"] == "fisher"
     assert data["components"] == ["attn_out", "mlp_out"] and set(data["sides"]) == {"b_into_a", "a_into_b"}
     prov = data["provenance"]
@@ -101,7 +110,8 @@ def test_full_compute(pipeline):
     assert set(data["pairs"]) == set(PAIRS)
     for name, (a, b) in PAIRS.items():
         pair = data["pairs"][name]
-        assert pair["domains"] == [a, b] and pair["n_prompts"] == N and pair["layers"] == LAYERS
+        assert pair["domains"] == [a, b] and pair["n_prompts"] == N_HELD and pair["layers"] == LAYERS
+        assert pair["evaluated_pairs"] == sets["split"][name]["held_out"]
         comparison = next(c for c in scores["comparisons"] if c["name"] == name and c["kind"] == "pair")
         for comp in data["components"]:
             fisher = dict(zip(scores["layers"], comparison["scores"][comp]["fisher"]))
@@ -116,7 +126,7 @@ def test_full_compute(pipeline):
                 for side in ("b_into_a", "a_into_b"):
                     s = entry["sides"][side]
                     for key, st in s.items():
-                        assert st["n"] == N, (name, comp, key)
+                        assert st["n"] == N_HELD, (name, comp, key)
                         assert st["ci_low"] <= st["mean"] + 1e-12 and st["mean"] <= st["ci_high"] + 1e-12
                         if key.startswith("mass"):
                             assert 0 <= st["ci_low"] and st["ci_high"] <= 1
@@ -124,11 +134,14 @@ def test_full_compute(pipeline):
             for side in ("b_into_a", "a_into_b", "both"):
                 for effect in ("kl", "abs_delta"):
                     res = block["top_vs_bottom"][side][effect]
-                    assert 0 < res["p_value"] <= 1 and res["top"]["n"] == N
+                    assert 0 < res["p_value"] <= 1 and res["top"]["n"] == N_HELD
             sp = block["spearman"]["both"]["kl"]
             assert sp["n"] == len(LAYERS) and (sp["rho"] is None or -1 <= sp["rho"] <= 1)
             zero = pair["zero_ablation"][comp]["per_layer"]
-            assert all(e["sides"][s]["kl"]["n"] == N for e in zero for s in ("b_into_a", "a_into_b"))
+            assert all(e["sides"][s]["kl"]["n"] == N_HELD for e in zero for s in ("b_into_a", "a_into_b"))
+            dc = block["depth_control"]["both"]["kl"]
+            assert dc["partial_given_layer"]["n"] == len(LAYERS) and dc["partial_given_layer"]["df"] == 1
+            assert 0 < dc["relative_top_vs_bottom"]["p_value"] <= 1
             inj = pair["injection"][comp]
             assert inj["layer"] == ranking[0] and inj["alphas"] == [0.0, 1.0, 4.0]
             first = inj["sides"]["b_into_a"][0]
@@ -144,7 +157,8 @@ def test_full_compute(pipeline):
 def test_graphs(pipeline):
     graphs = pipeline["dirs"]["GRAPHS_DIR"]
     names = ["attn_comparison", "mlp_comparison", "effect_vs_separability_kl",
-             "effect_vs_separability_abs_delta", "kl_per_layer", "bias_per_layer", "injection"]
+             "effect_vs_separability_abs_delta", "kl_per_layer", "bias_per_layer", "injection",
+             "depth_control_kl", "depth_control_abs_delta"]
     names += [f"{c}_layers_{p}" for c in ("attn", "mlp") for p in PAIRS]
     for name in names:
         for ext in ("png", "pdf"):
@@ -156,6 +170,8 @@ def test_graphs(pipeline):
     assert images_in(nb03) >= len(names)
     text = nb01.read_text()
     assert "cpp token" in text and "python score" in text  # the token-set tables are shown
+    for name in ("token_sets_agreement", "token_sets_frequency"):
+        assert (graphs / MODEL / f"{name}.png").stat().st_size > 1000
 
 
 def test_rerun_of_02_is_skipped_and_byte_identical(pipeline):
