@@ -11,7 +11,8 @@ cells (:mod:`lib.params`): a name that no selected notebook declares, a value of
 type (VALUE is the text itself for a ``str`` parameter, JSON for the others) or out of range,
 an unknown model or an unwritable ``--runs-dir`` is a one-line error and exit code 2, before
 any kernel starts. A notebook gets only the parameters it declares. Torch in every kernel uses
-``--threads`` CPU threads (default 2, the thread count of the committed results).
+``--threads`` CPU threads (default 1, the thread count of the committed results: on a shared
+CPU one thread is faster than two for these small models).
 
 Executed copies, with their inline figures, are kept as ``runs/<model>/<notebook>.ipynb``.
 The run stops at the first failing notebook (an error, a cell past ``--timeout``, a dead
@@ -33,7 +34,7 @@ from lib import io, paths
 from lib.models import DEFAULT_MODEL, ModelNotFoundError, check_model_name
 from lib.params import CliText, ParameterError, check_params, read_parameters
 
-DEFAULT_THREADS = 2  # torch CPU threads in every kernel; the committed results use 2
+DEFAULT_THREADS = 1  # torch CPU threads in every kernel; the committed results use 1
 
 
 def list_notebooks(folder: Path = paths.NOTEBOOKS) -> list[Path]:
