@@ -257,8 +257,8 @@ def split_text(where: str | None, pair: str, index: int) -> str | None:
     if where == "held_out":
         return (f"prompt {index} is in the held-out half of {pair}: the token sets were found "
                 "without it (effects in notebook 02 are measured on this half)")
-    return (f"prompt {index} is in neither half of {pair}'s split (notebook 01 did not see it: "
-            "it ran on part of the file)")
+    return (f"prompt {index} is outside {pair}'s recorded split (notebook 01 ran on part of the "
+            "file): the token sets were found without it")
 
 
 class Explorer:

@@ -168,6 +168,7 @@ def test_token_set_table_split_and_score_from_a_new_style_file(llama):
     assert E.split_of(ts, "cpp_python", 0) == "held_out"
     assert E.split_of(ts, "cpp_python", 1) == "discovery"
     assert E.split_of(ts, "cpp_python", 5) == "outside"
+    assert "found without it" in E.split_text("outside", "cpp_python", 5)
     note = E.sets_note(ts, "cpp_python")
     assert "dlogp" in note and "mean change of log" in note and "seed 7" in note
     ex = E.Explorer(llama, [PAIRS], ts, top_k=2, n_continuation=1)
