@@ -2,13 +2,14 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 from lib import explorer as E
 from lib.plots import explorer as ep
 from lib.hooks import count_hooks
-from lib.prompts import PromptPairs
+from lib.prompts import PromptPairs, load_pairs
 
 PAIRS = PromptPairs("cpp_python", ("cpp", "python"),
                     ("Write C++ code now", "Sort a vector in C++"),
@@ -108,13 +109,110 @@ def test_bad_choices_are_refused(llama):
     ex = E.Explorer(llama, [PAIRS])
     with pytest.raises(KeyError, match="unknown pair"):
         ex.view("rust_go", 0, 0, "mlp_out")
-    with pytest.raises(IndexError, match="0 to 1"):
+    with pytest.raises(E.PromptIndexError, match=r"prompt index 2 is out of range .* 0\.\.1"):
         ex.view("cpp_python", 2, 0, "mlp_out")
+    with pytest.raises(IndexError, match=r"0\.\.1"):   # also an IndexError / ValueError
+        ex.view("cpp_python", -1, 0, "mlp_out")
     with pytest.raises(ValueError, match="out of range"):
         ex.view("cpp_python", 0, 9, "mlp_out")
     with pytest.raises(ValueError, match="component"):
         ex.view("cpp_python", 0, 0, "head_out")
+    assert not ex._cache   # refused before any model run
+    assert ex.prompt_range("cpp_python") == range(2)
 
+
+def test_prompt_index_is_checked_against_its_file_not_clamped():
+    other = PromptPairs("finance_medical", ("finance", "medical"), ("a", "b", "c"),
+                        ("d", "e", "f"), "prompt_set/finance_medical.json")
+    sets = [PAIRS, other]
+    assert E.check_prompt_index(sets, "finance_medical", 2) == 2
+    with pytest.raises(E.PromptIndexError) as err:
+        E.check_prompt_index(sets, "cpp_python", 2, "PROMPT_INDEX")
+    assert "PROMPT_INDEX 2" in str(err.value) and "0..1" in str(err.value)
+    with pytest.raises(E.PromptIndexError, match=r"finance_medical.json has 3 prompt pairs.*0\.\.2"):
+        E.check_prompt_index({p.name: p for p in sets}, "finance_medical", 3, "PROMPT_INDEX")
+    with pytest.raises(E.PromptIndexError, match="integer"):
+        E.check_prompt_index(sets, "cpp_python", 1.5)
+    with pytest.raises(E.PromptIndexError, match="integer"):
+        E.check_prompt_index(sets, "cpp_python", True)
+    with pytest.raises(KeyError, match="PROMPT_FILES"):
+        E.check_prompt_index(sets, "rust_go", 0)
+
+
+# --- what the token-set file says about the sets ---------------------------------------------
+
+def new_style_token_sets(llama):
+    """A token-set file with the optional keys of the split/reference format (hand-made)."""
+    entry = lambda i, score: {"id": i, "token": llama.tokenizer.decode([i]), "score": score}
+    sets = token_sets_for(llama, list(range(65, 65 + 12)), list(range(97, 97 + 12)))
+    sets["reference"] = {"cpp_python": {"cpp": [entry(48, 2.0), entry(49, 1.0)],
+                                        "python": [entry(50, 3.0)]}}
+    sets["split"] = {"cpp_python": {"seed": 7, "discovery": [1], "held_out": [0],
+                                    "held_out_fraction": 0.5}}
+    sets["score"] = {"name": "dlogp", "meaning": "mean change of log max(p, floor)"}
+    return sets
+
+
+def test_token_set_table_split_and_score_from_a_new_style_file(llama):
+    ts = new_style_token_sets(llama)
+    table = E.token_set_table(ts, "cpp_python", ("cpp", "python"), n=10)
+    assert list(table.columns) == ["cpp", "cpp score", "python", "python score",
+                                   "reference cpp", "reference python"]
+    assert len(table) == 10 and table.index[0] == 1           # top 10 of 12, ranked from 1
+    assert table["cpp"].iloc[0] == E.show_token(llama.tokenizer.decode([65]))
+    assert table["python"].iloc[9] == E.show_token(llama.tokenizer.decode([106]))
+    dec = lambda i: E.show_token(llama.tokenizer.decode([i]))
+    assert table["reference cpp"].tolist()[:2] == [dec(48), dec(49)]
+    assert pd.isna(table["reference cpp"].iloc[2])                 # shorter lists padded
+    assert table["reference python"].iloc[0] == dec(50)
+    assert E.split_of(ts, "cpp_python", 0) == "held_out"
+    assert E.split_of(ts, "cpp_python", 1) == "discovery"
+    assert E.split_of(ts, "cpp_python", 5) == "outside"
+    assert "found without it" in E.split_text("outside", "cpp_python", 5)
+    note = E.sets_note(ts, "cpp_python")
+    assert "dlogp" in note and "mean change of log" in note and "seed 7" in note
+    ex = E.Explorer(llama, [PAIRS], ts, top_k=2, n_continuation=1)
+    held, disc = ex.view("cpp_python", 0, 0, "mlp_out"), ex.view("cpp_python", 1, 0, "mlp_out")
+    assert held.split == "held_out" and "held-out half" in held.split_note
+    assert disc.split == "discovery" and "discovery half" in disc.split_note
+    assert held.sets.equals(table) and held.sets_note == note
+    assert not held.masses.empty                                # masses still use pairs[...]
+
+
+def test_old_style_files_still_work(llama):
+    ts = token_sets_for(llama, [65, 66], [97])     # today's files: no reference/split/score
+    table = E.token_set_table(ts, "cpp_python", ("cpp", "python"))
+    assert list(table.columns) == ["cpp", "cpp score", "python", "python score"]
+    assert table["python"].iloc[0] == E.show_token(llama.tokenizer.decode([97]))
+    assert pd.isna(table["python"].iloc[1])
+    assert E.split_of(ts, "cpp_python", 0) is None
+    assert "no discovery/held-out split" in E.sets_note(ts, "cpp_python")
+    view = E.Explorer(llama, [PAIRS], ts, top_k=2, n_continuation=1).view("cpp_python", 0, 0,
+                                                                         "attn_out")
+    assert view.split is None and view.split_note is None and view.sets is not None
+    assert E.token_set_table(None, "cpp_python", ("cpp", "python")) is None
+    assert E.token_set_table(ts, "finance_medical", ("finance", "medical")) is None
+    broken = dict(ts, split={"cpp_python": {"seed": 0}}, reference="nonsense")
+    assert E.split_of(broken, "cpp_python", 0) is None
+    assert "reference cpp" not in E.token_set_table(broken, "cpp_python", ("cpp", "python"))
+
+
+def test_render_shows_sets_and_split(llama, monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
+    ts = new_style_token_sets(llama)
+    view = E.Explorer(llama, [PAIRS], ts, top_k=2, n_continuation=1).view("cpp_python", 0, 0,
+                                                                         "mlp_out")
+    ep.render(view)
+    markdown = " ".join(o.data for o in shown if isinstance(o, IPython.display.Markdown))
+    assert "held-out half" in markdown and "dlogp" in markdown and "reference" in markdown
+    tables = [o for o in shown if isinstance(o, pd.DataFrame)]
+    assert any("reference cpp" in t.columns for t in tables)
+
+
+# --- widgets ----------------------------------------------------------------------------------
 
 def test_no_widgets_outside_a_front_end(llama, monkeypatch):
     ok, why = ep.widget_frontend(True)
@@ -124,19 +222,116 @@ def test_no_widgets_outside_a_front_end(llama, monkeypatch):
     assert ep.widget_frontend(True)[0] is False
 
 
-def test_widgets_build_and_follow_changes(llama):
+def spy_on_view(ui, monkeypatch):
+    """Record the UI's state, status text, stale mark and controls while a view computes."""
+    seen = []
+    original = ui.explorer.view
+
+    def view(*args):
+        seen.append({"choice": args, "state": ui.state, "status": ui.status.value,
+                     "stale": ep.STALE_CLASS in ui.out._dom_classes,
+                     "disabled": all(c.disabled for c in ui.controls)})
+        return original(*args)
+
+    monkeypatch.setattr(ui.explorer, "view", view)
+    return seen
+
+
+def test_widgets_show_busy_then_the_new_view(llama, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    ex = E.Explorer(llama, [PAIRS], new_style_token_sets(llama), top_k=3, n_continuation=1)
+    rendered = []
+    ui = ep.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=rendered.append)
+    assert ui.state == "idle"
+    seen = spy_on_view(ui, monkeypatch)
+    ui.refresh()
+    assert ui.state == "done" and rendered[-1].layer == 0
+    ui.layer_w.value = 1
+    during = seen[-1]
+    assert during["choice"] == ("cpp_python", 0, 1, "mlp_out")
+    assert during["state"] == "computing" and during["stale"] and during["disabled"]
+    assert "computing" in during["status"]
+    assert "pair cpp_python, prompt 0, layer 1, component mlp_out" in during["status"]
+    # afterwards: the new view, status done, nothing greyed or disabled
+    assert ui.state == "done" and rendered[-1].layer == 1
+    assert "computing" not in ui.status.value and "layer 1" in ui.status.value
+    assert ep.STALE_CLASS not in ui.out._dom_classes
+    assert not any(c.disabled for c in ui.controls)
+    # the prompt line follows the index and says which half of the split it is in
+    assert "held-out half" in ui.prompt_w.value
+    ui.index_slider.value = 1
+    assert ui.index_w.value == 1 and rendered[-1].index == 1
+    assert "Sort a vector in C++" in ui.prompt_w.value and "discovery half" in ui.prompt_w.value
+    assert ui.range_w.value == "of 0..1"
+    ui.index_w.value = 0                          # typing an index moves the slider too
+    assert ui.index_slider.value == 0 and rendered[-1].index == 0
+
+
+def test_widgets_report_an_out_of_range_index_with_its_range(llama, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    other = PromptPairs("finance_medical", ("finance", "medical"), ("a", "b", "c"),
+                        ("d", "e", "f"))
+    ex = E.Explorer(llama, [PAIRS, other], top_k=2, n_continuation=1)
+    rendered = []
+    ui = ep.ExplorerUI(ex, "finance_medical", 2, 0, "mlp_out", render_view=rendered.append)
+    ui.refresh()
+    assert ui.state == "done" and ui.range_w.value == "of 0..2" and ui.index_slider.max == 2
+    n_views = len(rendered)
+    ui.pair_w.value = "cpp_python"           # index 2 does not exist there: said, not clamped
+    assert ui.index_w.value == 2 and ui.range_w.value == "of 0..1" and ui.index_slider.max == 1
+    assert ui.state == "error" and isinstance(ui.last_error, E.PromptIndexError)
+    assert "error" in ui.status.value and "0..1" in ui.status.value
+    assert len(rendered) == n_views           # no view drawn for it
+    assert ep.STALE_CLASS not in ui.out._dom_classes
+    assert not any(c.disabled for c in ui.controls)
+    ui.index_w.value = 1                      # a valid index again: back to a view
+    assert ui.state == "done" and rendered[-1].index == 1 and ui.index_slider.value == 1
+    ui.index_w.value = 99
+    assert ui.state == "error" and "prompt index 99 is out of range" in ui.status.value
+    assert ui.index_w.value == 99
+
+
+def test_widgets_show_compute_errors(llama, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    ex = E.Explorer(llama, [PAIRS], top_k=2, n_continuation=1)
+    ui = ep.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=lambda v: None)
+
+    def broken(*args):
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(ex, "view", broken)
+    ui.comp_w.value = "attn_out"
+    assert ui.state == "error" and "RuntimeError: the model fell over" in ui.status.value
+    assert isinstance(ui.last_error, RuntimeError)
+    assert not any(c.disabled for c in ui.controls)
+
+
+def test_build_widgets_renders_the_first_view(llama):
     pytest.importorskip("ipywidgets")
     ex = E.Explorer(llama, [PAIRS], top_k=3, n_continuation=1)
-    box = ep.build_widgets(ex, "cpp_python", 0, 0, "mlp_out")
-    assert ("cpp_python", 0, 0, "mlp_out") in ex._cache
-    layer_slider = box.children[1]
-    layer_slider.value = 1
-    assert ("cpp_python", 0, 1, "mlp_out") in ex._cache
-    assert "Sort a vector" not in box.children[3].value
-    box.children[0].children[1].value = 1
-    assert "Sort a vector in C++" in box.children[3].value
+    ui = ep.build_widgets(ex, "cpp_python", 0, 0, "mlp_out", show=False)
+    assert ("cpp_python", 0, 0, "mlp_out") in ex._cache and ui.state == "done"
+    assert ui.box.children[-1] is ui.out and ui.status in ui.box.children
 
 
 def test_show_token():
     assert E.show_token(" a\n") == "␣a⏎"
     assert E.show_token("") == "∅"
+
+
+def test_notebook_04_refuses_an_out_of_range_prompt_index_with_its_range(tmp_path):
+    """PROMPT_INDEX passes the parameter rule ``[0..]`` (the range depends on the file), so the
+    notebook checks it against the pair file right after loading the file (before the model)."""
+    from lib import paths
+    from lib.runner import NotebookFailed, run_notebooks
+
+    nb = paths.NOTEBOOKS / "04_prompt_visualization.ipynb"
+    params = {"PROMPT_FILES": ["finance_medical.json"], "PAIR": "finance_medical",
+              "PROMPT_INDEX": 500, "TOKEN_SETS_DIR": str(tmp_path)}
+    n = len(load_pairs("finance_medical.json"))
+    with pytest.raises(NotebookFailed) as err:
+        run_notebooks([nb], ["tiny-random"], params, runs_dir=tmp_path / "runs", timeout=120,
+                      progress=False)
+    text = str(err.value)
+    assert "PromptIndexError" in text and "PROMPT_INDEX 500 is out of range" in text
+    assert f"finance_medical.json has {n} prompt pairs, so it must be in 0..{n - 1}" in text

@@ -4,18 +4,29 @@ rendering of a :class:`lib.explorer.PromptView`, and the ipywidgets wrapper arou
 What is shown (a last-token interchange intervention between minimal domain pairs; Vig et al.
 2020, Geiger et al. 2021) is computed by :class:`lib.explorer.Explorer`. :func:`render` shows a
 view as static output (tables and plotnine figures), which is what a papermill run records;
-:func:`build_widgets` wraps it in ipywidgets for interactive use, when :func:`widget_frontend`
-finds a front end.
+:func:`build_widgets` wraps it in ipywidgets (:class:`ExplorerUI`) for interactive use, when
+:func:`widget_frontend` finds a front end.
+
+The widgets' states (:attr:`ExplorerUI.state`): ``computing`` from the moment a control
+changes (the status line says which view is being computed, the old view is greyed out and
+marked stale, the controls are disabled) until the new view replaces it (``done``), or until
+the computation fails (``error``: the message, e.g. the valid prompt range, in the status line
+and in place of the view). A view takes seconds on a 135M model on a CPU; the ipykernel sends
+widget updates from its I/O thread, so the busy state reaches the browser while the kernel
+computes.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from lib.explorer import EXPLORER_COMPONENTS, SIDES, Explorer, PromptView, show_token
+from lib.explorer import (EXPLORER_COMPONENTS, SIDES, Explorer, PromptView, show_token, split_of,
+                          split_text)
 
 
 def _side_label(view: PromptView, side: str) -> str:
@@ -66,17 +77,33 @@ def plot_masses(view: PromptView):
             + p9.theme_bw() + p9.theme(figure_size=(8, 3.5)))
 
 
+def _sets_caption(view: PromptView) -> str:
+    has_ref = any(c.startswith("reference ") for c in view.sets.columns)
+    text = (f"**Token sets of {view.pair}**: top {len(view.sets)} per domain, the sets the "
+            "masses are summed over" + ("; `reference`: the sets from the contrast of the two "
+                                        "domains' clean next-token distributions" if has_ref
+                                        else ""))
+    return text + (f". {view.sets_note}" if view.sets_note else ".")
+
+
 def render(view: PromptView) -> None:
-    """Display a view as static output: texts, top-token chart, masses (or why not)."""
+    """Display a view as static output: which half of the split the prompt is in (when the
+    token-set file has a split), texts, the top tokens of each domain's set (and the reference
+    sets), top-token chart, masses (or why not)."""
     from IPython.display import Markdown, display
 
     display(Markdown(f"### {view.pair}, prompt {view.index}: swap of `{view.component}` at "
                      f"layer {view.layer} (last token)"))
+    if view.split_note:
+        display(Markdown(f"**Split:** {view.split_note}."))
     texts = view.texts.copy()
     texts["continuation"] = texts.continuation.map(lambda s: s.replace("\n", "⏎"))
     with pd.option_context("display.max_colwidth", None, "display.width", 250,
                            "display.float_format", "{:.4g}".format):
         display(texts[["side", "base_domain", "condition", "prompt", "continuation"]])
+        if view.sets is not None:
+            display(Markdown(_sets_caption(view)))
+            display(view.sets.fillna(""))
         display(plot_top_tokens(view))
         if view.masses.empty:
             display(Markdown(f"**{view.message or 'No token sets.'}**"))
@@ -118,37 +145,188 @@ def widget_frontend(interactive: bool = True) -> tuple[bool, str]:
     return True, "Jupyter front end"
 
 
-def build_widgets(explorer: Explorer, pair: str, index: int, layer: int, component: str):
-    """Dropdowns and sliders (pair, prompt index, layer, component) that re-render the view."""
-    import ipywidgets as w
-    from IPython.display import display
+STALE_CLASS = "causal-explorer-stale"
+_STYLE = ("<style>"
+          f".{STALE_CLASS} {{opacity: 0.3; filter: grayscale(1); pointer-events: none;}}"
+          ".causal-explorer-spinner {display: inline-block; width: 0.8em; height: 0.8em; "
+          "margin-right: 0.4em; vertical-align: -0.05em; border: 2px solid #e69500; "
+          "border-right-color: transparent; border-radius: 50%; "
+          "animation: causal-explorer-spin 0.8s linear infinite;}"
+          "@keyframes causal-explorer-spin {to {transform: rotate(360deg);}}"
+          "</style>")
+STATES = ("idle", "computing", "done", "error")
 
-    pair_w = w.Dropdown(options=sorted(explorer.pairs), value=pair, description="pair")
-    index_w = w.BoundedIntText(value=index, min=0, max=len(explorer.pairs[pair]) - 1,
-                               description="prompt")
-    layer_w = w.IntSlider(value=layer, min=0, max=explorer.lm.n_layers - 1, description="layer",
-                          continuous_update=False)
-    comp_w = w.ToggleButtons(options=list(EXPLORER_COMPONENTS), value=component,
-                             description="component")
-    prompt_w = w.HTML()
-    out = w.Output()
 
-    def on_pair(change):
-        index_w.max = len(explorer.pairs[change["new"]]) - 1
-        index_w.value = min(index_w.value, index_w.max)
+def _message(err: BaseException) -> str:
+    """An exception's message (a KeyError's without the quotes that ``str`` adds)."""
+    if len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err)
 
-    def refresh(*_):
-        ps = explorer.pairs[pair_w.value]
-        prompt_w.value = (f"<b>{ps.domains[0]}</b>: {ps.a[index_w.value]}<br>"
-                          f"<b>{ps.domains[1]}</b>: {ps.b[index_w.value]}")
-        with out:
-            out.clear_output(wait=True)
-            render(explorer.view(pair_w.value, index_w.value, layer_w.value, comp_w.value))
 
-    pair_w.observe(on_pair, names="value")
-    for widget in (pair_w, index_w, layer_w, comp_w):
-        widget.observe(refresh, names="value")
-    box = w.VBox([w.HBox([pair_w, index_w]), layer_w, comp_w, prompt_w, out])
-    display(box)
-    refresh()
-    return box
+class ExplorerUI:
+    """The explorer's controls, status line and output, and the state machine between them.
+
+    Controls: pair (dropdown), prompt index (a text box that accepts any integer, so an index
+    outside the pair file is reported with its range rather than clamped, and a slider over
+    0..n-1 of the chosen pair kept in step with it), layer (slider), component (buttons). A
+    change of any control calls :meth:`refresh`:
+
+    1. ``state = "computing"``: the status line says "computing view for pair …, prompt …,
+       layer …, component …", the output is marked stale (CSS class :data:`STALE_CLASS`: greyed
+       out) and the controls are disabled;
+    2. the choice is checked and the view computed (:meth:`lib.explorer.Explorer.view`, cached);
+    3. ``state = "done"``: the new view replaces the old one, the status says how long it took;
+       or ``state = "error"``: the status and the output show the error (nothing is swallowed);
+       the output is un-greyed and the controls enabled either way.
+
+    ``render_view`` (default :func:`render`) draws a view into the output; tests pass a cheaper
+    one. Everything is plain ipywidgets objects, so tests can set control values and read
+    :attr:`state`, ``status.value`` and ``out._dom_classes`` without a browser.
+    """
+
+    def __init__(self, explorer: Explorer, pair: str, index: int, layer: int, component: str,
+                 render_view=None):
+        import ipywidgets as w
+
+        self.explorer = explorer
+        self.render_view = render_view or render
+        self.state = "idle"
+        self.last_error: BaseException | None = None
+        self.pair_w = w.Dropdown(options=sorted(explorer.pairs), value=pair, description="pair")
+        n = len(explorer.prompt_range(pair))
+        self.index_w = w.IntText(value=int(index), description="prompt",
+                                 layout=w.Layout(width="180px"))
+        self.range_w = w.HTML()
+        self.index_slider = w.IntSlider(value=min(max(int(index), 0), n - 1), min=0,
+                                        max=n - 1, description="", readout=False,
+                                        continuous_update=False)
+        self.layer_w = w.IntSlider(value=layer, min=0, max=explorer.lm.n_layers - 1,
+                                   description="layer", continuous_update=False)
+        self.comp_w = w.ToggleButtons(options=list(EXPLORER_COMPONENTS), value=component,
+                                      description="component")
+        self.status = w.HTML()
+        self.prompt_w = w.HTML()
+        self.out = w.Output()
+        self.controls = (self.pair_w, self.index_w, self.index_slider, self.layer_w,
+                         self.comp_w)
+        self._syncing = False
+        self._update_range()
+        self.pair_w.observe(self._on_pair, names="value")
+        self.index_w.observe(self._on_index, names="value")
+        self.index_slider.observe(self._on_slider, names="value")
+        self.layer_w.observe(self.refresh, names="value")
+        self.comp_w.observe(self.refresh, names="value")
+        self.box = w.VBox([w.HTML(_STYLE),
+                           w.HBox([self.pair_w, self.index_w, self.range_w, self.index_slider]),
+                           self.layer_w, self.comp_w, self.status, self.prompt_w, self.out])
+        self.box.add_class("causal-explorer")            # for scripts/browser_check_explorer.py
+        self.status.add_class("causal-explorer-status")
+
+    # --- controls -----------------------------------------------------------------------
+
+    def choice(self) -> tuple[str, int, int, str]:
+        """(pair, prompt index, layer, component) as the controls stand."""
+        return self.pair_w.value, self.index_w.value, self.layer_w.value, self.comp_w.value
+
+    def _update_range(self) -> None:
+        """Range label and slider bounds for the chosen pair. The slider may not hold an
+        out-of-range index, but the text box keeps it (and the view reports it)."""
+        n = len(self.explorer.prompt_range(self.pair_w.value))
+        self.range_w.value = f"of 0..{n - 1}"
+        self._syncing = True
+        try:
+            self.index_slider.max = n - 1
+            if 0 <= self.index_w.value < n:
+                self.index_slider.value = self.index_w.value
+        finally:
+            self._syncing = False
+
+    def _on_pair(self, change) -> None:
+        self._update_range()
+        self.refresh()
+
+    def _on_index(self, change) -> None:
+        if 0 <= change["new"] <= self.index_slider.max:
+            self._syncing = True
+            try:
+                self.index_slider.value = change["new"]
+            finally:
+                self._syncing = False
+        self.refresh()
+
+    def _on_slider(self, change) -> None:
+        if not self._syncing:
+            self.index_w.value = change["new"]   # refreshes through _on_index
+
+    # --- state machine ------------------------------------------------------------------
+
+    @staticmethod
+    def describe(pair: str, index: int, layer: int, component: str) -> str:
+        return f"pair {pair}, prompt {index}, layer {layer}, component {component}"
+
+    def _set_status(self, text: str, colour: str) -> None:
+        self.status.value = (f'<div style="padding:4px 8px;border-left:4px solid {colour};'
+                             f'background:#f6f6f6;font-size:110%">{text}</div>')
+
+    def _begin(self, what: str) -> None:
+        self.state = "computing"
+        self._set_status('<span class="causal-explorer-spinner"></span><b>computing</b> '
+                         f"view for {html.escape(what)} … (the view below is "
+                         "out of date)", "#e69500")
+        self.out.add_class(STALE_CLASS)
+        for c in self.controls:
+            c.disabled = True
+
+    def _end(self) -> None:
+        self.out.remove_class(STALE_CLASS)
+        for c in self.controls:
+            c.disabled = False
+
+    def refresh(self, *_) -> None:
+        """Recompute and show the view for the controls' current values (see the class)."""
+        from IPython.display import HTML, display
+
+        pair, index, layer, component = self.choice()
+        what = self.describe(pair, index, layer, component)
+        self._begin(what)
+        started = time.perf_counter()
+        try:
+            self.explorer.check(pair, index, layer, component, index_name="prompt index")
+            ps = self.explorer.pairs[pair]
+            split = split_text(split_of(self.explorer.token_sets, pair, index), pair, index)
+            self.prompt_w.value = (
+                f"<b>{html.escape(ps.domains[0])}</b>: {html.escape(ps.a[index])}<br>"
+                f"<b>{html.escape(ps.domains[1])}</b>: {html.escape(ps.b[index])}"
+                + (f"<br><i>{html.escape(split)}</i>" if split else ""))
+            view = self.explorer.view(pair, index, layer, component)
+            with self.out:
+                self.out.clear_output(wait=True)
+                self.render_view(view)
+        except Exception as err:   # shown in the UI, and kept in last_error
+            self.state, self.last_error = "error", err
+            msg = html.escape(f"{type(err).__name__}: {_message(err)}")
+            self._set_status(f"✖ <b>error</b> for {html.escape(what)}: {msg}", "#c00000")
+            self.prompt_w.value = ""
+            self.out.clear_output()
+            with self.out:
+                display(HTML(f'<pre style="color:#c00000;white-space:pre-wrap">{msg}</pre>'))
+        else:
+            self.state, self.last_error = "done", None
+            self._set_status(f"✔ view for {html.escape(what)} "
+                             f"({time.perf_counter() - started:.1f} s)", "#2a7f2a")
+        finally:
+            self._end()
+
+
+def build_widgets(explorer: Explorer, pair: str, index: int, layer: int, component: str,
+                  show: bool = True) -> ExplorerUI:
+    """An :class:`ExplorerUI` for these starting values, displayed (``show``) and refreshed
+    once; returns it (``.box`` is the widget tree)."""
+    ui = ExplorerUI(explorer, pair, index, layer, component)
+    if show:
+        from IPython.display import display
+
+        display(ui.box)
+    ui.refresh()
+    return ui
