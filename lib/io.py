@@ -274,7 +274,8 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
                  check: Callable[[dict], Any] | None = None) -> dict | None:
     """The one "is the stored result current" check: the JSON at ``path`` when it exists,
     passes ``check`` (its schema check) and was written with the same value of every key of
-    ``parameters`` (compared with its ``provenance.parameters``, canonically); else None.
+    ``parameters`` (compared with its ``provenance.parameters``, canonically) at this process's
+    torch thread count (results move with it at the last digits); else None.
 
     ``force`` always gives None. A file that is not valid JSON or fails ``check`` is set aside
     (:func:`set_aside`, with a warning naming it) so that it is recomputed.
@@ -291,8 +292,11 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         set_aside(path, str(err)[:200])
         return None
-    stored = (data.get("provenance") or {}).get("parameters")
-    if not isinstance(stored, dict):
+    import torch
+
+    prov = data.get("provenance") or {}
+    stored = prov.get("parameters")
+    if not isinstance(stored, dict) or prov.get("torch_threads") != torch.get_num_threads():
         return None
     wanted = json.loads(dumps(parameters))
     stored = json.loads(dumps(stored))
@@ -314,8 +318,11 @@ class UnitStore:
     """
 
     def __init__(self, folder: str | os.PathLike, params: dict, force: bool = False):
+        import torch
+
         self.folder = Path(folder)
-        self.key = params_key(params)
+        # units computed at another thread count differ in the last digits: not reused
+        self.key = params_key({**params, "torch_threads": torch.get_num_threads()})
         self.force = force
 
     def _path(self, name: str) -> Path:
