@@ -101,3 +101,27 @@ def test_read_current_compares_the_given_parameters_with_provenance(tmp_path):
     assert io.read_current(target, {"C": 1}) is None
     assert io.read_current(target, {"A": 1}, force=True) is None
     assert target.exists()  # a stale result is kept (it is only overwritten on success)
+
+
+def test_a_result_or_unit_of_another_thread_count_is_not_current(tmp_path):
+    import torch
+
+    target = tmp_path / "r.json"
+    prov = io.provenance(None, {"A": 1})
+    io.write_json(target, {"x": 1}, {**prov, "torch_threads": torch.get_num_threads() + 1})
+    assert io.read_current(target, {"A": 1}) is None
+    old = dict(prov)
+    del old["torch_threads"]  # written before the thread count was recorded
+    io.write_json(target, {"x": 1}, old)
+    assert io.read_current(target, {"A": 1}) is None
+    io.write_json(target, {"x": 1}, prov)
+    assert io.read_current(target, {"A": 1})["x"] == 1
+    store = io.UnitStore(tmp_path / "units", {"A": 1})
+    store.put("u", {"v": 1})
+    assert io.UnitStore(tmp_path / "units", {"A": 1}).get("u") == {"v": 1}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert io.UnitStore(tmp_path / "units", {"A": 1}).get("u") is None
+    finally:
+        torch.set_num_threads(threads)
