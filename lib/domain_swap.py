@@ -869,12 +869,12 @@ def held_out_pairs(token_sets: dict, pairs: PromptPairs
             f"{pairs.name!r}: they were found on every prompt, so effects measured on those "
             "prompts would be circular; rerun 01_reverse_intervention (FORCE=True)")
     found = set(split["discovery_keys"])
-    keep = [i for i in range(len(pairs)) if _pair_key(pairs, i) not in found]
+    used = [_pair_key(pairs, i) in found for i in range(len(pairs))]
+    keep = [i for i, u in enumerate(used) if not u]
     if not keep:
         raise ValueError(f"{pairs.name}: every selected pair was used to find the token sets; "
                          "select more pairs (N_PROMPTS) or rerun 01 with a held-out half")
-    return pairs.select(keep), keep, pairs.select(
-        [i for i in range(len(pairs)) if i not in set(keep)])
+    return pairs.select(keep), keep, pairs.select([i for i, u in enumerate(used) if u])
 
 
 def token_set_table(token_sets: dict, pair: str, n: int = 15):
