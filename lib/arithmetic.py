@@ -6,7 +6,8 @@ slowest, so arrangement ``i`` is ``(i // 100 + 1, i // 10 % 10 + 1, i % 10 + 1)`
 depend on DAS itself:
 
 * :func:`task_tokens`: the prompts of every arrangement tokenized by a model's tokenizer, with
-  the positions of each slot (X, ``+``, Y, ``+``, Z, ``=``). A shared rotation over all
+  the positions of each slot (X, ``plus1``, Y, ``plus2``, Z, ``eq``: the pieces X, ``+``, Y,
+  ``+``, Z, ``=``). A shared rotation over all
   positions, or a per-position one, only means something if position p holds the same slot in
   base and source, so every prompt must tokenize to the same length and every slot to the same
   positions; otherwise a :class:`TaskError` says so. SmolLM2 and Gemma 3 split numbers into
@@ -48,7 +49,7 @@ ARRANGEMENTS: tuple[tuple[int, int, int], ...] = tuple(itertools.product(NUMBERS
 SUMS = tuple(range(3, 31))
 N_CLASSES = len(SUMS)
 FORMATS = ("padded", "plain")
-SLOTS = ("X", "+1", "Y", "+2", "Z", "=")
+SLOTS = ("X", "plus1", "Y", "plus2", "Z", "eq")   # the pieces X + Y + Z =
 CACHE = paths.REPO_ROOT / ".cache" / "arithmetic"
 
 
@@ -233,7 +234,7 @@ def _greedy(lm, text: str, max_new_tokens: int) -> str:
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            nxt = lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            nxt = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()
             out.append(int(nxt))
             ids = torch.cat([ids, nxt.view(1, 1).to(ids.device)], dim=1)
     return lm.tokenizer.decode(out)

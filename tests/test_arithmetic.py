@@ -28,8 +28,8 @@ def test_padded_format_gives_one_layout_and_plain_is_refused(llama):
     tok = ar.task_tokens(llama.tokenizer, "padded")
     assert tok.input_ids.shape == (1000, 10)   # <bos> + 9 characters
     assert tok.offset == 1
-    assert tok.slots == {"X": (1, 2), "+1": (3,), "Y": (4, 5), "+2": (6,), "Z": (7, 8),
-                         "=": (9,)}
+    assert tok.slots == {"X": (1, 2), "plus1": (3,), "Y": (4, 5), "plus2": (6,), "Z": (7, 8),
+                         "eq": (9,)}
     desc = tok.describe(llama.tokenizer)
     assert desc["prompt"] == "10+03+07=" and desc["tokens"][1:] == list("10+03+07=")
     with pytest.raises(ar.TaskError, match="different layouts.*padded"):
