@@ -179,3 +179,83 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
 def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:
     """IIA of a trained module on other counterfactuals (e.g. of another causal model)."""
     return das.iia(module, head_at(lm, layer), pairs_data(states, pairs), batch_size=250)
+
+
+# --- pairwise-IIA graphs (thesis: construct_graph.py) ---------------------------------------
+
+@torch.no_grad()
+def pairwise_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, model,
+                 pool: Sequence[int] | None = None, batch_size: int = 500,
+                 progress: bool = False) -> torch.Tensor:
+    """The thesis' pairwise-IIA graph of causal model ``model`` for a trained ``module``:
+    ``W[a, b]`` (a, b indices into ``pool``, default all 1,000 arrangements in
+    itertools.product order) is the IIA over the two counterfactuals (base ``pool[a]``, source
+    ``pool[b]``) and (base ``pool[b]``, source ``pool[a]``), so W is symmetric with values in
+    {0, 0.5, 1} and a zero diagonal.
+
+    Every ordered pair is evaluated once and written at its own (row, column): the thesis'
+    version that produced its 36 committed graphs looped ``j`` over ``arrangements[i+1:]`` and
+    wrote to column ``j`` instead of ``i + 1 + j`` (methods.md 1.6), so only cells with
+    i + j < 999 were filled, with the wrong pairs. For all 1,000 arrangements that is
+    999,000 counterfactual runs of the blocks above ``layer``.
+    """
+    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
+        torch.as_tensor(list(pool), dtype=torch.long)
+    n = len(pool_t)
+    head = head_at(lm, layer)
+    xyz = ar.arrangement_tensor()
+    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    off = rows_a != rows_b
+    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
+    correct = torch.zeros(n, n)
+    it = range(0, len(a_idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"pairs, layer {layer}", unit="batch")
+    for start in it:
+        a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
+        base, source = pool_t[a], pool_t[b]
+        bx, sx = xyz[base], xyz[source]
+        out = model.run_interchange({"X": bx[:, 0], "Y": bx[:, 1], "Z": bx[:, 2]},
+                                    {"P": {"X": sx[:, 0], "Y": sx[:, 1], "Z": sx[:, 2]}})
+        labels = model.label(out[model.outputs[0]])
+        dev = states.device
+        ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
+        logits = head(module(states[base.to(dev)], [states[source.to(dev)]], ones))
+        correct[a, b] = (logits.argmax(-1).cpu() == labels).float()
+    return (correct + correct.T) / 2
+
+
+def graph_summary(weights: torch.Tensor, min_clique: int = 5) -> dict:
+    """The thesis' clique analysis (``clique_version/analyse_graphs.py``, RemovalHeuristic):
+    keep only weight-1 edges, then repeatedly take ``networkx.approximation.max_clique`` of
+    what is left, record it when it has at least ``min_clique`` nodes, remove its nodes, and
+    stop at the first smaller one. Also the mean off-diagonal weight, the fractions of weights
+    0 / 0.5 / 1 and the mean weight-1 degree (the numbers of methods.md 5.2 item 7)."""
+    import networkx as nx
+    from networkx.algorithms import approximation
+
+    n = weights.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    w = weights[off]
+    ones = (weights == 1) & off
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    ii, jj = torch.nonzero(torch.triu(ones, 1), as_tuple=True)
+    graph.add_edges_from(zip(ii.tolist(), jj.tolist()))
+    density, degree = nx.density(graph), 2 * graph.number_of_edges() / n
+    cliques, remaining = [], graph.copy()
+    while remaining.number_of_nodes():
+        clique = approximation.max_clique(remaining)
+        if len(clique) < min_clique:
+            break
+        cliques.append(sorted(clique))
+        remaining.remove_nodes_from(clique)
+    in_cliques = sorted({v for c in cliques for v in c})
+    inside = graph.subgraph(in_cliques).number_of_edges()
+    return {"n": n, "mean_weight": float(w.mean()),
+            "fraction": {str(v): float((w == v).float().mean()) for v in (0.0, 0.5, 1.0)},
+            "mean_weight1_degree": degree, "density": density,
+            "cliques": cliques, "clique_sizes": [len(c) for c in cliques],
+            "nodes_in_cliques": len(in_cliques),
+            "fraction_of_edges_in_cliques": inside / max(graph.number_of_edges(), 1)}

@@ -110,3 +110,46 @@ def test_gpt2_and_bad_layers_are_refused():
     llama = load_model("tiny-random-llama")
     with pytest.raises(ValueError, match="layer must be"):
         da.head_at(llama, 2)
+
+
+def test_pairwise_graph_cells_are_the_right_pairs(tuned):
+    """Would have caught the thesis' bug (column j written instead of i + 1 + j): every cell,
+    also those with i + j >= n - 1, is checked against the two counterfactuals of its own
+    pair, and the matrix is symmetric with a zero diagonal."""
+    lm, tokens = tuned
+    states = da.residual_states(lm, tokens, [0])[0]
+    pool = [0, 5, 17, 123, 456, 640, 777, 901, 999, 333]
+    module = da.AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, 8, seed=1))
+    model = ar.causal_model(1)
+    W = da.pairwise_iia(lm, 0, module, states, model, pool, batch_size=7)
+    n = len(pool)
+    assert W.shape == (n, n) and torch.equal(W, W.T) and torch.all(W.diagonal() == 0)
+    assert set(W.flatten().tolist()) <= {0.0, 0.5, 1.0}
+    xyz = ar.arrangement_tensor()
+    head = da.head_at(lm, 0)
+    for a in range(n):
+        for b in range(a + 1, n):
+            hits = []
+            for base, src in ((pool[a], pool[b]), (pool[b], pool[a])):
+                label = ar.label_of(xyz[src][0], xyz[src][1], xyz[base][2])   # M1: X_s + Y_s + Z_b
+                with torch.no_grad():
+                    pred = head(module(states[[base]], [states[[src]]],
+                                       torch.ones(1, 1, dtype=torch.bool))).argmax(-1)
+                hits.append(float(pred == label))
+            assert W[a, b] == sum(hits) / 2, (a, b)
+    summary = da.graph_summary(W, min_clique=2)
+    assert summary["n"] == n and abs(sum(summary["fraction"].values()) - 1) < 1e-6
+    for clique in summary["cliques"]:
+        assert all(W[u, v] == 1 for u in clique for v in clique if u != v)
+
+
+def test_graph_summary_finds_planted_cliques():
+    W = torch.full((12, 12), 0.5)
+    for block in (range(0, 6), range(6, 11)):
+        for u in block:
+            for v in block:
+                W[u, v] = 1.0
+    W.fill_diagonal_(0)
+    s = da.graph_summary(W)
+    assert sorted(s["clique_sizes"]) == [5, 6] and s["nodes_in_cliques"] == 11
+    assert s["fraction_of_edges_in_cliques"] == 1.0
