@@ -141,3 +141,17 @@ def test_finetune_learns_and_the_cache_round_trips(tmp_path):
     # other settings: another file
     ar.tuned_model("tiny-random-llama", **{**kwargs, "epochs": 1})
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_notebook_09_parameters_are_checked_before_running():
+    from lib import paths
+    from lib.params import ParameterError, check_params
+
+    nb = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
+    ok = check_params([nb], {"CAUSAL_MODELS": "1,7", "SITES": "all,eq", "RANKS": [8, 64]})
+    assert ok[nb]["CAUSAL_MODELS"] == "1,7"
+    for bad, match in (({"CAUSAL_MODELS": "1,8"}, "CAUSAL_MODELS"),
+                       ({"SITES": "all,="}, "SITES"), ({"FORMAT": "spaced"}, "FORMAT"),
+                       ({"RANKS": [0]}, "RANKS"), ({"FT_VAL_TARGET": 1.5}, "FT_VAL_TARGET")):
+        with pytest.raises(ParameterError, match=match):
+            check_params([nb], bad)
