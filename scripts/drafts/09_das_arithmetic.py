@@ -28,13 +28,13 @@ N_VAL: int = 100                   # [1..] validation arrangements
 N_TEST: int = 200                  # [1..] test arrangements (held out from fine-tuning and DAS training)
 N_SHIPPED: int = 100               # [1..1000] prompts sampled for the accuracy as shipped
 SHOTS: int = 3                     # [0..] solved examples before the prompt in the few-shot measurement
-FT_EPOCHS: int = 8                 # [1..] most fine-tuning epochs
+FT_EPOCHS: int = 12                # [1..] most fine-tuning epochs
 FT_BATCH: int = 32                 # [1..] fine-tuning batch size
 FT_LR: float = 0.0001              # [0..] AdamW learning rate (linear decay to 0)
 FT_VAL_TARGET: float = 0.98        # [0..1] stop after the first epoch with this validation accuracy
 FREEZE_EMBEDDINGS: bool = True     # keep the input embeddings frozen while fine-tuning
 CAUSAL_MODELS: str = "1,2,3,7"     # [some of 1|2|3|4|5|6|7] causal models M1..M7 DAS is trained on
-LAYERS: str = "6,14,22"            # [layers] blocks whose output (resid_post) DAS intervenes on
+LAYERS: str = "14,22"              # [layers] blocks whose output (resid_post) DAS intervenes on
 RANKS: list[int] = [64]            # [1..] low-rank dimensions of the rotation
 SITES: str = "all"                 # [some of all|X|plus1|Y|plus2|Z|eq] "all": one rotation shared over every position; a slot (eq is the last token): its positions only
 DAS_N_TRAIN: int = 1280            # [1..] training counterfactuals per run (from training arrangements)
@@ -43,6 +43,7 @@ DAS_EPOCHS: int = 1                # [1..] DAS epochs
 DAS_BATCH: int = 64                # [1..] DAS batch size
 DAS_LR: float = 0.01               # [0..] Adam learning rate of the rotation (the thesis' 0.01)
 SEMANTICS: str = "independent"     # [independent|conditioned] counterfactual sampling semantics
+GRAPH_ARRANGEMENTS: int = 0        # [0..1000] pairwise-IIA graphs on this many arrangements (the first of a seeded permutation; 1000: the thesis' full graphs); 0 skips them
 THREADS: int = 0                   # [0..] torch CPU threads; 0 keeps the current count (the runner's --threads)
 SEED: int = 0                      # [0..] seed of fine-tuning, counterfactuals and rotations
 DEVICE: str = "auto"               # [device] auto -> cuda if available, else cpu
@@ -87,7 +88,8 @@ PARAMETERS = dict(MODEL=MODEL, FORMAT=FORMAT, SPLIT_SEED=SPLIT_SEED, N_VAL=N_VAL
                   FT_LR=FT_LR, FT_VAL_TARGET=FT_VAL_TARGET, FREEZE_EMBEDDINGS=FREEZE_EMBEDDINGS,
                   CAUSAL_MODELS=model_ids, LAYERS=LAYERS, RANKS=ranks, SITES=sites,
                   DAS_N_TRAIN=DAS_N_TRAIN, DAS_N_TEST=DAS_N_TEST, DAS_EPOCHS=DAS_EPOCHS,
-                  DAS_BATCH=DAS_BATCH, DAS_LR=DAS_LR, SEMANTICS=SEMANTICS, SEED=SEED,
+                  DAS_BATCH=DAS_BATCH, DAS_LR=DAS_LR, SEMANTICS=SEMANTICS,
+                  GRAPH_ARRANGEMENTS=GRAPH_ARRANGEMENTS, SEED=SEED,
                   DEVICE=DEVICE, DTYPE=DTYPE)
 KEY_FT = {k: PARAMETERS[k] for k in ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "N_TEST",
                                      "N_SHIPPED", "SHOTS", "FT_EPOCHS", "FT_BATCH", "FT_LR",
@@ -96,6 +98,7 @@ KEY_FT = {k: PARAMETERS[k] for k in ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "
 KEY_DAS = {**KEY_FT, **{k: PARAMETERS[k] for k in ("CAUSAL_MODELS", "LAYERS", "RANKS", "SITES",
                                                   "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS",
                                                   "DAS_BATCH", "DAS_LR", "SEMANTICS")}}
+KEY_GRAPH = {**KEY_DAS, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS}
 FT_ARGS = dict(fmt=FORMAT, split_seed=SPLIT_SEED, n_val=N_VAL, n_test=N_TEST, epochs=FT_EPOCHS,
                batch_size=FT_BATCH, lr=FT_LR, seed=SEED, val_target=FT_VAL_TARGET,
                freeze_embeddings=FREEZE_EMBEDDINGS, device=DEVICE, dtype=DTYPE,
@@ -279,3 +282,47 @@ if grid:
                                        f"site {sites[0]}", y_label="DAS trained on")
     save_figure(fig, "das_sanity_grid", slug, graphs_dir)
     display(fig)
+
+# %% [markdown]
+# ## 6. Pairwise-IIA graphs and cliques (optional: `GRAPH_ARRANGEMENTS > 0`)
+#
+# For each trained rotation (first rank and site, every layer and causal model), the thesis'
+# graph: nodes are arrangements, the weight of (i, j) is the IIA over the two counterfactuals
+# (base i, source j) and (base j, source i), in {0, 0.5, 1}. Every ordered pair is written at
+# its own cell (the thesis' committed graphs were mis-indexed, methods.md 1.6); the clique
+# analysis keeps weight-1 edges and removes greedy maximum cliques of at least 5 nodes. The
+# thesis' numbers (fixed code, GPT-2, layer 7, rank 256, all 1,000 arrangements) are printed
+# beside ours; they are for another model, layer and rank.
+
+# %%
+THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415, 7: 0.9758}
+if GRAPH_ARRANGEMENTS:
+    graph_path = out_dir / "das_graph.json"
+    graphs = read_current(graph_path, KEY_GRAPH, FORCE)
+    if graphs is None:
+        perm = torch.randperm(1000, generator=torch.Generator().manual_seed(SEED))
+        pool = sorted(perm[:GRAPH_ARRANGEMENTS].tolist()) if GRAPH_ARRANGEMENTS < 1000 \
+            else list(range(1000))
+        summaries = []
+        for name, (m, layer, rank, site, module) in modules.items():
+            if rank != ranks[0] or site != sites[0]:
+                continue
+            t0 = time.perf_counter()
+            W = da.pairwise_iia(lm, layer, module, states[layer], ar.causal_model(m), pool,
+                                progress=True)
+            n_pairs = len(pool) * (len(pool) - 1)
+            sec = time.perf_counter() - t0
+            print(f"{name}: {n_pairs:,} ordered pairs in {sec:.0f} s "
+                  f"({sec / n_pairs * 999000 / 60:.1f} min for all 1,000 arrangements)")
+            summary = da.graph_summary(W)
+            summaries.append({"model": m, "layer": layer, "rank": rank, "site": site,
+                              "thesis_mean_weight_gpt2_layer7_rank256": THESIS_GRAPH[m],
+                              **{k: v for k, v in summary.items() if k != "cliques"},
+                              "cliques": [[pool[v] for v in c] for c in summary["cliques"]]})
+        graphs = {"arrangements": pool, "graphs": summaries, "params_key": params_key(KEY_GRAPH)}
+        write_json(graph_path, graphs, provenance(lm, KEY_GRAPH, SEED),
+                   check=require_keys("graphs", lists=("arrangements",)))
+    display(pd.DataFrame([{k: g[k] for k in ("model", "layer", "mean_weight",
+                                             "thesis_mean_weight_gpt2_layer7_rank256",
+                                             "mean_weight1_degree", "clique_sizes")}
+                          for g in graphs["graphs"]]))
