@@ -41,6 +41,10 @@ FAST_PARAMETERS = {
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
            "DAS_BATCH": 128, "SWEEP_N_TRAIN": 256, "LAYERS": "0,1", "SEMANTICS": "independent"},
+    # the X+Y+Z= task: the tiny model is fine-tuned for one epoch (it stays at chance)
+    "09": {"N_SHIPPED": 2, "SHOTS": 1, "FT_EPOCHS": 1, "FT_BATCH": 256, "LAYERS": "0,1",
+           "RANKS": [4], "SITES": "all,eq", "CAUSAL_MODELS": "1,2,7", "DAS_N_TRAIN": 128,
+           "DAS_N_TEST": 64, "DAS_BATCH": 64, "GRAPH_ARRANGEMENTS": 12},
 }
 NOTEBOOKS = list_notebooks()
 
@@ -227,8 +231,28 @@ def check_08(ws, executed):
     assert len(list(out.glob("*.json"))) >= 3
 
 
+def check_09(ws, executed):
+    out = ws["FULL_COMPUTE_DIR"] / MODEL
+    ft = json.loads((out / "das_finetune.json").read_text())
+    assert ft["tokenization"]["padded"]["length"] == 10 and "error" in ft["tokenization"]["plain"]
+    assert [s["shots"] for s in ft["shipped"]] == [0, 1, 1] and len(ft["curve"]) == 1
+    assert sorted(ft["split"]["train"] + ft["split"]["val"] + ft["split"]["test"]) == \
+        list(range(1000))
+    data = json.loads((out / "das_iia.json").read_text())
+    assert len(data["runs"]) == 3 * 2 * 1 * 2           # models x layers x ranks x sites
+    assert all(0 <= r["iia"] <= 1 and 0 <= r["control_iia"] <= 1 for r in data["runs"])
+    assert len(data["sanity_grid"]) == 2 * 2 * 2 * 2    # (M1, M2) trained x tested x layers x sites
+    for row in data["full_swap"]:
+        assert abs(row["iia"] - row["source_prediction_is_label"]) < 1e-9
+    assert len(list((out / "das_rotations").glob("*.safetensors"))) == 12
+    figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid")
+    graph = json.loads((out / "das_graph.json").read_text())
+    assert len(graph["arrangements"]) == 12 and len(graph["graphs"]) == 3 * 2   # models x layers
+    assert all(0 <= g["mean_weight"] <= 1 for g in graph["graphs"])
+
+
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,
-          "05": check_05, "06": check_06, "07": check_07, "08": check_08}
+          "05": check_05, "06": check_06, "07": check_07, "08": check_08, "09": check_09}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)

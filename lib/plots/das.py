@@ -44,7 +44,8 @@ def plot_layer_iia(rows: list[dict], title: str = "IIA per layer") -> ggplot:
             + theme_bw())
 
 
-def plot_wrong_model_grid(rows: list[dict], title: str = "Wrong causal model") -> ggplot:
+def plot_wrong_model_grid(rows: list[dict], title: str = "Wrong causal model",
+                          y_label: str = "DAS trained on (and network of)") -> ggplot:
     """``rows``: dicts with ``train_model`` (the causal model DAS was trained with, and whose
     task the network solves), ``test_model`` (the counterfactuals IIA is measured on), ``iia``."""
     df = pd.DataFrame(rows)
@@ -55,6 +56,6 @@ def plot_wrong_model_grid(rows: list[dict], title: str = "Wrong causal model") -
             + geom_tile(color="white")
             + geom_text(aes(label="iia"), format_string="{:.3f}", size=9)
             + scale_fill_gradient(low="#f7fbff", high="#2171b5", limits=(0, 1))
-            + labs(x="IIA tested on counterfactuals of", y="DAS trained on (and network of)",
+            + labs(x="IIA tested on counterfactuals of", y=y_label,
                    fill="IIA", title=title)
             + theme_bw())

@@ -1,0 +1,261 @@
+"""Distributed alignment search on a fine-tuned language model: the thesis' ``X+Y+Z=`` task.
+
+The thesis (maraPislar, ``src/run_das.py``) trains a ``LowRankRotatedSpaceIntervention`` at the
+output of block l of a fine-tuned GPT-2, one d × k rotation shared over all token positions,
+on counterfactuals of each causal model M1–M7 (:mod:`lib.arithmetic`), and reports IIA.
+This module strings :mod:`lib.arithmetic` (task, splits, causal models, the tuned model) and
+:mod:`lib.das` (rotations, ``train_das``, ``iia``, ``random_control``) together.
+
+Why it is cheap: the language model is frozen, so nothing below the intervened layer changes
+while a rotation trains. The residual stream after block l of all 1,000 prompts is computed
+once by :mod:`lib.engine` (:func:`residual_states`: rows without interventions get the
+contexts' stored clean activations) and kept; a training example is a pair of arrangement
+indices (base, source) into that table. :func:`run_from` is the per-layer suffix runner: it
+feeds the intervened residual stream into the model as ``inputs_embeds`` with blocks 0..l
+passed through (``lib.engine.skip_blocks``, the engine's own mid-stack start, exact where
+``lib.engine.layer_start_exact`` says so: Llama and Gemma 3, not GPT-2). It runs whole
+prompts from position 0 (all positions are intervened), so no key/value cache is involved:
+only :mod:`lib.engine` uses caches.
+
+Sites: ``positions=None`` applies one rotation at every position (the thesis' shared
+rotation); a tuple of positions applies it there only (per-position sites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lib import arithmetic as ar
+from lib import das
+from lib.engine import Capture, Context, Engine, Row, layer_start_exact, skip_blocks
+
+
+class AtPositions(nn.Module):
+    """A rotated-subspace intervention applied on the position axis (axis 1) at ``positions``
+    only (None: at every position, one rotation shared over them)."""
+
+    def __init__(self, inner: das._RotatedBase, positions: Sequence[int] | None = None):
+        super().__init__()
+        self.inner = inner
+        self.positions = None if positions is None else tuple(int(p) for p in positions)
+
+    def forward(self, base, sources, masks=None):
+        if self.positions is None:
+            return self.inner(base, sources, masks)
+        pos = list(self.positions)
+        sources = [sources] if isinstance(sources, torch.Tensor) else sources
+        out = base.clone()
+        out[:, pos] = self.inner(base[:, pos], [s[:, pos] for s in sources], masks)
+        return out
+
+
+class StateInterchange:
+    """Counterfactual examples as index pairs into a table of stored residual streams
+    ``states`` (n_arrangements, T, d): the duck type ``lib.das.train_das`` and ``lib.das.iia``
+    read (``len`` and ``batch``), without materialising (n, T, d) copies."""
+
+    def __init__(self, states: torch.Tensor, base: torch.Tensor, source: torch.Tensor,
+                 labels: torch.Tensor):
+        if not len(base) == len(source) == len(labels):
+            raise das.DASError(f"base {len(base)}, source {len(source)} and labels "
+                               f"{len(labels)} must have one entry per example")
+        self.states, self.base, self.source, self.labels = states, base, source, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx):
+        b, s = self.base[idx], self.source[idx]
+        ones = torch.ones(len(b), 1, dtype=torch.bool, device=self.states.device)
+        return self.states[b], [self.states[s]], ones, self.labels[idx].to(self.states.device)
+
+
+def check_layer_start(lm) -> None:
+    if not layer_start_exact(lm):
+        raise ValueError(f"{lm.name}: running the blocks above a layer from the stored residual "
+                         "stream is not exact for this architecture (GPT-2 adds position "
+                         "embeddings to its input); DAS here supports Llama and Gemma 3 models")
+
+
+def _check_layer(lm, layer: int) -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer must be an int from 0 to {lm.n_layers - 1}, got {layer!r}")
+    return layer
+
+
+@torch.no_grad()
+def residual_states(lm, tokens: ar.TaskTokens, layers: Sequence[int],
+                    chunk: int = 250) -> dict[int, torch.Tensor]:
+    """``blocks.l.resid_post`` of every arrangement's prompt, (1000, T, d) per layer, read from
+    :class:`lib.engine.Engine`'s stored clean runs (in chunks of ``chunk`` contexts)."""
+    layers = [_check_layer(lm, int(l)) for l in layers]
+    sites = tuple(f"blocks.{l}.resid_post" for l in layers)
+    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    ids = tokens.input_ids
+    for a in range(0, len(ids), chunk):
+        contexts = [Context(ids[i:i + 1]) for i in range(a, min(a + chunk, len(ids)))]
+        engine = Engine(lm, contexts, batch_size=len(contexts), layer_start=False)
+        got = engine.run([Row(i) for i in range(len(contexts))], Capture(sites))
+        for l, site in zip(layers, sites):
+            parts[l].append(got[site])
+    return {l: torch.cat(parts[l]) for l in layers}
+
+
+def run_from(lm, layer: int, h: torch.Tensor) -> torch.Tensor:
+    """Last-position output (class scores of the tuned model) of blocks ``layer+1..`` run on
+    ``h``, the residual stream after block ``layer`` (n, T, d); differentiable in ``h``."""
+    with skip_blocks(lm, layer + 1):
+        out = lm.model(inputs_embeds=h, use_cache=False,
+                       logits_to_keep=torch.tensor([h.shape[1] - 1], device=h.device))
+    return out.logits[:, -1].float()
+
+
+def head_at(lm, layer: int):
+    check_layer_start(lm)
+    _check_layer(lm, layer)
+    return lambda h: run_from(lm, layer, h)
+
+
+def pairs_data(states: torch.Tensor, pairs: dict) -> StateInterchange:
+    dev = states.device
+    return StateInterchange(states, pairs["base"].to(dev), pairs["source"].to(dev),
+                            pairs["label"])
+
+
+@torch.no_grad()
+def predictions(lm, tokens: ar.TaskTokens, batch_size: int = 250) -> torch.Tensor:
+    """The tuned model's predicted class for every arrangement (1000,)."""
+    return ar.class_logits(lm, tokens.input_ids, batch_size).argmax(-1)
+
+
+def full_swap_check(lm, layer: int, states: torch.Tensor, pairs: dict,
+                    preds: torch.Tensor, positions: Sequence[int] | None = None) -> dict:
+    """The full-dimension swap (rank d, any orthogonal R: R Rᵀ = I) at every position: the
+    output must be the source's own prediction, so IIA equals how often the source's predicted
+    sum is the counterfactual label (and, for a model that is always right, how often the
+    source's true sum is)."""
+    module = AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, lm.d_model, seed=0,
+                                                            orthogonal_map=None), positions)
+    module.inner.set_rotation(torch.eye(lm.d_model))
+    data = pairs_data(states, pairs)
+    got = das.iia(module, head_at(lm, layer), data, batch_size=250)
+    src = pairs["source"]
+    src_sum = ar.label_of(*ar.arrangement_tensor()[src].T)
+    return {"iia": got,
+            "source_prediction_is_label": float((preds[src] == pairs["label"]).float().mean()),
+            "source_sum_is_label": float((src_sum == pairs["label"]).float().mean())}
+
+
+def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
+            test_pairs: dict, positions: Sequence[int] | None = None, epochs: int = 1,
+            batch_size: int = 64, lr: float = 0.01, seed: int = 0,
+            eval_pairs: dict | None = None, progress: bool = False):
+    """Train one low-rank rotation (d × ``rank``) at ``blocks.layer.resid_post`` and measure
+    held-out IIA beside a random subspace of the same rank. Returns the module and a result
+    (IIA, control IIA, curve, sizes); the curve's ``seconds`` are timings, not for files."""
+    head = head_at(lm, layer)
+    inner = das.LowRankRotatedSpaceIntervention(lm.d_model, int(rank), seed=seed)
+    module = AtPositions(inner, positions)
+    train = pairs_data(states, train_pairs)
+    test = pairs_data(states, test_pairs)
+    evald = pairs_data(states, eval_pairs) if eval_pairs is not None else None
+    out = das.train_das(module, head, train, epochs=epochs, batch_size=batch_size, lr=lr,
+                        seed=seed, eval_data=evald, progress=progress)
+    control = AtPositions(das.random_control(inner, seed=seed + 1), positions)
+    result = {"layer": layer, "rank": int(rank),
+              "positions": "all" if positions is None else list(positions),
+              "iia": das.iia(module, head, test, batch_size=250),
+              "control_iia": das.iia(control, head, test, batch_size=250),
+              "curve": out["curve"], "steps": out["steps"],
+              "trainable_parameters": out["trainable_parameters"],
+              "orthogonality_error": das.orthogonality_error(inner),
+              "n_train": len(train), "n_test": len(test)}
+    return module, result
+
+
+def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:
+    """IIA of a trained module on other counterfactuals (e.g. of another causal model)."""
+    return das.iia(module, head_at(lm, layer), pairs_data(states, pairs), batch_size=250)
+
+
+# --- pairwise-IIA graphs (thesis: construct_graph.py) ---------------------------------------
+
+@torch.no_grad()
+def pairwise_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, model,
+                 pool: Sequence[int] | None = None, batch_size: int = 500,
+                 progress: bool = False) -> torch.Tensor:
+    """The thesis' pairwise-IIA graph of causal model ``model`` for a trained ``module``:
+    ``W[a, b]`` (a, b indices into ``pool``, default all 1,000 arrangements in
+    itertools.product order) is the IIA over the two counterfactuals (base ``pool[a]``, source
+    ``pool[b]``) and (base ``pool[b]``, source ``pool[a]``), so W is symmetric with values in
+    {0, 0.5, 1} and a zero diagonal.
+
+    Every ordered pair is evaluated once and written at its own (row, column): the thesis'
+    version that produced its 36 committed graphs looped ``j`` over ``arrangements[i+1:]`` and
+    wrote to column ``j`` instead of ``i + 1 + j`` (methods.md 1.6), so only cells with
+    i + j < 999 were filled, with the wrong pairs. For all 1,000 arrangements that is
+    999,000 counterfactual runs of the blocks above ``layer``.
+    """
+    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
+        torch.as_tensor(list(pool), dtype=torch.long)
+    n = len(pool_t)
+    head = head_at(lm, layer)
+    xyz = ar.arrangement_tensor()
+    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    off = rows_a != rows_b
+    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
+    correct = torch.zeros(n, n)
+    it = range(0, len(a_idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"pairs, layer {layer}", unit="batch")
+    for start in it:
+        a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
+        base, source = pool_t[a], pool_t[b]
+        bx, sx = xyz[base], xyz[source]
+        out = model.run_interchange({"X": bx[:, 0], "Y": bx[:, 1], "Z": bx[:, 2]},
+                                    {"P": {"X": sx[:, 0], "Y": sx[:, 1], "Z": sx[:, 2]}})
+        labels = model.label(out[model.outputs[0]])
+        dev = states.device
+        ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
+        logits = head(module(states[base.to(dev)], [states[source.to(dev)]], ones))
+        correct[a, b] = (logits.argmax(-1).cpu() == labels).float()
+    return (correct + correct.T) / 2
+
+
+def graph_summary(weights: torch.Tensor, min_clique: int = 5) -> dict:
+    """The thesis' clique analysis (``clique_version/analyse_graphs.py``, RemovalHeuristic):
+    keep only weight-1 edges, then repeatedly take ``networkx.approximation.max_clique`` of
+    what is left, record it when it has at least ``min_clique`` nodes, remove its nodes, and
+    stop at the first smaller one. Also the mean off-diagonal weight, the fractions of weights
+    0 / 0.5 / 1 and the mean weight-1 degree (the numbers of methods.md 5.2 item 7)."""
+    import networkx as nx
+    from networkx.algorithms import approximation
+
+    n = weights.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    w = weights[off]
+    ones = (weights == 1) & off
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    ii, jj = torch.nonzero(torch.triu(ones, 1), as_tuple=True)
+    graph.add_edges_from(zip(ii.tolist(), jj.tolist()))
+    density, degree = nx.density(graph), 2 * graph.number_of_edges() / n
+    cliques, remaining = [], graph.copy()
+    while remaining.number_of_nodes():
+        clique = approximation.max_clique(remaining)
+        if len(clique) < min_clique:
+            break
+        cliques.append(sorted(clique))
+        remaining.remove_nodes_from(clique)
+    in_cliques = sorted({v for c in cliques for v in c})
+    inside = graph.subgraph(in_cliques).number_of_edges()
+    return {"n": n, "mean_weight": float(w.mean()),
+            "fraction": {str(v): float((w == v).float().mean()) for v in (0.0, 0.5, 1.0)},
+            "mean_weight1_degree": degree, "density": density,
+            "cliques": cliques, "clique_sizes": [len(c) for c in cliques],
+            "nodes_in_cliques": len(in_cliques),
+            "fraction_of_edges_in_cliques": inside / max(graph.number_of_edges(), 1)}
