@@ -158,7 +158,8 @@ def rule_of(comment: str) -> str | None:
         return rule
     if "|" in rule and re.fullmatch(r"[\w.-]+(\s*\|\s*[\w.-]+)+", rule):
         return rule
-    if re.fullmatch(r"(-?\d+(\.\d+)?)?\.\.(-?\d+(\.\d+)?)?", rule) and rule != "..":
+    number = r"-?\d+(\.\d+)?([eE][-+]?\d+)?"
+    if re.fullmatch(rf"({number})?\.\.({number})?", rule) and rule != "..":
         return rule
     return None
 
