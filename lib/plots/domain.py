@@ -505,14 +505,11 @@ def claim_table(result: dict, effect: str = "kl", side: str = "both",
     if df.empty:
         raise NoResultsError("no swap results")
     df["holds"] = (df["estimate"] > 0) & (df["p_value"] < alpha)
-    wide = df.pivot_table(index=["model", "pair", "component"], columns="test",
-                          values="holds", aggfunc="first", dropna=False).reset_index()
-    est = df.pivot_table(index=["model", "pair", "component"], columns="test",
-                         values="estimate", aggfunc="first", dropna=False).add_suffix("_est").reset_index()
-    pv = df.pivot_table(index=["model", "pair", "component"], columns="test",
-                        values="p_value", aggfunc="first", dropna=False).add_suffix("_p").reset_index()
-    out = wide.merge(est, on=["model", "pair", "component"]).merge(
-        pv, on=["model", "pair", "component"])
+    keys = ["model", "pair", "component"]
+    frames = [df.pivot_table(index=keys, columns="test", values=value, aggfunc="first",
+                             dropna=False).add_suffix(suffix)
+              for value, suffix in (("holds", ""), ("estimate", "_est"), ("p_value", "_p"))]
+    out = frames[0].join(frames[1:]).reset_index()
     has = [c for c in ("top_vs_bottom", "partial_given_layer", "relative_top_vs_bottom")
            if c in out]
     out["survives_depth_control"] = out[has].astype(bool).all(axis=1) if has else False
