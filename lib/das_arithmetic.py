@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from lib import arithmetic as ar
 from lib import das
 from lib.engine import Capture, Context, Engine, Row, layer_start_exact, skip_blocks
+from lib.stats import bootstrap_ci
 
 
 class AtPositions(nn.Module):
@@ -224,6 +226,35 @@ def pairwise_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, model,
         logits = head(module(states[base.to(dev)], [states[source.to(dev)]], ones))
         correct[a, b] = (logits.argmax(-1).cpu() == labels).float()
     return (correct + correct.T) / 2
+
+
+def _node_resampled(weights: np.ndarray, value: float):
+    """Statistic for a node bootstrap: resamples of node indices (R, n) -> the fraction of
+    off-diagonal cells equal to ``value`` (nan: the mean weight), pairs of copies of one node
+    left out."""
+    def stat(idx: np.ndarray) -> np.ndarray:
+        out = np.empty(idx.shape[0])
+        for r, row in enumerate(idx.astype(np.int64)):
+            sub = weights[np.ix_(row, row)]
+            cells = sub[row[:, None] != row[None, :]]
+            out[r] = cells.mean() if np.isnan(value) else (cells == value).mean()
+        return out
+    return stat
+
+
+def graph_intervals(weights: torch.Tensor, n_resamples: int = 1000, seed: int = 0,
+                    confidence: float = 0.95) -> dict:
+    """Percentile intervals, resampling arrangements (nodes) with replacement, of the mean
+    off-diagonal weight and of the fraction of weight-1 edges: what a graph on a sample of
+    the 1,000 arrangements says about the full graph (the cells of one node are not
+    independent, so the nodes are resampled, not the cells)."""
+    w = weights.double().numpy()
+    nodes = np.arange(w.shape[0], dtype=np.float64)
+    return {"mean_weight_ci": list(bootstrap_ci(nodes, n_resamples, confidence, seed,
+                                                _node_resampled(w, float("nan")))),
+            "fraction_weight1_ci": list(bootstrap_ci(nodes, n_resamples, confidence, seed,
+                                                     _node_resampled(w, 1.0))),
+            "n_resamples": n_resamples, "confidence": confidence}
 
 
 def graph_summary(weights: torch.Tensor, min_clique: int = 5) -> dict:

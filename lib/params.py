@@ -480,6 +480,25 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int, what: str = "LA
     return _parse_indices(spec, n_layers, what, "layers")
 
 
+def check_layers_within(sub, full, n_layers: int | None = None, what: str = "GRAPH_LAYERS",
+                        of: str = "LAYERS") -> None:
+    """Refuse layers in ``sub`` that are not in ``full`` (two :func:`parse_layers` specs),
+    naming both parameters. Without ``n_layers`` (before the model is loaded) only specs of
+    explicit non-negative layers can be compared; others are left for the call with it."""
+    def explicit(spec):
+        if isinstance(spec, str) and spec.strip().lower() not in ("", "all"):
+            items = [v.strip() for v in spec.split(",") if v.strip()]
+            return {int(v) for v in items} if all(v.isdigit() for v in items) else None
+        return None
+    if n_layers is None:
+        a, b = explicit(sub), explicit(full)
+    else:
+        a, b = set(parse_layers(sub, n_layers, what)), set(parse_layers(full, n_layers, of))
+    if a is not None and b is not None and a - b:
+        raise ParameterError(f"{what}={sub!r}: layer(s) {sorted(a - b)} are not in {of}="
+                             f"{full!r}; add them to {of} or choose {what} among them")
+
+
 def parse_positions(spec: str | int | Sequence[int], n_positions: int,
                     what: str = "POSITIONS") -> list[int]:
     """Like :func:`parse_layers`, for token positions of a prompt of ``n_positions`` tokens."""

@@ -153,3 +153,23 @@ def test_graph_summary_finds_planted_cliques():
     s = da.graph_summary(W)
     assert sorted(s["clique_sizes"]) == [5, 6] and s["nodes_in_cliques"] == 11
     assert s["fraction_of_edges_in_cliques"] == 1.0
+
+
+def test_graph_intervals_resample_nodes_without_self_pairs():
+    # every off-diagonal weight is 1: a resample that paired a node with its own copy would
+    # read the zero diagonal and fall below 1
+    W = torch.ones(10, 10)
+    W.fill_diagonal_(0)
+    got = da.graph_intervals(W, n_resamples=200, seed=0)
+    assert got["mean_weight_ci"] == [1.0, 1.0] and got["fraction_weight1_ci"] == [1.0, 1.0]
+    # two halves of weight-1 edges, 0 between them: the full mean lies inside the interval,
+    # which is wide because resampling nodes changes the halves' sizes
+    W = torch.zeros(20, 20)
+    W[:10, :10] = 1
+    W[10:, 10:] = 1
+    W.fill_diagonal_(0)
+    mean = float(W[~torch.eye(20, dtype=torch.bool)].mean())
+    got = da.graph_intervals(W, n_resamples=500, seed=1)
+    low, high = got["mean_weight_ci"]
+    assert low < mean < high and high - low > 0.02
+    assert got["fraction_weight1_ci"] == got["mean_weight_ci"]  # weights are 0 or 1 only

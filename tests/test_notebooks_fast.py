@@ -44,7 +44,7 @@ FAST_PARAMETERS = {
     # the X+Y+Z= task: the tiny model is fine-tuned for one epoch (it stays at chance)
     "09": {"N_SHIPPED": 2, "SHOTS": 1, "FT_EPOCHS": 1, "FT_BATCH": 256, "LAYERS": "0,1",
            "RANKS": [4], "SITES": "all,eq", "CAUSAL_MODELS": "1,2,7", "DAS_N_TRAIN": 128,
-           "DAS_N_TEST": 64, "DAS_BATCH": 64, "GRAPH_ARRANGEMENTS": 12},
+           "DAS_N_TEST": 64, "DAS_BATCH": 64, "GRAPH_ARRANGEMENTS": 12, "GRAPH_LAYERS": "1"},
 }
 NOTEBOOKS = list_notebooks()
 
@@ -247,8 +247,12 @@ def check_09(ws, executed):
     assert len(list((out / "das_rotations").glob("*.safetensors"))) == 12
     figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid")
     graph = json.loads((out / "das_graph.json").read_text())
-    assert len(graph["arrangements"]) == 12 and len(graph["graphs"]) == 3 * 2   # models x layers
-    assert all(0 <= g["mean_weight"] <= 1 for g in graph["graphs"])
+    # one graph per causal model at GRAPH_LAYERS="1" only
+    assert len(graph["arrangements"]) == 12 and len(graph["graphs"]) == 3
+    assert {g["layer"] for g in graph["graphs"]} == {1}
+    for g in graph["graphs"]:
+        low, high = g["mean_weight_ci"]
+        assert 0 <= low <= g["mean_weight"] <= high <= 1
 
 
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,

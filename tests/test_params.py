@@ -84,3 +84,15 @@ def test_a_default_that_breaks_its_own_rule_is_refused(tmp_path):
     nbformat.write(nb, str(tmp_path / "00_x.ipynb"))
     with pytest.raises(ParameterError, match="N=-1"):
         read_parameters(tmp_path / "00_x.ipynb")
+
+
+def test_graph_layers_must_be_among_the_trained_layers():
+    from lib.params import ParameterError, check_layers_within
+
+    check_layers_within("22", "14,22")                 # fine, before the model is known
+    check_layers_within("-1", "14,22")                 # undecidable without the model: later
+    with pytest.raises(ParameterError, match=r"GRAPH_LAYERS='5'.*\[5\].*not in LAYERS='14,22'"):
+        check_layers_within("5", "14,22")
+    with pytest.raises(ParameterError, match=r"\[29\] are not in LAYERS"):
+        check_layers_within("-1", "14,22", n_layers=30)
+    check_layers_within("-1", "14,29", n_layers=30)

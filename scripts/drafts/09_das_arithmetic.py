@@ -33,7 +33,7 @@ FT_BATCH: int = 32                 # [1..] fine-tuning batch size
 FT_LR: float = 0.0001              # [0..] AdamW learning rate (linear decay to 0)
 FT_VAL_TARGET: float = 0.98        # [0..1] stop after the first epoch with this validation accuracy
 FREEZE_EMBEDDINGS: bool = True     # keep the input embeddings frozen while fine-tuning
-CAUSAL_MODELS: str = "1,2,3,7"     # [some of 1|2|3|4|5|6|7] causal models M1..M7 DAS is trained on
+CAUSAL_MODELS: str = "1,2,3,4,5,6,7"  # [some of 1|2|3|4|5|6|7] causal models M1..M7 DAS is trained on
 LAYERS: str = "14,22"              # [layers] blocks whose output (resid_post) DAS intervenes on
 RANKS: list[int] = [64]            # [1..] low-rank dimensions of the rotation
 SITES: str = "all"                 # [some of all|X|plus1|Y|plus2|Z|eq] "all": one rotation shared over every position; a slot (eq is the last token): its positions only
@@ -43,7 +43,8 @@ DAS_EPOCHS: int = 1                # [1..] DAS epochs
 DAS_BATCH: int = 64                # [1..] DAS batch size
 DAS_LR: float = 0.01               # [0..] Adam learning rate of the rotation (the thesis' 0.01)
 SEMANTICS: str = "independent"     # [independent|conditioned] counterfactual sampling semantics
-GRAPH_ARRANGEMENTS: int = 0        # [0..1000] pairwise-IIA graphs on this many arrangements (the first of a seeded permutation; 1000: the thesis' full graphs); 0 skips them
+GRAPH_ARRANGEMENTS: int = 40       # [0..1000] pairwise-IIA graphs on this many arrangements (the first of a seeded permutation; 1000: the thesis' full graphs); 0 skips them
+GRAPH_LAYERS: str = "22"           # [layers] layers (of LAYERS) whose rotations get a graph, one per causal model
 THREADS: int = 0                   # [0..] torch CPU threads; 0 keeps the current count (the runner's --threads)
 SEED: int = 0                      # [0..] seed of fine-tuning, counterfactuals and rotations
 DEVICE: str = "auto"               # [device] auto -> cuda if available, else cpu
@@ -65,7 +66,7 @@ from lib import das, das_arithmetic as da, paths
 from lib.io import (UnitStore, inside, params_key, provenance, read_current, require_keys,
                     slug as model_slug, write_json)
 from lib.models import load_model
-from lib.params import check_namespace, parse_layers, parse_list
+from lib.params import check_layers_within, check_namespace, parse_layers, parse_list
 from lib.plots import save_figure
 from lib.plots.das import plot_wrong_model_grid
 from lib.plots.das_arithmetic import plot_finetune_curves, plot_iia_by_layer
@@ -89,7 +90,7 @@ PARAMETERS = dict(MODEL=MODEL, FORMAT=FORMAT, SPLIT_SEED=SPLIT_SEED, N_VAL=N_VAL
                   CAUSAL_MODELS=model_ids, LAYERS=LAYERS, RANKS=ranks, SITES=sites,
                   DAS_N_TRAIN=DAS_N_TRAIN, DAS_N_TEST=DAS_N_TEST, DAS_EPOCHS=DAS_EPOCHS,
                   DAS_BATCH=DAS_BATCH, DAS_LR=DAS_LR, SEMANTICS=SEMANTICS,
-                  GRAPH_ARRANGEMENTS=GRAPH_ARRANGEMENTS, SEED=SEED,
+                  GRAPH_ARRANGEMENTS=GRAPH_ARRANGEMENTS, GRAPH_LAYERS=GRAPH_LAYERS, SEED=SEED,
                   DEVICE=DEVICE, DTYPE=DTYPE)
 KEY_FT = {k: PARAMETERS[k] for k in ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "N_TEST",
                                      "N_SHIPPED", "SHOTS", "FT_EPOCHS", "FT_BATCH", "FT_LR",
@@ -98,7 +99,13 @@ KEY_FT = {k: PARAMETERS[k] for k in ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "
 KEY_DAS = {**KEY_FT, **{k: PARAMETERS[k] for k in ("CAUSAL_MODELS", "LAYERS", "RANKS", "SITES",
                                                   "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS",
                                                   "DAS_BATCH", "DAS_LR", "SEMANTICS")}}
-KEY_GRAPH = {**KEY_DAS, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS}
+KEY_GRAPH = {**KEY_DAS, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS, "GRAPH_LAYERS": GRAPH_LAYERS}
+# one DAS run (causal model, layer, rank, site; its name says which) depends on these alone, so
+# adding a causal model, layer, rank or site to the lists reuses the runs already stored
+KEY_UNIT = {k: v for k, v in KEY_DAS.items() if k not in ("CAUSAL_MODELS", "LAYERS", "RANKS",
+                                                          "SITES")}
+if GRAPH_ARRANGEMENTS:  # a graph needs a rotation trained at its layer: refused before any work
+    check_layers_within(GRAPH_LAYERS, LAYERS)
 FT_ARGS = dict(fmt=FORMAT, split_seed=SPLIT_SEED, n_val=N_VAL, n_test=N_TEST, epochs=FT_EPOCHS,
                batch_size=FT_BATCH, lr=FT_LR, seed=SEED, val_target=FT_VAL_TARGET,
                freeze_embeddings=FREEZE_EMBEDDINGS, device=DEVICE, dtype=DTYPE,
@@ -182,6 +189,10 @@ fig
 
 # %%
 layers = parse_layers(LAYERS, lm.n_layers)
+graph_layers = []
+if GRAPH_ARRANGEMENTS:
+    check_layers_within(GRAPH_LAYERS, LAYERS, lm.n_layers)
+    graph_layers = parse_layers(GRAPH_LAYERS, lm.n_layers, "GRAPH_LAYERS")
 site_positions = {s: (None if s == "all" else tokens.slots[s]) for s in sites}
 started = time.perf_counter()
 states = da.residual_states(lm, tokens, layers)
@@ -192,7 +203,7 @@ grid_ids = [m for m in (1, 2, 3) if m in model_ids]
 eval_ids = sorted(set(model_ids) | set(grid_ids))
 test_pairs = {m: ar.counterfactual_pairs(test_models[m], DAS_N_TEST, SEED * 1000 + 20 + m,
                                          SEMANTICS) for m in sorted(set(eval_ids) | {7})}
-units = UnitStore(out_dir / "das_units", KEY_DAS, FORCE)
+units = UnitStore(out_dir / "das_units", KEY_UNIT, FORCE)
 rot_dir = out_dir / "das_rotations"
 runs, modules = [], {}
 for m in model_ids:
@@ -284,15 +295,20 @@ if grid:
     display(fig)
 
 # %% [markdown]
-# ## 6. Pairwise-IIA graphs and cliques (optional: `GRAPH_ARRANGEMENTS > 0`)
+# ## 6. Pairwise-IIA graphs and cliques (`GRAPH_ARRANGEMENTS > 0`)
 #
-# For each trained rotation (first rank and site, every layer and causal model), the thesis'
-# graph: nodes are arrangements, the weight of (i, j) is the IIA over the two counterfactuals
-# (base i, source j) and (base j, source i), in {0, 0.5, 1}. Every ordered pair is written at
-# its own cell (the thesis' committed graphs were mis-indexed, methods.md 1.6); the clique
-# analysis keeps weight-1 edges and removes greedy maximum cliques of at least 5 nodes. The
-# thesis' numbers (fixed code, GPT-2, layer 7, rank 256, all 1,000 arrangements) are printed
-# beside ours; they are for another model, layer and rank.
+# For each trained rotation (first rank and site, every causal model, the layers of
+# `GRAPH_LAYERS`), the thesis' graph: nodes are arrangements, the weight of (i, j) is the IIA
+# over the two counterfactuals (base i, source j) and (base j, source i), in {0, 0.5, 1}. Every
+# ordered pair is written at its own cell (the thesis' committed graphs were mis-indexed,
+# methods.md 1.6); the clique analysis keeps weight-1 edges and removes greedy maximum cliques
+# of at least 5 nodes. By default the graph is on 40 arrangements drawn at random (1,560
+# ordered pairs per causal model): the full graph, `GRAPH_ARRANGEMENTS = 1000`, is 999,000
+# runs of the blocks above the layer per causal model, hours on this CPU (the time printed
+# below) and a job for a GPU. The interval beside the mean weight resamples the arrangements
+# (nodes), so it says what the sample tells about the full graph's mean. The thesis' numbers
+# (fixed code, GPT-2, layer 7, rank 256, all 1,000 arrangements) are printed beside ours; they
+# are for another model, layer and rank.
 
 # %%
 THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415, 7: 0.9758}
@@ -305,7 +321,7 @@ if GRAPH_ARRANGEMENTS:
             else list(range(1000))
         summaries = []
         for name, (m, layer, rank, site, module) in modules.items():
-            if rank != ranks[0] or site != sites[0]:
+            if rank != ranks[0] or site != sites[0] or layer not in graph_layers:
                 continue
             t0 = time.perf_counter()
             W = da.pairwise_iia(lm, layer, module, states[layer], ar.causal_model(m), pool,
@@ -314,7 +330,7 @@ if GRAPH_ARRANGEMENTS:
             sec = time.perf_counter() - t0
             print(f"{name}: {n_pairs:,} ordered pairs in {sec:.0f} s "
                   f"({sec / n_pairs * 999000 / 60:.1f} min for all 1,000 arrangements)")
-            summary = da.graph_summary(W)
+            summary = {**da.graph_summary(W), **da.graph_intervals(W, seed=SEED)}
             summaries.append({"model": m, "layer": layer, "rank": rank, "site": site,
                               "thesis_mean_weight_gpt2_layer7_rank256": THESIS_GRAPH[m],
                               **{k: v for k, v in summary.items() if k != "cliques"},
@@ -322,7 +338,10 @@ if GRAPH_ARRANGEMENTS:
         graphs = {"arrangements": pool, "graphs": summaries, "params_key": params_key(KEY_GRAPH)}
         write_json(graph_path, graphs, provenance(lm, KEY_GRAPH, SEED),
                    check=require_keys("graphs", lists=("arrangements",)))
-    display(pd.DataFrame([{k: g[k] for k in ("model", "layer", "mean_weight",
-                                             "thesis_mean_weight_gpt2_layer7_rank256",
-                                             "mean_weight1_degree", "clique_sizes")}
+    display(pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
+                           "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
+                               *g["mean_weight_ci"]),
+                           "weight-1 fraction": g["fraction"]["1.0"],
+                           **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
+                                                "mean_weight1_degree", "clique_sizes")}}
                           for g in graphs["graphs"]]))
