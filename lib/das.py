@@ -60,7 +60,13 @@ class _Rotation(nn.Module):
         nn.init.orthogonal_(weight, generator=torch.Generator().manual_seed(int(seed)))
         self.weight = nn.Parameter(weight)
         if orthogonal_map is not None:
-            parametrizations.orthogonal(self, "weight", orthogonal_map=orthogonal_map)
+            # For a d × cols matrix with cols < d, PyTorch completes the start into a d × d
+            # orthogonal base with torch.randn from the global generator. The base does not
+            # move R at the start but sets the chart that training moves in, so without a
+            # seed here a run's result would depend on what ran before it in the process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                parametrizations.orthogonal(self, "weight", orthogonal_map=orthogonal_map)
 
 
 def _subspace_masks(subspaces, width: int) -> torch.Tensor:
@@ -112,8 +118,10 @@ class _RotatedBase(nn.Module):
         with torch.no_grad():
             if self.orthogonal_map is None:
                 self.rotation.weight.copy_(R)
-            else:
-                self.rotation.weight = R.detach().clone().float()
+            else:  # assigning completes a new base with torch.randn too: seeded, as at init
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)
+                    self.rotation.weight = R.detach().clone().float()
 
     def coordinate_masks(self) -> torch.Tensor:
         """(n_subspaces, c) weights of each rotated coordinate per subspace (fixed 0/1 masks
