@@ -245,7 +245,7 @@ def check_09(ws, executed):
     for row in data["full_swap"]:
         assert abs(row["iia"] - row["source_prediction_is_label"]) < 1e-9
     assert len(list((out / "das_rotations").glob("*.safetensors"))) == 12
-    figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid")
+    figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid", "das_graph_means")
     graph = json.loads((out / "das_graph.json").read_text())
     # one graph per causal model at GRAPH_LAYERS="1" only
     assert len(graph["arrangements"]) == 12 and len(graph["graphs"]) == 3

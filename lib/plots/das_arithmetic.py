@@ -1,5 +1,6 @@
 """Figures of DAS on a language model (notebook 09, the thesis' X+Y+Z= task): the fine-tuning
-curves, and IIA per layer beside the random-subspace control and the full-dimension swap.
+curves, IIA per layer beside the random-subspace control and the full-dimension swap, and
+the pairwise-IIA graphs' mean weights beside the thesis'.
 The 3 x 3 sanity grid is :func:`lib.plots.das.plot_wrong_model_grid`.
 
 Every function takes rows from the notebook's result JSON (``full_compute/<model>/das_*.json``)
@@ -9,8 +10,8 @@ and returns a plotnine ``ggplot``; the notebook saves it with :func:`lib.plots.s
 from __future__ import annotations
 
 import pandas as pd
-from plotnine import (aes, facet_grid, facet_wrap, geom_line, geom_point, ggplot, labs,
-                      scale_y_continuous, theme_bw)
+from plotnine import (aes, facet_grid, facet_wrap, geom_line, geom_linerange, geom_point, ggplot,
+                      labs, scale_y_continuous, theme_bw)
 
 
 def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplot:
@@ -40,4 +41,31 @@ def plot_iia_by_layer(rows: list[dict], title: str = "DAS IIA per layer") -> ggp
             + scale_y_continuous(limits=(0, 1))
             + labs(x="layer (block output)", y="IIA (held-out arrangements)", color="",
                    linetype="", title=title)
+            + theme_bw())
+
+
+def plot_graph_means(graphs: list[dict], title: str = "Pairwise-IIA graphs") -> ggplot:
+    """``graphs``: the summaries of ``das_graph.json`` (``model``, ``layer``, ``mean_weight``,
+    ``mean_weight_ci``, ``thesis_mean_weight_gpt2_layer7_rank256``): per causal model the
+    graph's mean edge weight with its interval (arrangements resampled), beside the thesis'
+    mean on GPT-2 (another model, layer and rank: a reference, not a target)."""
+    rows = []
+    for g in graphs:
+        label = f"M{g['model']}"
+        rows.append({"model": label, "layer": f"layer {g['layer']}", "source": "this run",
+                     "value": g["mean_weight"], "low": g["mean_weight_ci"][0],
+                     "high": g["mean_weight_ci"][1]})
+        rows.append({"model": label, "layer": f"layer {g['layer']}",
+                     "source": "thesis (GPT-2, layer 7, rank 256)",
+                     "value": g["thesis_mean_weight_gpt2_layer7_rank256"], "low": None,
+                     "high": None})
+    df = pd.DataFrame(rows)
+    ours = df[df["source"] == "this run"]
+    return (ggplot(df, aes("model", "value", color="source", shape="source"))
+            + geom_linerange(ours, aes(ymin="low", ymax="high"), size=0.8)
+            + geom_point(size=2.5)
+            + facet_wrap("~layer")
+            + scale_y_continuous(limits=(0, 1))
+            + labs(x="causal model", y="mean pairwise IIA (edge weight)", color="", shape="",
+                   title=title)
             + theme_bw())

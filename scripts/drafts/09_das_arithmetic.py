@@ -69,7 +69,7 @@ from lib.models import load_model
 from lib.params import check_layers_within, check_namespace, parse_layers, parse_list
 from lib.plots import save_figure
 from lib.plots.das import plot_wrong_model_grid
-from lib.plots.das_arithmetic import plot_finetune_curves, plot_iia_by_layer
+from lib.plots.das_arithmetic import plot_finetune_curves, plot_graph_means, plot_iia_by_layer
 
 check_namespace(paths.NOTEBOOKS / "09_das_arithmetic.ipynb", globals())
 torch.manual_seed(SEED)
@@ -204,6 +204,12 @@ eval_ids = sorted(set(model_ids) | set(grid_ids))
 test_pairs = {m: ar.counterfactual_pairs(test_models[m], DAS_N_TEST, SEED * 1000 + 20 + m,
                                          SEMANTICS) for m in sorted(set(eval_ids) | {7})}
 units = UnitStore(out_dir / "das_units", KEY_UNIT, FORCE)
+das_path = out_dir / "das_iia.json"
+DAS_SCHEMA = require_keys("runs", "sanity_grid", "full_swap", lists=("layers", "ranks"))
+stored = read_current(das_path, KEY_DAS, FORCE, check=DAS_SCHEMA)
+# a current das_iia.json and its committed rotations stand in for the (uncommitted) units
+stored_runs = {f"M{r['model']}_L{r['layer']}_k{r['rank']}_{r['site']}": r
+               for r in (stored or {}).get("runs", [])}
 rot_dir = out_dir / "das_rotations"
 runs, modules = [], {}
 for m in model_ids:
@@ -214,7 +220,7 @@ for m in model_ids:
             for site, positions in site_positions.items():
                 name = f"M{m}_L{layer}_k{rank}_{site}"
                 rot_path = rot_dir / f"{name}.safetensors"
-                res = units.get(name)
+                res = stored_runs.get(name) or units.get(name)
                 if res is not None and rot_path.exists():
                     inner, _ = das.load_intervention(rot_path)
                     module = da.AtPositions(inner, positions)
@@ -247,31 +253,33 @@ display(pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia"
 #   how often the source's predicted sum is the counterfactual label (≈ 1 for M7).
 
 # %%
-grid = []
-for name, (m, layer, rank, site, module) in modules.items():
-    if m not in grid_ids:
-        continue
-    for t in grid_ids:
-        value = next(r["iia"] for r in runs if r["model"] == m and r["layer"] == layer
-                     and r["rank"] == rank and r["site"] == site) if t == m else \
-            da.iia_on(lm, layer, module, states[layer], test_pairs[t])
-        grid.append({"train_model": f"M{m}", "test_model": f"M{t}", "layer": layer,
-                     "rank": rank, "site": site, "iia": value})
-preds = da.predictions(lm, tokens)
-full_swap = []
-for layer in layers:
-    for t in sorted(test_pairs):
-        full_swap.append({"model": t, "layer": layer,
-                          **da.full_swap_check(lm, layer, states[layer], test_pairs[t], preds)})
+if stored is not None:   # the checks of these runs are stored: read, not recomputed
+    grid, full_swap = stored["sanity_grid"], stored["full_swap"]
+else:
+    grid = []
+    for name, (m, layer, rank, site, module) in modules.items():
+        if m not in grid_ids:
+            continue
+        for t in grid_ids:
+            value = next(r["iia"] for r in runs if r["model"] == m and r["layer"] == layer
+                         and r["rank"] == rank and r["site"] == site) if t == m else \
+                da.iia_on(lm, layer, module, states[layer], test_pairs[t])
+            grid.append({"train_model": f"M{m}", "test_model": f"M{t}", "layer": layer,
+                         "rank": rank, "site": site, "iia": value})
+    preds = da.predictions(lm, tokens)
+    full_swap = []
+    for layer in layers:
+        for t in sorted(test_pairs):
+            full_swap.append({"model": t, "layer": layer,
+                              **da.full_swap_check(lm, layer, states[layer], test_pairs[t],
+                                                   preds)})
+    payload = {"runs": runs, "sanity_grid": grid, "full_swap": full_swap, "layers": layers,
+               "ranks": ranks, "sites": {s: (None if p is None else list(p))
+                                         for s, p in site_positions.items()},
+               "causal_models": {f"M{m}": ar.causal_model(m).name for m in ar.MODEL_IDS},
+               "n_test_arrangements": len(split["test"]), "params_key": params_key(KEY_DAS)}
+    write_json(das_path, payload, provenance(lm, KEY_DAS, SEED), check=DAS_SCHEMA)
 display(pd.DataFrame(full_swap))
-das_path = out_dir / "das_iia.json"
-payload = {"runs": runs, "sanity_grid": grid, "full_swap": full_swap, "layers": layers,
-           "ranks": ranks, "sites": {s: (None if p is None else list(p))
-                                     for s, p in site_positions.items()},
-           "causal_models": {f"M{m}": ar.causal_model(m).name for m in ar.MODEL_IDS},
-           "n_test_arrangements": len(split["test"]), "params_key": params_key(KEY_DAS)}
-write_json(das_path, payload, provenance(lm, KEY_DAS, SEED),
-           check=require_keys("runs", "sanity_grid", "full_swap", lists=("layers", "ranks")))
 print(das_path)
 
 # %%
@@ -345,3 +353,7 @@ if GRAPH_ARRANGEMENTS:
                            **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
                                                 "mean_weight1_degree", "clique_sizes")}}
                           for g in graphs["graphs"]]))
+    fig = plot_graph_means(graphs["graphs"], f"{MODEL}: pairwise-IIA graphs on "
+                                             f"{len(graphs['arrangements'])} arrangements")
+    save_figure(fig, "das_graph_means", slug, graphs_dir)
+    display(fig)
