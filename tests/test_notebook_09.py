@@ -29,7 +29,7 @@ def _stdout(executed) -> str:
                    for o in c.get("outputs", []) if o.get("output_type") == "stream")
 
 
-@pytest.mark.slow  # 4.4 min on the shared 2-core CPU with two other jobs (two runs: compute, load)
+@pytest.mark.slow  # 4-5 min on the shared 2-core CPU with two other jobs (two runs: compute, load)
 def test_notebook_09_on_smollm2_writes_what_holds_for_any_tuned_model(tmp_path):
     params = {**SMALL, "FULL_COMPUTE_DIR": str(tmp_path / "fc"),
               "GRAPHS_DIR": str(tmp_path / "graphs"), "CACHE_DIR": str(tmp_path / "cache")}
