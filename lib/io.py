@@ -169,7 +169,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-TIMING_KEYS = ("converted_in_s", "elapsed_s", "seconds", "wall_s")
+TIMING_KEYS = ("converted_in_s", "elapsed_s", "seconds", "wall_s", "seconds_per_step")
+HEADER_KEY = "causal_interventions"   # the one safetensors metadata key of lib.io.save_tensors
 
 
 def provenance(lm=None, parameters: dict | None = None, seed: int | None = None) -> dict:
@@ -360,13 +361,16 @@ class UnitStore:
 def save_tensors(path: str | os.PathLike, tensors: dict, config: dict,
                  metadata: dict | None = None) -> Path:
     """Tensors as safetensors (never pickles), written atomically; ``config`` and ``metadata``
-    go in the header as JSON."""
+    go in the header as one canonical JSON string, and timings (:data:`TIMING_KEYS`) are left
+    out, so the same tensors give the same bytes. (safetensors keeps its header metadata in a
+    hash map: with two keys, their order, and so the file's bytes, changed from run to run.)"""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"config": json.dumps(config, sort_keys=True),
-              "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
+    metadata = {k: v for k, v in (metadata or {}).items() if k not in TIMING_KEYS}
+    header = {HEADER_KEY: json.dumps({"config": config, "metadata": metadata}, sort_keys=True,
+                                     default=str)}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -389,7 +393,10 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dic
     with safe_open(str(path), framework="pt") as fh:
         header = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    if "config" not in header:
+    if HEADER_KEY in header:
+        both = json.loads(header[HEADER_KEY])
+        return tensors, both["config"], both.get("metadata", {})
+    if "config" not in header:  # files of earlier versions keep the two as separate keys
         raise ValueError(f"{path} has no config in its header: not a {what} saved by this "
                          "repository; train and save it again")
     return tensors, json.loads(header["config"]), json.loads(header.get("metadata", "{}"))

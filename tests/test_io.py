@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lib import io
+from lib import io, paths
+from lib.io import load_tensors
 from lib.models import load_model
 
 
@@ -125,3 +126,35 @@ def test_a_result_or_unit_of_another_thread_count_is_not_current(tmp_path):
         assert io.UnitStore(tmp_path / "units", {"A": 1}).get("u") is None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_saved_tensors_are_the_same_bytes_in_every_process(tmp_path):
+    # safetensors keeps header metadata in a hash map seeded per process: with more than one
+    # key their order (and the file's bytes) changed from run to run; timings are left out
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from lib.io import save_tensors; "
+            "save_tensors(sys.argv[1], {'w': torch.arange(6.).reshape(2, 3)}, "
+            "{'kind': 'x', 'd': 3}, {'task': 't', 'layer': 0, 'seconds_per_step': float(sys.argv[2])})")
+    outs = []
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path), str(i)], check=True,
+                       cwd=paths.REPO_ROOT)
+        outs.append(path.read_bytes())
+    assert all(o == outs[0] for o in outs)
+    tensors, config, meta = load_tensors(tmp_path / "0.safetensors")
+    assert config == {"kind": "x", "d": 3} and meta == {"task": "t", "layer": 0}
+    assert tensors["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_tensors_saved_by_earlier_versions_still_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"w": torch.ones(2)}, str(path),
+              metadata={"config": json.dumps({"kind": "x"}), "metadata": json.dumps({"a": 1})})
+    tensors, config, meta = load_tensors(path)
+    assert config == {"kind": "x"} and meta == {"a": 1} and tensors["w"].tolist() == [1, 1]
