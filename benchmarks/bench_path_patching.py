@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--density", type=float, default=0.05,
                         help="probability that an edge is in a random set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="path_patching.json",
+                        help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
     interchange.set_threads(args.threads)
     lm = load_model(args.model)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         r = results[name]
         print(f"{name}: {r['n']} rows  batched {r['batched_s']:.2f} s  naive {r['naive_s']:.2f} s"
               f"  ratio {r['ratio']:.1f}x  max |diff| {r['max_abs_diff']:.2e}")
-    out = Path(__file__).resolve().parent / "results" / "path_patching.json"
+    out = Path(__file__).resolve().parent / "results" / Path(args.out).name
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print("wrote", out)
