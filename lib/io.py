@@ -210,6 +210,12 @@ def _without_time(payload: dict) -> dict:
     return out
 
 
+def same_apart_from_time(a: dict, b: dict) -> bool:
+    """Whether two result payloads are the same but for ``provenance.created_utc`` and
+    ``provenance.git_commit`` (when and from which commit they were written)."""
+    return dumps(_without_time(a)) == dumps(_without_time(b))
+
+
 def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
                check: Callable[[dict], Any] | None = None) -> Path:
     """Atomically write ``payload`` (plus ``provenance``) as canonical JSON.
@@ -233,7 +239,7 @@ def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if dumps(_without_time(old)) == dumps(_without_time(payload)):
+            if same_apart_from_time(old, payload):
                 return path
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             pass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.io import _without_time, dumps  # noqa: E402
+from lib.io import same_apart_from_time  # noqa: E402
 
 FOLDERS = ("scores", "token_sets", "full_compute")
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             continue
         old, new = committed(args.clone, rel), path.read_bytes()
         if rel.endswith(".json"):
-            same = dumps(_without_time(json.loads(old))) == dumps(_without_time(json.loads(new)))
+            same = same_apart_from_time(json.loads(old), json.loads(new))
         else:
             same = old == new
         print(f"{'same    ' if same else 'DIFFERS '} {rel}")
