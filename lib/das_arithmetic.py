@@ -75,6 +75,11 @@ class StateInterchange:
         return self.states[b], [self.states[s]], ones, self.labels[idx].to(self.states.device)
 
 
+def run_name(model: int, layer: int, rank: int, site: str) -> str:
+    """The name of one DAS run (its unit and its rotation file), e.g. ``M7_L22_k64_all``."""
+    return f"M{model}_L{layer}_k{rank}_{site}"
+
+
 def check_layer_start(lm) -> None:
     if not layer_start_exact(lm):
         raise ValueError(f"{lm.name}: running the blocks above a layer from the stored residual "

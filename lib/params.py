@@ -481,10 +481,11 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int, what: str = "LA
 
 
 def check_layers_within(sub, full, n_layers: int | None = None, what: str = "GRAPH_LAYERS",
-                        of: str = "LAYERS") -> None:
+                        of: str = "LAYERS") -> list[int] | None:
     """Refuse layers in ``sub`` that are not in ``full`` (two :func:`parse_layers` specs),
-    naming both parameters. Without ``n_layers`` (before the model is loaded) only specs of
-    explicit non-negative layers can be compared; others are left for the call with it."""
+    naming both parameters; with ``n_layers``, return ``sub``'s layers. Without it (before the
+    model is loaded) only specs of explicit non-negative layers can be compared; others are
+    left for the call with it."""
     def explicit(spec):
         if isinstance(spec, str) and spec.strip().lower() not in ("", "all"):
             items = [v.strip() for v in spec.split(",") if v.strip()]
@@ -497,6 +498,7 @@ def check_layers_within(sub, full, n_layers: int | None = None, what: str = "GRA
     if a is not None and b is not None and a - b:
         raise ParameterError(f"{what}={sub!r}: layer(s) {sorted(a - b)} are not in {of}="
                              f"{full!r}; add them to {of} or choose {what} among them")
+    return None if n_layers is None else sorted(a)
 
 
 def parse_positions(spec: str | int | Sequence[int], n_positions: int,

@@ -95,4 +95,4 @@ def test_graph_layers_must_be_among_the_trained_layers():
         check_layers_within("5", "14,22")
     with pytest.raises(ParameterError, match=r"\[29\] are not in LAYERS"):
         check_layers_within("-1", "14,22", n_layers=30)
-    check_layers_within("-1", "14,29", n_layers=30)
+    assert check_layers_within("-1", "14,29", n_layers=30) == [29]

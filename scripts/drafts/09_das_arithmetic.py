@@ -189,10 +189,8 @@ fig
 
 # %%
 layers = parse_layers(LAYERS, lm.n_layers)
-graph_layers = []
-if GRAPH_ARRANGEMENTS:
-    check_layers_within(GRAPH_LAYERS, LAYERS, lm.n_layers)
-    graph_layers = parse_layers(GRAPH_LAYERS, lm.n_layers, "GRAPH_LAYERS")
+graph_layers = (check_layers_within(GRAPH_LAYERS, LAYERS, lm.n_layers) if GRAPH_ARRANGEMENTS
+                else [])
 site_positions = {s: (None if s == "all" else tokens.slots[s]) for s in sites}
 started = time.perf_counter()
 states = da.residual_states(lm, tokens, layers)
@@ -208,7 +206,7 @@ das_path = out_dir / "das_iia.json"
 DAS_SCHEMA = require_keys("runs", "sanity_grid", "full_swap", lists=("layers", "ranks"))
 stored = read_current(das_path, KEY_DAS, FORCE, check=DAS_SCHEMA)
 # a current das_iia.json and its committed rotations stand in for the (uncommitted) units
-stored_runs = {f"M{r['model']}_L{r['layer']}_k{r['rank']}_{r['site']}": r
+stored_runs = {da.run_name(r["model"], r["layer"], r["rank"], r["site"]): r
                for r in (stored or {}).get("runs", [])}
 rot_dir = out_dir / "das_rotations"
 runs, modules = [], {}
@@ -218,7 +216,7 @@ for m in model_ids:
     for layer in layers:
         for rank in ranks:
             for site, positions in site_positions.items():
-                name = f"M{m}_L{layer}_k{rank}_{site}"
+                name = da.run_name(m, layer, rank, site)
                 rot_path = rot_dir / f"{name}.safetensors"
                 res = stored_runs.get(name) or units.get(name)
                 if res is not None and rot_path.exists():
