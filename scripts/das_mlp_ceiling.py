@@ -25,9 +25,8 @@ from lib.mlp import interchange_data
 MLP = dict(n_train=1048576, n_test=10000, batch_size=1024, lr=0.001, init="torch")
 
 
-def das_curve(net, seed: int, semantics: str, n_train: int, epochs: int, batch: int, lr: float):
-    model = hierarchical_equality(object_dim=4)
-
+def das_curve(model, net, seed: int, semantics: str, n_train: int, epochs: int, batch: int,
+              lr: float):
     def data(n, offset):
         cf = model.counterfactual_dataset(n, seed=seed * 1000 + offset, semantics=semantics)
         return interchange_data(net, 0, cf)
@@ -50,14 +49,14 @@ def main(argv=None) -> int:
     if args.what == "training":
         net, _ = das_mlp.task_network(model, epochs=3, seed=0, **MLP)
         for lr, batch in ((0.01, 6400), (0.001, 640)):
-            curve = das_curve(net, 0, "independent", 1280000, 10, batch, lr)
+            curve = das_curve(model, net, 0, "independent", 1280000, 10, batch, lr)
             print(f"seed-0 network, lr {lr}, batch {batch}: validation IIA per epoch {curve}")
         return 0
     for seed in (int(s) for s in args.seeds.split(",")):
         started = time.perf_counter()
         net, info = das_mlp.task_network(model, epochs=args.mlp_epochs, seed=seed,
                                          cache_dir=None, **MLP)
-        last = {sem: das_curve(net, seed, sem, 256000, 10, 6400, 0.001)[-1]
+        last = {sem: das_curve(model, net, seed, sem, 256000, 10, 6400, 0.001)[-1]
                 for sem in ("independent", "conditioned")}
         print(f"seed {seed}, {args.mlp_epochs} MLP epochs: test accuracy "
               f"{info['test_accuracy']:.4f}, validation IIA {last} "
