@@ -480,16 +480,141 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
 
 
 def path_patch(lm, base_ids, source_ids, specs: Sequence[dict], readout=None, *,
-               engine: Engine | None = None, batch_size: int = 32, naive: bool = False):
+               engine: Engine | None = None, batch_size: int = 32, naive: bool = False,
+               local: bool = True):
     """Readouts of many sender -> receiver path patches, batched: each spec is a dict of
     :func:`path_patch_row`'s arguments (``senders``, ``receivers``, ``freeze``, ``positions``).
-    Context 0 is the base, 1 the source."""
+    Context 0 is the base, 1 the source.
+
+    When every spec sends heads or sub-layers to the logits at every position and the readout
+    is the default, the rows are position-local (every attention output from the lowest
+    sender up is fixed, so no position reads another) and ``local=True`` computes them by
+    :func:`local_logits`: the last position's stream only, no attention; ``local=False`` runs
+    the engine's rows. ``naive=True`` runs the engine's reference loop instead: one unbatched
+    forward pass per path, each distinct reference (the base and source values it reads) once."""
     rows = [path_patch_row(lm, **spec) for spec in specs]
     contexts = [Context(base_ids, name="base"), Context(source_ids, name="source")]
     if naive:
-        return run_naive(lm, contexts, rows, readout)
+        return run_naive(lm, contexts, rows, readout, reuse_references=True)
     engine = engine or Engine(lm, contexts, batch_size=batch_size)
+    first = _first_difference(engine.contexts[0].input_ids, engine.contexts[1].input_ids)
+    if local and not isinstance(readout, Capture) and specs and \
+            all(_is_local(lm, s, first, engine.contexts[0].length) for s in specs):
+        logits = local_logits(lm, engine, specs, batch_size=max(batch_size, 256))
+        return logits if readout in (None, "logits") else readout(logits)
     return engine.run(rows, readout)
+
+
+def _first_difference(base_ids: torch.Tensor, source_ids: torch.Tensor) -> int:
+    """The first position where the two prompts' tokens differ (their length if none)."""
+    b, s = base_ids.reshape(-1).cpu(), source_ids.reshape(-1).cpu()
+    if b.shape != s.shape:
+        return 0
+    differ = (b != s).nonzero()
+    return int(differ[0]) if len(differ) else len(b)
+
+
+def _is_local(lm, spec: dict, first: int = 0, length: int | None = None) -> bool:
+    """Whether ``spec`` is a sender -> logits patch at every position that can differ:
+    ``positions`` None, or covering every position from ``first`` (where base and source
+    first differ: nothing before it can change) to the end."""
+    receivers = list(spec.get("receivers", ("logits",)))
+    positions = spec.get("positions")
+    if positions is not None and (length is None or
+                                  not set(range(first, length)) <= set(positions)):
+        return False
+    return (receivers == ["logits"]
+            and all(parse_node(s, lm).kind in ("a", "f") or
+                    (parse_node(s, lm).kind == "head" and parse_node(s, lm).qkv is None)
+                    for s in spec["senders"]))
+
+
+def local_logits(lm, engine: Engine, specs: Sequence[dict], batch_size: int = 256
+                 ) -> torch.Tensor:
+    """Last-position logits (n_specs, vocab) of sender -> logits path patches, exactly, from
+    the last position alone.
+
+    From the lowest sender's layer up, every attention output is fixed: the base run's, or at
+    a sender's layer the base heads with the senders' heads from the source (a sender ``a{l}``:
+    the source's whole output). Nothing then carries information between positions, so the
+    last position's stream is its base value entering the lowest sender's block plus those
+    attention outputs, with each MLP recomputed on it (``freeze="attention"``), frozen at the
+    base (``"all"``) or from the source (a sender ``f{l}``); then the final norm and the
+    unembedding. Cost: one clean capture of each run, then per row an MLP per layer on one
+    token. Equal to the engine's rows within float error (``tests/test_path_patching.py``)."""
+    spec_arch, model = lm.spec, lm.model
+    blocks = spec_arch.blocks(model)
+    n_layers = lm.n_layers
+    last = engine.contexts[0].length - 1
+    kinds = ("resid_pre", "head_out", "attn_add", "mlp_add")
+    sites = [site_name(k, l) for l in range(n_layers) for k in kinds]
+    base, source = (engine.clean_readout(c, Capture(sites, positions=(last,))) for c in (0, 1))
+    plans = []
+    for spec in specs:
+        freeze = spec.get("freeze", "attention")
+        if freeze not in FREEZE_POLICIES:
+            raise ValueError(f"unknown freeze policy {freeze!r}; use one of {FREEZE_POLICIES}")
+        heads: dict[int, list[int]] = {}
+        attn, mlp = set(), set()
+        for name in spec["senders"]:
+            node = parse_node(name, lm)
+            if node.kind == "head":
+                heads.setdefault(node.layer, []).append(node.head)
+            else:
+                (attn if node.kind == "a" else mlp).add(node.layer)
+        low = min(list(heads) + list(attn) + list(mlp))
+        plans.append((low, freeze, heads, attn, mlp))
+
+    def post(norm_path, x, layer):
+        return x if norm_path is None else blocks[layer].get_submodule(norm_path)(x)
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(plans), batch_size):
+            chunk = plans[start:start + batch_size]
+            low = min(p[0] for p in chunk)
+            x = base[site_name("resid_pre", low)][0].expand(len(chunk), -1).clone()
+            for layer in range(low, n_layers):
+                block = blocks[layer]
+                active = [i for i, p in enumerate(chunk) if p[0] <= layer]
+                if layer > low:   # rows starting here: their base stream entering the block
+                    for i, p in enumerate(chunk):
+                        if p[0] == layer:
+                            x[i] = base[site_name("resid_pre", layer)][0]
+                add = base[site_name("attn_add", layer)][0].expand(len(chunk), -1).clone()
+                for i in active:
+                    _, _, heads, attn, _ = chunk[i]
+                    if layer in attn:
+                        add[i] = source[site_name("attn_add", layer)][0]
+                    elif layer in heads:
+                        z = base[site_name("head_out", layer)][0].clone()
+                        hs = heads[layer]
+                        z[hs] = source[site_name("head_out", layer)][0][hs]
+                        o = block.get_submodule(spec_arch.o_proj)(z.reshape(1, -1))
+                        add[i] = post(spec_arch.attn_post_norm, o, layer)[0]
+                rows = torch.tensor(active, dtype=torch.long)
+                x[rows] = x[rows] + add[rows]
+                recompute = [i for i in active if chunk[i][1] == "attention"
+                             and layer not in chunk[i][4]]
+                frozen = [i for i in active if i not in recompute]
+                new = x.clone()
+                if recompute:
+                    r = torch.tensor(recompute, dtype=torch.long)
+                    h = block.get_submodule(spec_arch.mlp_norm)(x[r][:, None])
+                    m = post(spec_arch.mlp_post_norm, block.get_submodule(spec_arch.mlp)(h),
+                             layer)
+                    new[r] = x[r] + m[:, 0]
+                for i in frozen:
+                    run = source if layer in chunk[i][4] else base
+                    new[i] = x[i] + run[site_name("mlp_add", layer)][0]
+                x = new
+            h = model.get_submodule(spec_arch.final_norm_path)(x[:, None])
+            logits = model.get_output_embeddings()(h)[:, 0]
+            cap = getattr(model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            out.append(logits.float())
+    return torch.cat(out)
 
 
 # --- 3. edge patching -----------------------------------------------------------------------------

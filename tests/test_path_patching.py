@@ -137,6 +137,33 @@ def test_path_patching_batched_equals_reference_loop(lm, pair):
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
 
 
+def test_position_local_logits_equal_the_engine_rows(lm, pair):
+    """Sender -> logits patches run position-locally (last position, MLPs only) equal the
+    engine's full rows: single heads of every layer, several heads across layers, whole
+    sub-layers, both freeze policies; specs with positions fall back to the engine."""
+    b, s, engine = pair
+    heads = pp.all_heads(lm)
+    specs = [dict(senders=[h], freeze=f) for h in heads[::3] for f in pp.FREEZE_POLICIES]
+    specs += [dict(senders=[heads[1], heads[-1]], freeze="attention"),
+              dict(senders=["a0", "f1"], freeze="all"), dict(senders=["f0"]),
+              dict(senders=[heads[lm.n_heads], "f0"], freeze="all")]
+    local = pp.path_patch(lm, b, s, specs, batch_size=4)
+    rows = pp.path_patch(lm, b, s, specs, local=False)
+    assert torch.allclose(local, rows, atol=1e-5, rtol=0)
+    assert (local - engine.clean_readout(0)).abs().max() > 1e-3   # the patches do something
+    assert not pp._is_local(lm, dict(senders=[heads[0]], positions=[0]))
+    n = b.shape[1]
+    first = pp._first_difference(b, s)
+    suffix = dict(senders=[heads[1]], positions=list(range(first, n)))
+    assert pp._is_local(lm, suffix, first, n) and not pp._is_local(lm, suffix, first - 1, n)
+    logit0 = lambda logits: logits[:, 0]   # noqa: E731  (a readout of the logits)
+    got = pp.path_patch(lm, b, s, [suffix], logit0)
+    assert torch.allclose(got, pp.path_patch(lm, b, s, [suffix], logit0, local=False),
+                          atol=1e-5, rtol=0)
+    assert not pp._is_local(lm, dict(senders=["emb"]))
+    assert not pp._is_local(lm, dict(senders=[heads[0]], receivers=["a1.h0.q"]))
+
+
 def test_all_senders_of_a_layer_to_logits_equals_patching_it(lm, pair):
     """Every head of layer 0 as senders, every later component frozen or not: under "all"
     (everything later frozen) the logits move by exactly layer 0's direct effect; sending a
