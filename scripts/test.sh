@@ -4,8 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYBIN=$(bash scripts/setup_env.sh | tail -n 1)
+# One torch thread per worker (these small models run faster so on a shared CPU) and one worker
+# per core, up to 4; each test file stays on one worker, so module fixtures run once.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+WORKERS=${TEST_WORKERS:-$("$PYBIN" -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 set +e
-"$PYBIN" -m pytest tests "$@"
+"$PYBIN" -m pytest tests -n "$WORKERS" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

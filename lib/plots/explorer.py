@@ -121,11 +121,16 @@ _HEADLESS_PARENTS = ("papermill", "nbconvert", "nbclient", "jupyter-execute", "l
 def widget_frontend(interactive: bool = True) -> tuple[bool, str]:
     """(whether to build widgets, why). Best effort: widgets need an IPython kernel, ipywidgets
     and a front end; a kernel started by papermill, nbconvert, nbclient, ``lib.runner`` or pytest
-    (seen in the parent process's command line) or ``CAUSAL_HEADLESS=1`` has none."""
+    (seen in the parent process's command line or pytest's environment variables) or
+    ``CAUSAL_HEADLESS=1`` has none."""
     if not interactive:
         return False, "INTERACTIVE is False"
     if os.environ.get("CAUSAL_HEADLESS") == "1":
         return False, "CAUSAL_HEADLESS=1"
+    if os.environ.get("PYTEST_CURRENT_TEST") or os.environ.get("PYTEST_XDIST_WORKER"):
+        # a kernel started under pytest inherits its environment; its parent may be an
+        # xdist worker, whose command line does not say pytest
+        return False, "headless run (pytest): no widget front end"
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
