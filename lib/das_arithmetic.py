@@ -23,7 +23,7 @@ rotation); a tuple of positions applies it there only (per-position sites).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,32 @@ def residual_states(lm, tokens: ar.TaskTokens, layers: Sequence[int],
         for l, site in zip(layers, sites):
             parts[l].append(got[site])
     return {l: torch.cat(parts[l]) for l in layers}
+
+
+class LazyStates(Mapping):
+    """:func:`residual_states` of ``layers``, computed on first use: a rerun whose runs,
+    checks and graphs are all stored reads none of them and skips the forward passes."""
+
+    def __init__(self, lm, tokens: ar.TaskTokens, layers: Sequence[int]):
+        self.lm, self.tokens, self.layers = lm, tokens, [_check_layer(lm, int(l)) for l in layers]
+        self._states: dict[int, torch.Tensor] | None = None
+
+    @property
+    def computed(self) -> bool:
+        return self._states is not None
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not one of the stored layers {self.layers}")
+        if self._states is None:
+            self._states = residual_states(self.lm, self.tokens, self.layers)
+        return self._states[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 def run_from(lm, layer: int, h: torch.Tensor) -> torch.Tensor:

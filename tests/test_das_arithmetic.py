@@ -36,6 +36,17 @@ def test_stored_states_equal_a_captured_forward(tuned):
                               atol=1e-5)
 
 
+def test_lazy_states_compute_once_on_first_use(tuned):
+    lm, tokens = tuned
+    lazy = da.LazyStates(lm, tokens, [1, 0])
+    assert not lazy.computed and list(lazy) == [1, 0] and len(lazy) == 2
+    eager = da.residual_states(lm, tokens, [0, 1])
+    assert torch.equal(lazy[0], eager[0]) and lazy.computed
+    assert lazy[1] is lazy[1]   # stored, not recomputed
+    with pytest.raises(KeyError, match="not one of the stored layers"):
+        lazy[2]
+
+
 def test_suffix_from_every_layer_equals_the_full_model(tuned):
     lm, tokens = tuned
     states = da.residual_states(lm, tokens, [0, 1])

@@ -181,8 +181,9 @@ fig
 # ## 4. DAS per causal model, layer, rank and site
 #
 # The residual stream after each block in `LAYERS` of all 1,000 prompts is computed once
-# (`lib.engine`) and stored; the model is frozen, so a rotation trains on pairs of indices
-# into that table and runs only the blocks above the layer (`lib.das_arithmetic.run_from`).
+# (`lib.engine`), when a run first needs it, and stored; the model is frozen, so a rotation
+# trains on pairs of indices into that table and runs only the blocks above the layer
+# (`lib.das_arithmetic.run_from`).
 # Training counterfactuals draw base and source from the training arrangements, test
 # counterfactuals from the test arrangements. Beside each learned rotation: a random
 # subspace of the same rank (the control).
@@ -192,9 +193,7 @@ layers = parse_layers(LAYERS, lm.n_layers)
 graph_layers = (check_layers_within(GRAPH_LAYERS, LAYERS, lm.n_layers) if GRAPH_ARRANGEMENTS
                 else [])
 site_positions = {s: (None if s == "all" else tokens.slots[s]) for s in sites}
-started = time.perf_counter()
-states = da.residual_states(lm, tokens, layers)
-print(f"stored residual streams of {len(layers)} layers in {time.perf_counter() - started:.1f} s")
+states = da.LazyStates(lm, tokens, layers)   # computed when a run, check or graph needs them
 train_models = ar.causal_models(split["train"])
 test_models = ar.causal_models(split["test"])
 grid_ids = [m for m in (1, 2, 3) if m in model_ids]
@@ -236,6 +235,7 @@ for m in model_ids:
                           f"{time.perf_counter() - t0:.0f} s")
                 runs.append(res)
                 modules[name] = (m, layer, rank, site, module)
+print("residual streams", "computed" if states.computed else "not needed: every run is stored")
 display(pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia", "control_iia")}
                       for r in runs]))
 
