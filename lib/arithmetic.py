@@ -391,6 +391,38 @@ def tuned_path(model_name: str, spec: dict, cache_dir: Path = CACHE) -> Path:
     return Path(cache_dir) / f"{slug(model_name)}-{params_key(spec)}.safetensors"
 
 
+class LazyTuned:
+    """:func:`tuned_model`'s model, loaded (from the cache, or trained) on first use of
+    anything but its name, sizes, site table and tokenizer (read from the model as shipped).
+    A notebook whose results are all stored and current then never fine-tunes: a fresh clone
+    has the committed results, not the uncommitted weights cache."""
+
+    _CHEAP = ("name", "n_layers", "n_heads", "d_model", "d_head", "tokenizer", "spec")
+
+    def __init__(self, model_name: str, **ft_args):
+        from lib.models import load_model
+
+        shipped = load_model(model_name, device=ft_args.get("device", "auto"),
+                             dtype=ft_args.get("dtype", "auto"), seed=ft_args.get("seed", 0))
+        self._cheap = {k: getattr(shipped, k) for k in self._CHEAP}
+        self._args = (model_name, ft_args)
+        self._lm = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._lm is not None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._lm is None and name in self._cheap:
+            return self._cheap[name]
+        if self._lm is None:   # first use may sit inside torch.no_grad(); training needs grad
+            with torch.enable_grad():
+                self._lm = tuned_model(self._args[0], **self._args[1])[0]
+        return getattr(self._lm, name)
+
+
 def tuned_model(model_name: str, fmt: str = "padded", split_seed: int = 0, n_val: int = 100,
                 n_test: int = 200, epochs: int = 10, batch_size: int = 32, lr: float = 1e-4,
                 weight_decay: float = 0.0, seed: int = 0, val_target: float = 1.0,

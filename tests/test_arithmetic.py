@@ -143,6 +143,19 @@ def test_finetune_learns_and_the_cache_round_trips(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
+def test_lazy_tuned_model_loads_on_first_real_use(tmp_path):
+    kwargs = dict(epochs=1, batch_size=64, lr=3e-3, seed=0, cache_dir=tmp_path)
+    lazy = ar.LazyTuned("tiny-random-llama", **kwargs)
+    assert lazy.n_layers == 2 and lazy.tokenizer is not None and lazy.spec.family == "llama"
+    assert not lazy.loaded and not list(tmp_path.glob("*.safetensors"))   # nothing trained
+    tokens = ar.task_tokens(lazy.tokenizer, "padded")
+    logits = ar.class_logits(lazy, tokens.input_ids[:4])   # lazy.model: now it trains
+    assert lazy.loaded and logits.shape == (4, 28)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    eager, *_ = ar.tuned_model("tiny-random-llama", **kwargs)
+    assert torch.equal(ar.class_logits(eager, tokens.input_ids[:4]), logits)
+
+
 def test_notebook_09_parameters_are_checked_before_running():
     from lib import paths
     from lib.params import ParameterError, check_params

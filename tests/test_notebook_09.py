@@ -4,8 +4,9 @@ small sizes through the runner, outputs and the tuned-weights cache redirected t
 The fine-tune is one epoch on 100 training arrangements (so the tuned model is far from the
 notebook's 0.965); what is checked is what must hold for any tuned model: SmolLM2's tokenization
 of the padded prompts, the disjoint split, the full-dimension swap's invariant, orthogonal
-rotations, the graph's cells, and that a rerun reads everything back without recomputing (with
-the per-run units deleted, as in a fresh clone, which has only the committed files)."""
+rotations, the graph's cells, and that a rerun reads everything back without recomputing or
+loading the tuned model (with the per-run units and the tuned weights deleted, as in a fresh
+clone, which has only the committed files)."""
 
 import json
 import shutil
@@ -68,10 +69,14 @@ def test_notebook_09_on_smollm2_writes_what_holds_for_any_tuned_model(tmp_path):
         assert g["mean_weight_ci"][0] <= g["mean_weight"] <= g["mean_weight_ci"][1]
 
     before = {p: p.read_bytes() for p in out.rglob("*.json")}
-    shutil.rmtree(out / "das_units")   # a clone has the results and rotations, not the units
+    # a clone has the results and rotations, not the units or the tuned weights
+    shutil.rmtree(out / "das_units")
+    shutil.rmtree(tmp_path / "cache")
     before = {p: b for p, b in before.items() if "das_units" not in p.parts}
     [again] = run_notebooks([NOTEBOOK], ["smollm2-135m"], params, runs_dir=tmp_path / "runs",
                             progress=False)
     text = _stdout(again)
     assert "trained)" not in text and "s per step" not in text, "the rerun recomputed"
+    assert "tuned model: not loaded" in text and "residual streams not needed" in text
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "the rerun fine-tuned again"
     assert {p: p.read_bytes() for p in out.rglob("*.json")} == before

@@ -162,8 +162,8 @@ if ft is None:
                   "final state, replacing the LM head",
           "params_key": params_key(KEY_FT)}
     write_json(ft_path, ft, provenance(lm, KEY_FT, SEED), check=FT_SCHEMA)
-else:
-    lm, tokens, split, info = ar.tuned_model(MODEL, **FT_ARGS)
+else:   # the tuned model loads (from the cache, or trains) only if a run, check or graph needs it
+    lm, split = ar.LazyTuned(MODEL, **FT_ARGS), ft["split"]
 tokens = ar.task_tokens(lm.tokenizer, FORMAT)
 for fmt, t in ft["tokenization"].items():
     print(f"{fmt}: " + (t["error"] if "error" in t else
@@ -355,3 +355,7 @@ if GRAPH_ARRANGEMENTS:
                                              f"{len(graphs['arrangements'])} arrangements")
     save_figure(fig, "das_graph_means", slug, graphs_dir)
     display(fig)
+
+# %%
+print("tuned model:", "not loaded, every result was stored and current"
+      if isinstance(lm, ar.LazyTuned) and not lm.loaded else "used")
