@@ -230,6 +230,19 @@ def test_a_cell_past_the_timeout_is_a_clear_failure_not_a_traceback(sleep_dir, t
     assert not list(tmp_path.rglob(".*.running.ipynb"))
 
 
+def test_09_refuses_layers_the_model_lacks_before_fine_tuning(tmp_path, capsys):
+    """Layers beyond the model (09's defaults 14, 22 on an 18-block model) are refused as soon
+    as the model's size is known: before the accuracy as shipped and the fine-tune."""
+    fc = tmp_path / "fc"
+    rc = runner.main(["--notebooks", "09", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", "LAYERS=0,5", "-p", "GRAPH_LAYERS=0",
+                      "-p", f"FULL_COMPUTE_DIR={fc}", "-p", f"GRAPHS_DIR={tmp_path / 'g'}",
+                      "-p", f"CACHE_DIR={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED: 09_das_arithmetic.ipynb" in err and "LAYERS" in err, err
+    assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
+
+
 # --- through the library ---------------------------------------------------------------------
 
 def test_parameter_values_are_checked_inside_the_notebook_too():

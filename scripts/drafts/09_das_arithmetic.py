@@ -137,6 +137,7 @@ ft = read_current(ft_path, KEY_FT, FORCE)
 if ft is None:
     started = time.perf_counter()
     shipped_lm = load_model(MODEL, device=DEVICE, dtype=DTYPE, seed=SEED)
+    parse_layers(LAYERS, shipped_lm.n_layers)   # a layer the model lacks: refused before any work
     tokenization = {}
     for fmt in ar.FORMATS:
         try:
