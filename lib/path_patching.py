@@ -486,8 +486,8 @@ def path_patch(lm, base_ids, source_ids, specs: Sequence[dict], readout=None, *,
     :func:`path_patch_row`'s arguments (``senders``, ``receivers``, ``freeze``, ``positions``).
     Context 0 is the base, 1 the source.
 
-    When every spec sends heads or sub-layers to the logits at every position and the readout
-    is the default, the rows are position-local (every attention output from the lowest
+    When every spec sends heads or sub-layers to the logits at every position that can differ
+    and the readout is the logits or a function of them, the rows are position-local (every attention output from the lowest
     sender up is fixed, so no position reads another) and ``local=True`` computes them by
     :func:`local_logits`: the last position's stream only, no attention; ``local=False`` runs
     the engine's rows. ``naive=True`` runs the engine's reference loop instead: one unbatched
