@@ -936,10 +936,11 @@ def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None
         if not isinstance(ref, Ref):
             return iv
         key = (ref.context, ref.site, tuple(_iv_key(x) for x in ref.interventions))
-        if not reuse_references or key not in memo:
-            memo[key] = forward(ref.context, ref.interventions, Capture((ref.site,)),
-                                False)[ref.site]
-        full = memo[key] if reuse_references else memo.pop(key)
+        full = memo.get(key) if reuse_references else None
+        if full is None:
+            full = forward(ref.context, ref.interventions, Capture((ref.site,)), False)[ref.site]
+            if reuse_references:
+                memo[key] = full
         return replace(iv, value=_ref_slice(full[None], ref, iv))
 
     if reuse_references:   # every plain reference of a context from one forward pass
