@@ -390,6 +390,26 @@ def _receiver_site(node: Node, lm) -> tuple[str, tuple[int, ...] | None]:
                      "or a head's input a<l>.h<h>.q / .k / .v")
 
 
+def _sender_groups(snodes: Sequence[Node], n_layers: int
+                   ) -> tuple[dict[int, list[int]], set[int], set[int], int]:
+    """Senders grouped: heads by layer, layers of whole attention and MLP sub-layers, and the
+    lowest sender's layer (-1 for ``emb``); any other node is refused."""
+    heads: dict[int, list[int]] = {}
+    attn, mlp, low = set(), set(), n_layers
+    for s in snodes:
+        if s.kind == "head" and s.qkv is None:
+            heads.setdefault(s.layer, []).append(s.head)
+        elif s.kind in ("a", "f"):
+            (attn if s.kind == "a" else mlp).add(s.layer)
+        elif s.kind == "emb":
+            low = -1
+            continue
+        else:
+            raise ValueError(f"sender {s.name!r}: use emb, a<l>, f<l> or a head a<l>.h<h>")
+        low = min(low, s.layer)
+    return heads, attn, mlp, low
+
+
 def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logits",),
                    freeze: str = "attention", base: int = 0, source: int = 1,
                    positions: Sequence[int] | None = None) -> Row:
@@ -414,27 +434,18 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
     rnodes = [parse_node(r, lm) for r in receivers]
     if any(r.kind == "logits" for r in rnodes) and len(rnodes) > 1:
         raise ValueError("logits as a receiver stands alone")
-    heads_by_layer: dict[int, list[int]] = {}
-    whole_attn, whole_mlp, stage1 = set(), set(), []
-    low = lm.n_layers
+    heads_by_layer, whole_attn, whole_mlp, low = _sender_groups(snodes, lm.n_layers)
+    stage1 = []
     for s in snodes:
-        if s.kind == "head" and s.qkv is None:
-            heads_by_layer.setdefault(s.layer, []).append(s.head)
-            low = min(low, s.layer)
-        elif s.kind in ("a", "f"):
-            (whole_attn if s.kind == "a" else whole_mlp).add(s.layer)
-            low = min(low, s.layer)
+        if s.kind in ("a", "f"):
             kind = "attn_out" if s.kind == "a" else "mlp_out"
             stage1.append(Intervention(site_name(kind, s.layer), positions=pos,
                                        value=Ref(source, site_name(kind, s.layer)),
                                        source="sender"))
         elif s.kind == "emb":
-            low = -1
             stage1.append(Intervention(site_name("resid_pre", 0), positions=pos,
                                        value=Ref(source, site_name("resid_pre", 0)),
                                        source="sender"))
-        else:
-            raise ValueError(f"sender {s.name!r}: use emb, a<l>, f<l> or a head a<l>.h<h>")
     for layer, hs in heads_by_layer.items():
         site = site_name("head_out", layer)
         stage1.append(Intervention(site, positions=pos, heads=tuple(sorted(hs)),
@@ -523,10 +534,9 @@ def _is_local(lm, spec: dict, first: int = 0, length: int | None = None) -> bool
     if positions is not None and (length is None or
                                   not set(range(first, length)) <= set(positions)):
         return False
-    return (receivers == ["logits"]
-            and all(parse_node(s, lm).kind in ("a", "f") or
-                    (parse_node(s, lm).kind == "head" and parse_node(s, lm).qkv is None)
-                    for s in spec["senders"]))
+    nodes = [parse_node(s, lm) for s in spec["senders"]]
+    return receivers == ["logits"] and all(
+        n.kind in ("a", "f") or (n.kind == "head" and n.qkv is None) for n in nodes)
 
 
 def local_logits(lm, engine: Engine, specs: Sequence[dict], batch_size: int = 256
@@ -554,15 +564,8 @@ def local_logits(lm, engine: Engine, specs: Sequence[dict], batch_size: int = 25
         freeze = spec.get("freeze", "attention")
         if freeze not in FREEZE_POLICIES:
             raise ValueError(f"unknown freeze policy {freeze!r}; use one of {FREEZE_POLICIES}")
-        heads: dict[int, list[int]] = {}
-        attn, mlp = set(), set()
-        for name in spec["senders"]:
-            node = parse_node(name, lm)
-            if node.kind == "head":
-                heads.setdefault(node.layer, []).append(node.head)
-            else:
-                (attn if node.kind == "a" else mlp).add(node.layer)
-        low = min(list(heads) + list(attn) + list(mlp))
+        heads, attn, mlp, low = _sender_groups([parse_node(n, lm) for n in spec["senders"]],
+                                               n_layers)
         plans.append((low, freeze, heads, attn, mlp))
 
     def post(norm_path, x, layer):
