@@ -14,6 +14,7 @@ nothing from this repository (it runs in another environment).
 import argparse
 import json
 import time
+from importlib.metadata import version
 
 import torch
 from safetensors.torch import load_file
@@ -101,7 +102,7 @@ def main():
             idx = torch.arange(start, min(start + args.batch_size, m))
             correct += int((forward("test", idx).argmax(-1) == data["test_labels"][idx]).sum())
     print(json.dumps({"iia": correct / m, "seconds_per_epoch": seconds,
-                      "pyvene_version": pv.__version__ if hasattr(pv, "__version__") else None}))
+                      "pyvene_version": version("pyvene")}))
 
 
 if __name__ == "__main__":

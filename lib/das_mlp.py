@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lib import das, paths
 from lib.causal_model import CausalModel, CounterfactualDataset, encode
 from lib.io import params_key
-from lib.mlp import MLP, accuracy, interchange_data, load_mlp, save_mlp, train_mlp
+from lib.mlp import MLP, accuracy, interchange_data, load_mlp, save_mlp, train_mlps
 
 CACHE = paths.REPO_ROOT / ".cache" / "das_mlp"
 
@@ -46,23 +47,69 @@ def task_network(model: CausalModel, n_train: int, n_test: int, epochs: int, bat
     so pyvene's MLP kept PyTorch's initialisation); ``"normal"`` (N(0, 0.02²)) is what
     transformers 5 does to the same model, and trains worse here (test accuracy 0.981 against
     0.998 for seed 0)."""
-    path = (network_path(model, n_train, n_test, epochs, batch_size, lr, seed, h_dim, n_layers,
-                         cache_dir, init) if cache_dir else None)
-    x_test, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
-    x_test = encode(x_test, model.inputs)
-    if path is not None and path.exists() and not force:
-        net, meta = load_mlp(path)
-        return net, {**meta, "cached": True}
-    x, y = model.factual_dataset(n_train, seed=seed * 1000 + 1)
-    net = MLP(d_in=x_test.shape[1], h_dim=h_dim, n_layers=n_layers, seed=seed, init=init)
-    curve = train_mlp(net, encode(x, model.inputs), y, epochs, batch_size, lr, seed,
-                      x_test, y_test)
-    info = {"curve": curve, "test_accuracy": accuracy(net, x_test, y_test), "n_train": n_train,
-            "n_test": n_test, "test_label_counts": torch.bincount(y_test, minlength=2).tolist()}
-    net.eval()
-    if path is not None:
-        save_mlp(net, path, info)
-    return net, {**info, "cached": False}
+    return task_networks(model, [seed], n_train, n_test, epochs, batch_size, lr, h_dim,
+                         n_layers, cache_dir, force, init)[0]
+
+
+def task_networks(model: CausalModel, seeds: list[int], n_train: int, n_test: int, epochs: int,
+                  batch_size: int, lr: float, h_dim: int = 16, n_layers: int = 3,
+                  cache_dir: Path | None = CACHE, force: bool = False, init: str = "torch",
+                  group: int = 16) -> list[tuple[MLP, dict]]:
+    """:func:`task_network` for each of ``seeds``. The ones not cached are trained ``group`` at
+    a time by :func:`lib.mlp.train_mlps`, which gives every network the weights it would get
+    alone (so a network is the same whichever call trained it, and one cache serves both)."""
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    out: dict[int, tuple[MLP, dict]] = {}
+    todo = []
+    for seed in dict.fromkeys(int(s) for s in seeds):
+        path = (network_path(model, n_train, n_test, epochs, batch_size, lr, seed, h_dim,
+                             n_layers, cache_dir, init) if cache_dir else None)
+        if path is not None and path.exists() and not force:
+            net, meta = load_mlp(path)
+            out[seed] = (net, {**meta, "cached": True})
+        else:
+            todo.append((seed, path))
+    for first in range(0, len(todo), group):
+        chunk = todo[first:first + group]
+        nets, xs, ys, tests = [], [], [], []
+        for seed, _ in chunk:
+            x_test, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
+            x, y = model.factual_dataset(n_train, seed=seed * 1000 + 1)
+            xs.append(encode(x, model.inputs))
+            ys.append(y)
+            tests.append((encode(x_test, model.inputs), y_test))
+            nets.append(MLP(d_in=xs[-1].shape[1], h_dim=h_dim, n_layers=n_layers, seed=seed,
+                            init=init))
+        curves = train_mlps(nets, xs, ys, epochs, batch_size, lr, [s for s, _ in chunk], tests)
+        del xs, ys
+        for (seed, path), net, curve, (x_test, y_test) in zip(chunk, nets, curves, tests):
+            info = {"curve": curve, "test_accuracy": accuracy(net, x_test, y_test),
+                    "n_train": n_train, "n_test": n_test,
+                    "test_label_counts": torch.bincount(y_test, minlength=2).tolist()}
+            if path is not None:
+                save_mlp(net, path, info)
+            out[seed] = (net, {**info, "cached": False})
+    return [out[int(s)] for s in seeds]
+
+
+def select_network(candidates: list[tuple[int, MLP]], layer: int, train: CounterfactualDataset,
+                   validation: CounterfactualDataset, epochs: int, batch_size: int, lr: float,
+                   seed: int, progress: bool = False) -> tuple[int, list[dict]]:
+    """Which of several networks trained alike has the best alignment at block ``layer``: DAS
+    (:func:`das_at_layer`) on each, scored on ``validation`` counterfactuals, which must be
+    drawn apart from any test set that is reported afterwards. Returns the chosen network's
+    seed (highest validation IIA; the first on ties) and one row per candidate: ``seed``,
+    ``validation_iia``, ``control_iia``."""
+    if not candidates:
+        raise ValueError("select_network needs at least one candidate network")
+    rows = []
+    for net_seed, net in tqdm(candidates, desc="networks", disable=not progress):
+        _, res = das_at_layer(net, layer, train, validation, epochs, batch_size, lr, seed)
+        rows.append({"seed": int(net_seed), "validation_iia": res["iia"],
+                     "control_iia": res["control_iia"]})
+    best = max(rows, key=lambda r: r["validation_iia"])
+    return best["seed"], rows
 
 
 def das_at_layer(net: MLP, layer: int, train: CounterfactualDataset,

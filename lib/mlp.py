@@ -8,8 +8,9 @@ output of block ``layer`` (pyvene's ``block_output``), ``forward_from(layer, h)`
 
 * :func:`hand_built_equality_mlp`: the tutorial's proof of concept (input 8, two blocks of width
   8): block 0 holds the positive and negative parts of W − X (units 0–3) and Y − Z (units 4–7).
-* :func:`train_mlp`: Adam on cross-entropy with the class index (the tutorial's HF ``Trainer``
-  ends up with BCE on one-hot labels; accuracy is the same).
+* :func:`train_mlp`: Adam with the tutorial's schedule and loss (its HF ``Trainer`` ends up with
+  BCE on one-hot labels); :func:`train_mlps` trains many such networks at once, each exactly as
+  it would be trained alone.
 * :func:`interchange_data`: the site activations of a counterfactual dataset, for ``lib.das``.
 * :func:`save_mlp` / :func:`load_mlp`: safetensors, never pickles.
 """
@@ -142,43 +143,92 @@ def train_mlp(net: MLP, x: torch.Tensor, labels: torch.Tensor, epochs: int = 3,
     ``loss``: ``"bce"`` (binary cross-entropy on one-hot labels, what the tutorial's HF
     ``Trainer`` run actually optimises) or ``"ce"`` (cross-entropy on the class index).
     ``linear_decay``: the learning rate falls linearly to 0 over all steps (the ``Trainer``
-    default)."""
+    default). One network of :func:`train_mlps`, which gives the same weights bit for bit."""
+    evals = None if eval_x is None else [(eval_x, eval_labels)]
+    return train_mlps([net], [x], [labels], epochs, batch_size, lr, [seed], evals, loss,
+                      linear_decay)[0]
+
+
+def train_mlps(nets: list[MLP], xs: list[torch.Tensor], labels: list[torch.Tensor],
+               epochs: int = 3, batch_size: int = 1024, lr: float = 1e-3,
+               seeds: list[int] | None = None, evals: list[tuple] | None = None,
+               loss: str = "bce", linear_decay: bool = True) -> list[list[dict]]:
+    """Train several networks of one shape at once, each on its own data with its own shuffle
+    (``seeds[k]``), as :func:`train_mlp` would one at a time: their weights are stacked and
+    every layer is one batched matmul, so K small networks cost little more than one.
+
+    Nothing is shared between networks (Adam and the loss are per network; the summed loss
+    has per-network gradients), and each network's weights equal, bit for bit, those of
+    training it alone (a test checks this). ``xs[k]`` and ``labels[k]`` must have one length;
+    ``evals[k]``: ``(x, labels)`` scored after every epoch. Returns each network's curve."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    steps = epochs * -(-len(x) // batch_size)
+    k = len(nets)
+    seeds = list(range(k)) if seeds is None else list(seeds)
+    if not k or len(xs) != k or len(labels) != k or len(seeds) != k:
+        raise ValueError(f"give one training set and seed per network: {k} networks, "
+                         f"{len(xs)} inputs, {len(labels)} label sets, {len(seeds)} seeds")
+    if len({tuple(net.config().items()) for net in nets}) != 1:
+        raise ValueError("train_mlps needs networks of one shape")
+    n = len(xs[0])
+    if any(len(x) != n or len(y) != n for x, y in zip(xs, labels)):
+        raise ValueError("every network's training set must have the same number of examples")
+    layers = [[*net.blocks, net.head] for net in nets]
+    weights = [torch.stack([ls[i].weight.detach() for ls in layers]).requires_grad_()
+               for i in range(len(layers[0]))]
+    biases = [torch.stack([ls[i].bias.detach() for ls in layers]).requires_grad_()
+              for i in range(len(layers[0]))]
+    opt = torch.optim.Adam([p for pair in zip(weights, biases) for p in pair], lr=lr)
+    steps = epochs * -(-n // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: 1 - s / steps) if linear_decay else (lambda s: 1.0))
-    gen = torch.Generator().manual_seed(int(seed))
-    curve = []
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    flat_x = torch.cat(xs)                      # network k's examples at rows k*n .. k*n+n-1
+    flat_y = torch.cat(labels)
+    offsets = (torch.arange(k) * n)[:, None]
+    curves: list[list[dict]] = [[] for _ in nets]
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        net.train()
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            logits = net(x[idx])
+        order = torch.stack([torch.randperm(n, generator=g) for g in gens]) + offsets
+        totals = torch.zeros(k, dtype=torch.float64)
+        for start in range(0, n, batch_size):
+            idx = order[:, start:start + batch_size]
+            rows = idx.shape[1]
+            h = flat_x.index_select(0, idx.reshape(-1)).view(k, rows, -1)
+            target = flat_y.index_select(0, idx.reshape(-1)).view(k, rows)
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                if i < len(weights) - 1:
+                    h = torch.relu(h)
             if loss == "bce":
-                target = nn.functional.one_hot(labels[idx], net.n_classes).float()
-                value = nn.functional.binary_cross_entropy_with_logits(logits, target)
+                per_net = nn.functional.binary_cross_entropy_with_logits(
+                    h, nn.functional.one_hot(target, h.shape[-1]).float(),
+                    reduction="none").mean(dim=(1, 2))
             else:
-                value = nn.functional.cross_entropy(logits, labels[idx])
+                per_net = nn.functional.cross_entropy(
+                    h.transpose(1, 2), target, reduction="none").mean(dim=1)
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            per_net.sum().backward()
             opt.step()
             sched.step()
-            total += float(value.detach()) * len(idx)
-        net.eval()
-        row = {"epoch": epoch + 1, "loss": total / len(x)}
-        if eval_x is not None:
-            row["eval_accuracy"] = accuracy(net, eval_x, eval_labels)
-        curve.append(row)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return curve
+            totals += per_net.detach().double() * rows
+        with torch.no_grad():
+            for j, ls in enumerate(layers):
+                for i, lin in enumerate(ls):
+                    lin.weight.copy_(weights[i][j])
+                    lin.bias.copy_(biases[i][j])
+        for j, net in enumerate(nets):
+            net.eval()
+            row = {"epoch": epoch + 1, "loss": float(totals[j]) / n}
+            if evals is not None:
+                row["eval_accuracy"] = accuracy(net, *evals[j])
+            curves[j].append(row)
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(False)
+    return curves
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import torch
 
 from lib import das
 from lib.causal_model import encode, hierarchical_equality
-from lib.mlp import MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp, save_mlp
+from lib.mlp import (MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp,
+                     save_mlp, train_mlp, train_mlps)
 
 torch.set_num_threads(1)
 D = 16
@@ -256,3 +257,51 @@ def test_training_does_not_depend_on_the_global_generator(orth):
     control = das.random_control(module, seed=2)
     again = das.random_control(module, seed=2)
     assert torch.equal(control.R, again.R)
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_networks_trained_together_equal_each_trained_alone(loss):
+    """lib.mlp.train_mlps stacks networks into batched matmuls; each must come out bit for bit
+    as train_mlp (one at a time) makes it, curves included, so one cache serves both."""
+    model = hierarchical_equality(object_dim=4)
+    seeds = [3, 7, 11]
+    data = [model.factual_dataset(600, seed=s) for s in seeds]
+    xs = [encode(x, model.inputs) for x, _ in data]
+    ys = [y for _, y in data]
+    evals = [(xs[i][:100], ys[i][:100]) for i in range(3)]
+    together = [MLP(seed=s, init="torch") for s in seeds]
+    curves = train_mlps(together, xs, ys, 2, 64, 1e-2, seeds, evals, loss=loss)
+    for i, s in enumerate(seeds):
+        alone = MLP(seed=s, init="torch")
+        curve = train_mlp(alone, xs[i], ys[i], 2, 64, 1e-2, s, *evals[i], loss=loss)
+        assert curve == curves[i]
+        for a, b in zip(alone.state_dict().values(), together[i].state_dict().values()):
+            assert torch.equal(a, b)
+    assert not any(p.requires_grad for net in together for p in net.parameters())
+    with pytest.raises(ValueError, match="one training set and seed per network"):
+        train_mlps(together, xs[:2], ys, seeds=seeds)
+    with pytest.raises(ValueError, match="one shape"):
+        train_mlps([MLP(h_dim=16), MLP(h_dim=8)], xs[:2], ys[:2])
+
+
+def test_task_networks_share_the_cache_of_task_network_and_selection_takes_the_best(tmp_path):
+    from lib import das_mlp
+
+    model = hierarchical_equality(object_dim=4)
+    args = dict(n_train=512, n_test=64, epochs=1, batch_size=64, lr=1e-2, init="torch",
+                cache_dir=tmp_path)
+    nets = das_mlp.task_networks(model, [0, 1, 2], group=2, **args)
+    assert [info["cached"] for _, info in nets] == [False] * 3
+    alone, info = das_mlp.task_network(model, seed=1, **args)
+    assert info["cached"] and info["test_accuracy"] == nets[1][1]["test_accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(),
+                                                 nets[1][0].state_dict().values()))
+    train = model.counterfactual_dataset(256, seed=5)
+    val = model.counterfactual_dataset(128, seed=6)
+    chosen, rows = das_mlp.select_network([(s, n) for s, (n, _) in zip([0, 1, 2], nets)], 0,
+                                          train, val, epochs=1, batch_size=64, lr=1e-2, seed=0)
+    assert [r["seed"] for r in rows] == [0, 1, 2]
+    assert chosen == max(rows, key=lambda r: r["validation_iia"])["seed"]
+    assert all(0 <= r["validation_iia"] <= 1 and 0 <= r["control_iia"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        das_mlp.select_network([], 0, train, val, 1, 64, 1e-2, 0)

@@ -13,8 +13,8 @@ from lib.runner import run_notebooks
 NOTEBOOK = paths.NOTEBOOKS / "08_das_mlp.ipynb"
 SMALL = {"N_FACTUAL_HAND": 2000, "N_CF_HAND": 256, "MLP_N_TRAIN": 4096, "MLP_N_TEST": 512,
          "MLP_EPOCHS": 1, "DAS_N_TRAIN": 1024, "DAS_N_TEST": 512, "DAS_EPOCHS": 2,
-         "DAS_BATCH": 256, "SWEEP_N_TRAIN": 512}
-FIGURES = ("equality_training_curve", "equality_iia_per_layer", "abab_iia_per_layer",
+         "DAS_BATCH": 256, "SWEEP_N_TRAIN": 512, "N_NETWORKS": 3, "SELECT_N_TRAIN": 512}
+FIGURES = ("equality_network_selection", "equality_training_curve", "equality_iia_per_layer", "abab_iia_per_layer",
            "wrong_model_grid")
 
 
@@ -40,6 +40,11 @@ def test_notebook_08_runs_and_writes_its_outputs(tmp_path):
 
     eq = read_json(out / "equality.json")
     assert 0.0 <= eq["mlp"]["test_accuracy"] <= 1.0 and eq["mlp"]["n_test"] == 512
+    sel = eq["selection"]
+    assert [r["seed"] for r in sel["candidates"]] == [0, 1, 2] and sel["n_validation"] == 512
+    best = max(sel["candidates"], key=lambda r: r["validation_iia"])
+    assert sel["chosen_seed"] == best["seed"] == eq["mlp"]["seed"]
+    assert eq["mlp"]["test_accuracy"] == best["mlp_test_accuracy"]
     for sem in ("independent", "conditioned"):
         main = eq["main"][sem]
         assert main["n_train"] == 1024 and main["n_test"] == 512 and main["layer"] == 0

@@ -40,7 +40,8 @@ FAST_PARAMETERS = {
     # no language model: the sizes of its MLPs' data and training runs
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
-           "DAS_BATCH": 128, "SWEEP_N_TRAIN": 256, "LAYERS": "0,1", "SEMANTICS": "independent"},
+           "DAS_BATCH": 128, "SWEEP_N_TRAIN": 256, "LAYERS": "0,1", "SEMANTICS": "independent",
+           "N_NETWORKS": 2, "SELECT_N_TRAIN": 128},
     # the X+Y+Z= task: the tiny model is fine-tuned for one epoch (it stays at chance)
     "09": {"N_SHIPPED": 2, "SHOTS": 1, "FT_EPOCHS": 1, "FT_BATCH": 256, "LAYERS": "0,1",
            "RANKS": [4], "SITES": "all,eq", "CAUSAL_MODELS": "1,2,7", "DAS_N_TRAIN": 128,

@@ -1,5 +1,5 @@
-"""Figures of distributed alignment search (notebook 08): training curves, IIA per layer beside
-the random-subspace control, and the wrong-causal-model grid.
+"""Figures of distributed alignment search (notebook 08): the choice of network, training curves,
+IIA per layer beside the random-subspace control, and the wrong-causal-model grid.
 
 DAS: Geiger, Wu et al. 2023, "Finding alignments between interpretable causal variables and
 distributed neural representations". Every function takes rows from the notebook's result JSON
@@ -11,8 +11,35 @@ from __future__ import annotations
 
 import pandas as pd
 from plotnine import (aes, facet_wrap, geom_col, geom_hline, geom_line, geom_point, geom_text,
-                      geom_tile, ggplot, labs, position_dodge, scale_fill_gradient, scale_y_continuous,
-                      theme_bw)
+                      geom_tile, ggplot, labs, position_dodge, scale_color_manual,
+                      scale_fill_gradient, scale_y_continuous, theme_bw)
+
+
+def plot_network_selection(rows: list[dict], chosen: int, references: dict[str, float],
+                           title: str = "Which network") -> ggplot:
+    """``rows``: one per candidate network, with ``seed``, ``validation_iia`` and
+    ``control_iia`` (a random rotation with the same subspaces); candidates are ordered by
+    validation IIA, the ``chosen`` seed is marked, and ``references`` (label -> IIA) are drawn as
+    dashed lines (e.g. the numbers a peer reports)."""
+    df = pd.DataFrame(rows).sort_values("validation_iia").reset_index(drop=True)
+    df["rank"] = range(1, len(df) + 1)
+    df["network"] = ["chosen" if s == chosen else "other" for s in df["seed"]]
+    refs = pd.DataFrame({"label": list(references), "iia": list(references.values())})
+    # labels above their line, except the lower of two close lines, whose label goes below
+    refs["label_y"] = [v - 0.03 if any(0 < w - v < 0.04 for w in refs["iia"]) else v + 0.003
+                       for v in refs["iia"]]
+    return (ggplot(df, aes("rank", "validation_iia"))
+            + geom_point(aes(y="control_iia"), color="grey", shape="x", size=2)
+            + geom_point(aes(color="network"), size=2.5)
+            + geom_text(aes(label="seed"), size=6, va="bottom", nudge_y=0.012)
+            + geom_hline(refs, aes(yintercept="iia"), linetype="dashed", color="#b2182b")
+            + geom_text(refs, aes(x=1, y="label_y", label="label"), ha="left", va="bottom",
+                        size=7, color="#b2182b")
+            + scale_color_manual(values={"chosen": "#2171b5", "other": "black"})
+            + scale_y_continuous(limits=(0.4, 1.04))
+            + labs(x="network (ordered by validation IIA; labels: seed; x: random rotation)",
+                   y="IIA on validation counterfactuals", color="", title=title)
+            + theme_bw())
 
 
 def plot_training_curves(rows: list[dict], title: str = "DAS training") -> ggplot:
