@@ -154,12 +154,17 @@ def row_start(interventions: Sequence[Intervention], seq_len: int) -> tuple[int,
 @dataclass(frozen=True)
 class Batch:
     """One forward pass: ``rows`` (indices into the row list), all on contexts of length
-    ``length``, run from position ``start_pos`` and block ``start_layer`` (0: from the token ids)."""
+    ``length``, run from position ``start_pos`` and block ``start_layer`` (0: from the token ids).
+
+    ``entries`` (empty: every row at ``start_layer``): each row's own first block, ascending.
+    A row joins the pass at its block, from the stored residual stream, so no row runs the
+    blocks below its first patched layer (they would only recompute its clean states)."""
 
     length: int
     start_pos: int
     start_layer: int
     rows: tuple[int, ...]
+    entries: tuple[int, ...] = ()
 
 
 def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: int = 32,
@@ -171,8 +176,9 @@ def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: 
 
     Rows are grouped by context length and first patched position (exactly; a batch shares one
     key/value prefix length) and, within a group, ordered by first patched layer and cut into
-    batches of at most ``batch_size``; each batch starts at the lowest layer of its rows. Every
-    row that is not a no-op lands in exactly one batch. ``n_layers`` caps the start layer
+    batches of at most ``batch_size``; each batch starts at the lowest layer of its rows, and
+    (with ``layer_start``) each row joins it at its own first patched layer (``entries``).
+    Every row that is not a no-op lands in exactly one batch. ``n_layers`` caps the start layer
     (a row with no intervention starts at the last block).
     """
     if batch_size < 1:
@@ -194,7 +200,8 @@ def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: 
         if n_layers is not None:
             first = [min(f, n_layers - 1) for f in first]
         for lo, hi in _cuts(first, length - pos, batch_size, n_layers):
-            batches.append(Batch(length, pos, first[lo], tuple(idx[lo:hi])))
+            entries = tuple(first[lo:hi]) if layer_start and first[hi - 1] > first[lo] else ()
+            batches.append(Batch(length, pos, first[lo], tuple(idx[lo:hi]), entries))
     return batches, skipped
 
 
@@ -211,18 +218,21 @@ def _cuts(first: Sequence[int], tokens: int, batch_size: int, n_layers: int | No
     """Where to cut rows sorted by start layer into batches of at most ``batch_size``.
 
     Without ``n_layers``: consecutive chunks of ``batch_size``. With it: the cuts that minimise
-    the estimated time, ``sum over batches of (rows * tokens + LAYER_COST) * (n_layers - start
-    layer) + BATCH_COST``, by dynamic programming: a batch starting higher skips more blocks, but
-    every block a batch runs costs a fixed amount however few rows it holds."""
+    the estimated time by dynamic programming: a batch costs ``LAYER_COST`` for every block it
+    runs (from its lowest start layer), ``BATCH_COST`` once, and ``tokens`` for every block each
+    row runs from its own start layer (rows join at their layer, see :class:`Batch`)."""
     n = len(first)
     if n_layers is None:
         return [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+    row_blocks = [0]                        # prefix sums of the blocks each row runs
+    for f in first:
+        row_blocks.append(row_blocks[-1] + n_layers - f)
     best = [0.0] + [float("inf")] * n
     back = [0] * (n + 1)
     for hi in range(1, n + 1):
         for lo in range(max(0, hi - batch_size), hi):
-            cost = (best[lo] + ((hi - lo) * tokens + LAYER_COST) * (n_layers - first[lo])
-                    + BATCH_COST)
+            cost = (best[lo] + tokens * (row_blocks[hi] - row_blocks[lo])
+                    + LAYER_COST * (n_layers - first[lo]) + BATCH_COST)
             if cost < best[hi]:
                 best[hi], back[hi] = cost, lo
     cuts, hi = [], n
@@ -488,7 +498,8 @@ class Engine:
             slots[c.length][i] = seen[key][1]
         self.groups = {length: _Group(m, slots[length]) for length, m in members.items()}
         self.layer_start = layer_start and layer_start_exact(lm, self)
-        self.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0}
+        self.stats = {"forwards": 0, "rows_run": 0, "rows_noop": 0, "ref_run": 0, "ref_noop": 0,
+                      "joined": 0}  # joined: rows that joined a pass above its first block
 
     # -- clean context runs -------------------------------------------------------------------
 
@@ -526,14 +537,18 @@ class Engine:
         group.resid = [store[s] for s in resid_sites]
         group.acts = {s: store[s] for s in want}
 
-    def _prefix(self, group: _Group, slots: torch.Tensor, start: int):
-        """A fresh key/value cache of positions [0, start) for batch rows on context ``slots``."""
+    def _prefix(self, group: _Group, slots: torch.Tensor, start: int,
+                present: Sequence[int] | None = None):
+        """A fresh key/value cache of positions [0, start) for batch rows on context ``slots``;
+        ``present[l]``: how many of the rows (the first ones) block l sees (rows joining
+        later are not in the pass yet; needs the stored cache)."""
         from transformers import DynamicCache
 
         lm = self.lm
         if group.keys is not None:
-            data = [(k[slots, :, :start], v[slots, :, :start])
-                    for k, v in zip(group.keys, group.values)]
+            data = [(k[slots[:n], :, :start], v[slots[:n], :, :start])
+                    for k, v, n in zip(group.keys, group.values,
+                                       present or [len(slots)] * len(group.keys))]
             return DynamicCache(ddp_cache_data=data, config=lm.model.config)
         ids = torch.cat([self.contexts[group.members[int(s)]].input_ids for s in slots])
         merged = merge_interventions([[iv for iv in (_clip_end(iv, start) for iv in
@@ -754,9 +769,15 @@ class Engine:
         ctxs = [rows[i].context for i in batch.rows]
         slots = torch.tensor([group.slot[c] for c in ctxs], device=lm.device)
         n = len(batch.rows)
+        # rows join at their own block (stored residual stream, stored key/value prefix)
+        entries = batch.entries if batch.entries and group.keys is not None else ()
+        present = ([sum(e <= max(l, layer) for e in entries) for l in range(lm.n_layers)]
+                   if entries else None)
+        self.stats["joined"] += sum(e > layer for e in entries)
         per_row = []
-        for i, c in zip(batch.rows, ctxs):
-            kept = [x for x in (_clip(iv, p, layer) for iv in self.ctx_ivs[c]) if x is not None]
+        for k, (i, c) in enumerate(zip(batch.rows, ctxs)):
+            own = entries[k] if entries else layer
+            kept = [x for x in (_clip(iv, p, own) for iv in self.ctx_ivs[c]) if x is not None]
             per_row.append(kept + list(ivs[i]))
         merged = merge_interventions(per_row, offset=p)
         names = [f"row {i}" for i in batch.rows]
@@ -767,7 +788,7 @@ class Engine:
             ids = torch.cat([self.contexts[c].input_ids for c in ctxs]).to(lm.device)
             inputs["input_ids"] = ids[:, p:]
         if p > 0:
-            inputs["past_key_values"] = self._prefix(group, slots, p)
+            inputs["past_key_values"] = self._prefix(group, slots, p, present)
             inputs["use_cache"] = True
         else:
             inputs["use_cache"] = False
@@ -776,6 +797,8 @@ class Engine:
         with ExitStack() as stack:
             if not grad:
                 stack.enter_context(torch.no_grad())
+            if entries:  # registered first: rows join before any hook of their block runs
+                stack.enter_context(_join_hooks(lm, group, slots, p, entries))
             stack.enter_context(_ops_hooks(lm, merged, self.check_finite, names))
             if capture:
                 stack.enter_context(_capture_hooks(lm, readout.sites, store, detach=not grad,
@@ -798,6 +821,58 @@ class Engine:
                 result[s] = _positions(got, readout.positions)
             return result
         return _read(out.logits[:, -1], readout)
+
+
+@contextmanager
+def _join_hooks(lm, group: _Group, slots: torch.Tensor, start_pos: int,
+                entries: Sequence[int]):
+    """Rows of a batch join the pass at their own block: before block ``entries[0]`` the pass
+    keeps only the rows that start there; before each later block it appends the rows that
+    start at it, with their stored residual stream entering that block. Every block until all
+    rows are in gets the batch's per-row inputs (attention mask, position embeddings) cut to
+    the rows present."""
+    blocks = lm.spec.blocks(lm.model)
+    total = len(entries)
+    joining = set(entries)
+
+    def cut(x, n):
+        if isinstance(x, torch.Tensor):
+            return x[:n] if x.dim() >= 2 and x.shape[0] == total else x
+        if isinstance(x, tuple):
+            return tuple(cut(v, n) for v in x)
+        if isinstance(x, list):
+            return [cut(v, n) for v in x]
+        if isinstance(x, dict):
+            return {k: cut(v, n) for k, v in x.items()}
+        return x
+
+    handles = []
+
+    def make(layer, first):
+        n = sum(x <= layer for x in entries)
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            have = hidden.shape[0]
+            if first:
+                hidden = hidden[:n]
+            elif layer in joining:
+                hidden = torch.cat(
+                    [hidden, group.resid[layer][slots[have:n], start_pos:].to(hidden.dtype)])
+            args = (hidden, *(cut(a, n) for a in args[1:])) if args else args
+            kwargs = {k: (hidden if k == "hidden_states" and not args else cut(v, n))
+                      for k, v in kwargs.items()}
+            return args, kwargs
+        return hook
+
+    try:
+        for layer in range(entries[0], entries[-1] + 1):
+            handles.append(blocks[layer].register_forward_pre_hook(
+                make(layer, layer == entries[0]), with_kwargs=True, prepend=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _read(logits: torch.Tensor, readout) -> torch.Tensor:

@@ -385,7 +385,7 @@ def byte_tokenizer():
                                    pad_token="<pad>")
 
 
-def _build_tiny(name: str, seed: int):
+def _build_tiny(name: str, seed: int, n_layers: int = 2):
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
                               LlamaConfig, LlamaForCausalLM)
 
@@ -395,17 +395,17 @@ def _build_tiny(name: str, seed: int):
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if flavour == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                              num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256, **common)
         model = LlamaForCausalLM(config)
     elif flavour == "gemma3":
-        config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=256, sliding_window=8, **common)
         model = Gemma3ForCausalLM(config)
     elif flavour == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+        config = GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, **common)
         model = GPT2LMHeadModel(config)
     else:
         raise ModelNotFoundError(f"unknown tiny model {name!r}; use one of {TINY_MODELS}")

@@ -45,6 +45,18 @@ def test_plan_groups_by_length_and_position_orders_by_layer_and_covers_every_row
     assert pos3[1].start_layer == 5
 
 
+def test_plan_lets_each_row_join_at_its_own_layer():
+    starts = [(3, l) for l in (4, 0, 2, 2, 7)]
+    batches, _ = plan(starts, [5] * 5, batch_size=8, n_layers=8)
+    assert batches == [Batch(5, 3, 0, (1, 2, 3, 0, 4), (0, 2, 2, 4, 7))]
+    # one start layer: nothing joins later, no entries
+    batches, _ = plan([(3, 2), (3, 2)], [5, 5], batch_size=8, n_layers=8)
+    assert batches == [Batch(5, 3, 2, (0, 1))]
+    # without layer start every row runs from block 0
+    batches, _ = plan(starts, [5] * 5, batch_size=8, layer_start=False, n_layers=8)
+    assert batches == [Batch(5, 3, 0, (1, 2, 3, 0, 4))]
+
+
 def test_plan_switches():
     starts = [(3, 5), (1, 2)]
     batches, _ = plan(starts, [5, 5], batch_size=8, prefix=False, layer_start=False)
@@ -157,6 +169,64 @@ def test_engine_equals_naive_on_every_studys_rows(study, prefix, layer_start):
     # every row ran exactly once or was a no-op, and nothing was left hooked
     assert engine.stats["rows_run"] + engine.stats["rows_noop"] == len(rows)
     assert count_hooks(lm.model) == 0
+
+
+def test_rows_joining_a_pass_at_their_own_block_equal_naive(tiny):
+    """One batch whose rows start at different blocks (each joins at its own, from the stored
+    residual stream and key/value prefix), on a prompt short enough for Gemma 3's sliding
+    window to keep every key: with context noise, several site kinds and a capture readout."""
+    base, source = tiny.tokenize("ab cd"), tiny.tokenize("ab ce")
+    T = base.shape[1]
+    assert T == source.shape[1] and T <= 8
+    gen = torch.Generator().manual_seed(1)
+    noise = Intervention("embed", positions=(1,), kind="add",
+                         value=torch.randn(1, 1, tiny.d_model, generator=gen))
+    contexts = [Context(base), Context(source), Context(base, [noise])]
+    rows = []
+    for ctx in (0, 2):
+        for layer in range(tiny.n_layers):
+            for kind in ("resid_pre", "attn_out", "mlp_out", "resid_post"):
+                site = f"blocks.{layer}.{kind}"
+                rows.append(Row(ctx, [Intervention(site, positions=(T - 2, T - 1),
+                                                   value=Ref(1, site))]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = Engine(tiny, contexts, batch_size=64)
+    got = engine.run(rows)
+    assert float((got - run_naive(tiny, contexts, rows)).abs().max()) <= 1e-5
+    assert (engine.stats["joined"] > 0) == engine.layer_start
+    site = f"blocks.{tiny.n_layers - 1}.resid_post"
+    cap = engine.run(rows, Capture((site,)))[site]
+    ref = run_naive(tiny, contexts, rows, Capture((site,)))[site]
+    assert float((cap - ref).abs().max()) <= 1e-5
+    assert count_hooks(tiny.model) == 0
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_rows_joining_several_blocks_up_equal_naive(arch):
+    """A deeper tiny model (6 blocks), so that rows join a pass several blocks above its first
+    and blocks in between see only the rows already in (their masks cut to match): causal
+    tracing's noisy contexts, restorations at every block and token after the subject."""
+    from lib import models
+
+    torch.manual_seed(0)
+    model, tokenizer, source = models._build_tiny(arch, 0, n_layers=6)
+    lm = models._describe(arch, model.eval().requires_grad_(False), tokenizer,
+                          torch.device("cpu"), torch.float32, source)
+    base = lm.tokenize("ab cd")
+    T = base.shape[1]
+    gen = torch.Generator().manual_seed(2)
+    contexts = [Context(base)] + [
+        Context(base, [Intervention("embed", positions=(0, 1), kind="add",
+                                    value=torch.randn(1, 2, lm.d_model, generator=gen))])
+        for _ in range(2)]
+    rows = [Row(ctx, [Intervention(f"blocks.{layer}.resid_pre", positions=(tok,),
+                                   value=Ref(0, f"blocks.{layer}.resid_pre"))])
+            for ctx in (1, 2) for layer in (0, 3, 5) for tok in range(1, T)]
+    engine = Engine(lm, contexts, batch_size=64)
+    got = engine.run(rows)
+    assert engine.layer_start and engine.stats["joined"] > 0
+    assert float((got - run_naive(lm, contexts, rows)).abs().max()) <= 1e-5
 
 
 def test_results_come_back_in_row_order(study):
