@@ -435,3 +435,22 @@ def test_assign_token_sets_base_exchanges_the_lists_and_measures_agreement():
         ds.assign_token_sets(unit, "dlogp", "target")
     with pytest.raises(ValueError, match="SCORE"):
         ds.assign_token_sets(unit, "rank")
+
+
+def test_row_metrics_equal_their_definitions():
+    """KL(base || row) and token-set masses from one log-sum-exp per row equal the textbook
+    formulas on full float64 softmaxes, also for peaked and far-apart logits."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 8.0, 30.0]).repeat(24)[:70, None]
+    logits = torch.randn(70, 500, generator=gen) * scale
+    logits[5, 7] += 60.0
+    ids_a, ids_b = torch.tensor([1, 7, 30]), torch.tensor([2, 499])
+    got = ds._row_metrics(logits, ids_a, ids_b, keep_probs=True, chunk=16)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    p = logp.exp()
+    kl = (p[0] * (logp[0] - logp)).sum(-1)
+    assert torch.allclose(got["kl"], kl, rtol=0, atol=1e-12)
+    assert float(got["kl"].min()) >= -1e-12 and float(got["kl"][0]) == pytest.approx(0, abs=1e-12)
+    assert torch.allclose(got["mass_a"], p[:, ids_a].sum(-1), rtol=0, atol=1e-12)
+    assert torch.allclose(got["mass_b"], p[:, ids_b].sum(-1), rtol=0, atol=1e-12)
+    assert torch.allclose(got["probs"], p, rtol=0, atol=1e-12)
