@@ -798,7 +798,7 @@ class Engine:
             if not grad:
                 stack.enter_context(torch.no_grad())
             if entries:  # registered first: rows join before any hook of their block runs
-                stack.enter_context(_join_hooks(lm, group, slots, p, entries))
+                stack.enter_context(_join_hooks(lm, group, slots, p, entries, present))
             stack.enter_context(_ops_hooks(lm, merged, self.check_finite, names))
             if capture:
                 stack.enter_context(_capture_hooks(lm, readout.sites, store, detach=not grad,
@@ -825,12 +825,12 @@ class Engine:
 
 @contextmanager
 def _join_hooks(lm, group: _Group, slots: torch.Tensor, start_pos: int,
-                entries: Sequence[int]):
+                entries: Sequence[int], present: Sequence[int]):
     """Rows of a batch join the pass at their own block: before block ``entries[0]`` the pass
     keeps only the rows that start there; before each later block it appends the rows that
     start at it, with their stored residual stream entering that block. Every block until all
     rows are in gets the batch's per-row inputs (attention mask, position embeddings) cut to
-    the rows present."""
+    the rows present (``present[l]``, the first ones)."""
     blocks = lm.spec.blocks(lm.model)
     total = len(entries)
     joining = set(entries)
@@ -849,7 +849,7 @@ def _join_hooks(lm, group: _Group, slots: torch.Tensor, start_pos: int,
     handles = []
 
     def make(layer, first):
-        n = sum(x <= layer for x in entries)
+        n = present[layer]
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
