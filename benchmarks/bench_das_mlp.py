@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from lib import das, das_mlp, paths
 from lib.causal_model import hierarchical_equality
-from lib.io import atomic_write_text, dumps
+from lib.io import atomic_write_text, dumps, read_json
 
 
 def main(argv=None) -> int:
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     net_seed = args.network_seed
     if net_seed is None:
         chosen = paths.FULL_COMPUTE / "das_mlp" / "equality.json"
-        net_seed = (json.loads(chosen.read_text())["mlp"].get("seed", args.seed)
-                    if chosen.exists() else args.seed)
+        net_seed = read_json(chosen)["mlp"].get("seed", args.seed) if chosen.exists() else args.seed
     # the notebook's network (same key, so the cached file is reused)
     spec = (model, 1048576, 10000, 3, 1024, 1e-3, net_seed)
     net, info = das_mlp.task_network(*spec)
