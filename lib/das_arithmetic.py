@@ -10,12 +10,12 @@ Why it is cheap: the language model is frozen, so nothing below the intervened l
 while a rotation trains. The residual stream after block l of all 1,000 prompts is computed
 once by :mod:`lib.engine` (:func:`residual_states`: rows without interventions get the
 contexts' stored clean activations) and kept; a training example is a pair of arrangement
-indices (base, source) into that table. :func:`run_from` is the per-layer suffix runner: it
-feeds the intervened residual stream into the model as ``inputs_embeds`` with blocks 0..l
-passed through (``lib.engine.skip_blocks``, the engine's own mid-stack start, exact where
-``lib.engine.layer_start_exact`` says so: Llama and Gemma 3, not GPT-2). It runs whole
-prompts from position 0 (all positions are intervened), so no key/value cache is involved:
-only :mod:`lib.engine` uses caches.
+indices (base, source) into that table. :func:`run_from` runs the blocks above l on the
+intervened residual stream (:func:`lib.engine.run_stream`: ``inputs_embeds`` with blocks 0..l
+passed through, the engine's own mid-stack start, exact where
+``lib.engine.layer_start_exact`` says so: Llama and Gemma 3, not GPT-2). Training runs whole
+prompts from position 0 (all positions are intervened); the pairwise graphs share the first
+positions of runs whose prompts agree there through the engine's key/value prefix.
 
 Sites: ``positions=None`` applies one rotation at every position (the thesis' shared
 rotation); a tuple of positions applies it there only (per-position sites).
@@ -31,7 +31,8 @@ from torch import nn
 
 from lib import arithmetic as ar
 from lib import das
-from lib.engine import Capture, Context, Engine, Row, layer_start_exact, skip_blocks
+from lib.engine import (Capture, Context, Engine, Row, layer_start_exact, prefix_limit,
+                        run_stream)
 from lib.stats import bootstrap_ci
 
 
@@ -140,10 +141,7 @@ class LazyStates(Mapping):
 def run_from(lm, layer: int, h: torch.Tensor) -> torch.Tensor:
     """Last-position output (class scores of the tuned model) of blocks ``layer+1..`` run on
     ``h``, the residual stream after block ``layer`` (n, T, d); differentiable in ``h``."""
-    with skip_blocks(lm, layer + 1):
-        out = lm.model(inputs_embeds=h, use_cache=False,
-                       logits_to_keep=torch.tensor([h.shape[1] - 1], device=h.device))
-    return out.logits[:, -1].float()
+    return run_stream(lm, layer, h)
 
 
 def head_at(lm, layer: int):
@@ -216,9 +214,84 @@ def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict)
 
 # --- pairwise-IIA graphs (thesis: construct_graph.py) ---------------------------------------
 
+def shared_prefix_split(groups: Sequence[torch.Tensor], base: torch.Tensor,
+                        source: torch.Tensor, limit: int | None = None
+                        ) -> tuple[int, torch.Tensor]:
+    """Where to split the counterfactual runs (base, source) of a graph into a part shared
+    between runs and a part of their own. ``groups[s]`` labels each arrangement by its
+    stored residual stream at positions ``[0, s)`` (equal labels: bitwise equal states), so
+    for a position-wise intervention the intervened stream at those positions, and with it
+    every block's keys and values there, is the same for all runs whose base and source
+    carry the same labels. Returns ``(s, shared)``: ``shared[i]`` numbers run i's pair of
+    labels, and ``s`` minimises the positions run through the blocks (each distinct pair's
+    ``s`` once, plus each run's ``T - s``), ``s <= limit``; ``s = 0`` shares nothing."""
+    n_runs, length = len(base), len(groups)
+    best = (n_runs * length, 0, torch.arange(n_runs))
+    for s in range(1, length if limit is None else min(length, limit + 1)):
+        code = groups[s][base] * (int(groups[s].max()) + 1) + groups[s][source]
+        _, shared = torch.unique(code, return_inverse=True)
+        cost = (int(shared.max()) + 1) * s + n_runs * (length - s)
+        if cost < best[0]:
+            best = (cost, s, shared)
+    return best[1], best[2]
+
+
 @torch.no_grad()
+def pair_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
+                     pool: Sequence[int] | None = None, batch_size: int = 1000,
+                     progress: bool = False) -> torch.Tensor:
+    """The predicted class of every counterfactual run (base ``pool[a]``, source ``pool[b]``,
+    a != b) of ``module`` at ``blocks.layer.resid_post``: an (n, n) tensor, -1 on the
+    diagonal (``pool`` default: all 1,000 arrangements in itertools.product order).
+
+    Shared work is done once: ``module`` acts position by position (a rotation shared over
+    positions, or at some positions only), and the residual stream at the first positions of
+    a prompt depends only on its first tokens, so runs whose base and source agree there
+    (``10+03+0`` of ``10+03+07=`` and ``10+03+09=``) share those positions' keys and values
+    in every block above ``layer``; they are computed once per distinct pair of prefixes and
+    each run continues from them (:func:`shared_prefix_split`, :func:`lib.engine.run_stream`).
+    On the padded prompts of all 1,000 arrangements that is 40,000 prefixes of 7 positions and
+    two positions per run instead of nine.
+    """
+    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
+        torch.as_tensor(list(pool), dtype=torch.long)
+    n = len(pool_t)
+    check_layer_start(lm)
+    _check_layer(lm, layer)
+    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    off = rows_a != rows_b
+    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
+    pooled = states[pool_t.to(states.device)]
+    groups = [torch.zeros(n, dtype=torch.long)] + [
+        torch.unique(pooled[:, :s].reshape(n, -1), dim=0, return_inverse=True)[1].cpu()
+        for s in range(1, pooled.shape[1])]
+    split, shared = shared_prefix_split(groups, a_idx, b_idx, prefix_limit(lm))
+    order = torch.argsort(shared, stable=True)             # runs of one prefix pair together
+    a_idx, b_idx, shared = a_idx[order], b_idx[order], shared[order]
+    predicted = torch.full((n, n), -1, dtype=torch.long)
+    dev = states.device
+    it = range(0, len(a_idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"pairs, layer {layer}", unit="batch")
+    for start in it:
+        a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
+        ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
+        h = module(pooled[a.to(dev)], [pooled[b.to(dev)]], ones)
+        if split == 0:
+            logits = run_stream(lm, layer, h)
+        else:   # each distinct prefix pair of the batch once, then every run from there
+            _, local, counts = torch.unique_consecutive(    # sorted: each pair's runs adjoin
+                shared[start:start + batch_size], return_inverse=True, return_counts=True)
+            first = torch.cumsum(counts, 0) - counts
+            _, kept = run_stream(lm, layer, h[first, :split], keep_prefix=True)
+            logits = run_stream(lm, layer, h[:, split:], kept, local)
+        predicted[a, b] = logits.argmax(-1).cpu()
+    return predicted
+
+
 def pairwise_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, model,
-                 pool: Sequence[int] | None = None, batch_size: int = 500,
+                 pool: Sequence[int] | None = None, batch_size: int = 1000,
                  progress: bool = False) -> torch.Tensor:
     """The thesis' pairwise-IIA graph of causal model ``model`` for a trained ``module``:
     ``W[a, b]`` (a, b indices into ``pool``, default all 1,000 arrangements in
@@ -226,36 +299,31 @@ def pairwise_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, model,
     ``pool[b]``) and (base ``pool[b]``, source ``pool[a]``), so W is symmetric with values in
     {0, 0.5, 1} and a zero diagonal.
 
-    Every ordered pair is evaluated once and written at its own (row, column): the thesis'
-    version that produced its 36 committed graphs looped ``j`` over ``arrangements[i+1:]`` and
-    wrote to column ``j`` instead of ``i + 1 + j`` (methods.md 1.6), so only cells with
-    i + j < 999 were filled, with the wrong pairs. For all 1,000 arrangements that is
-    999,000 counterfactual runs of the blocks above ``layer``.
+    Every ordered pair is evaluated once (:func:`pair_predictions`) and written at its own
+    (row, column): the thesis' version that produced its 36 committed graphs looped ``j`` over
+    ``arrangements[i+1:]`` and wrote to column ``j`` instead of ``i + 1 + j`` (methods.md 1.6),
+    so only cells with i + j < 999 were filled, with the wrong pairs. For all 1,000
+    arrangements that is 999,000 counterfactual runs of the blocks above ``layer``.
     """
-    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
-        torch.as_tensor(list(pool), dtype=torch.long)
-    n = len(pool_t)
-    head = head_at(lm, layer)
+    predicted = pair_predictions(lm, layer, module, states, pool, batch_size, progress)
+    return graph_weights(predicted, model, pool)
+
+
+def graph_weights(predicted: torch.Tensor, model, pool: Sequence[int] | None = None
+                  ) -> torch.Tensor:
+    """Pairwise-IIA weights from :func:`pair_predictions`: each ordered pair's prediction
+    against ``model``'s counterfactual label (P from the source), averaged over both
+    directions."""
+    n = len(predicted)
+    pool_t = torch.arange(n) if pool is None else torch.as_tensor(list(pool), dtype=torch.long)
     xyz = ar.arrangement_tensor()
-    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-    off = rows_a != rows_b
-    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
-    correct = torch.zeros(n, n)
-    it = range(0, len(a_idx), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"pairs, layer {layer}", unit="batch")
-    for start in it:
-        a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
-        base, source = pool_t[a], pool_t[b]
-        bx, sx = xyz[base], xyz[source]
-        out = model.run_interchange({"X": bx[:, 0], "Y": bx[:, 1], "Z": bx[:, 2]},
-                                    {"P": {"X": sx[:, 0], "Y": sx[:, 1], "Z": sx[:, 2]}})
-        labels = model.label(out[model.outputs[0]])
-        dev = states.device
-        ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
-        logits = head(module(states[base.to(dev)], [states[source.to(dev)]], ones))
-        correct[a, b] = (logits.argmax(-1).cpu() == labels).float()
+    bx = xyz[pool_t][:, None].expand(n, n, 3).reshape(-1, 3)    # base: the row
+    sx = xyz[pool_t][None, :].expand(n, n, 3).reshape(-1, 3)    # source: the column
+    out = model.run_interchange({"X": bx[:, 0], "Y": bx[:, 1], "Z": bx[:, 2]},
+                                {"P": {"X": sx[:, 0], "Y": sx[:, 1], "Z": sx[:, 2]}})
+    labels = model.label(out[model.outputs[0]]).reshape(n, n)
+    correct = (predicted == labels).float()
+    correct.fill_diagonal_(0)
     return (correct + correct.T) / 2
 
 

@@ -184,3 +184,82 @@ def test_graph_intervals_resample_nodes_without_self_pairs():
     low, high = got["mean_weight_ci"]
     assert low < mean < high and high - low > 0.02
     assert got["fraction_weight1_ci"] == got["mean_weight_ci"]  # weights are 0 or 1 only
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_stream_continues_from_a_shared_prefix(arch):
+    """lib.engine.run_stream: blocks above layer l run on a prefix once (keys and values kept)
+    and then on the later positions of several runs continuing it (rows mapping runs to
+    prefixes) equal one run of the whole stream, at every layer of a 6-block model; a prefix
+    longer than a sliding window keeps whole is refused."""
+    from lib import engine, models
+
+    torch.manual_seed(0)
+    model, tokenizer, source = models._build_tiny(arch, 0, n_layers=6)
+    lm = models._describe(arch, model.eval().requires_grad_(False), tokenizer,
+                          torch.device("cpu"), torch.float32, source)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 7, lm.d_model, generator=gen)
+    h[2:, :5] = h[:2, :5]            # runs 2, 3 share their first 5 positions with runs 0, 1
+    rows = torch.tensor([0, 1, 0, 1])
+    for layer in range(lm.n_layers):
+        whole = engine.run_stream(lm, layer, h)
+        _, kept = engine.run_stream(lm, layer, h[:2, :5], keep_prefix=True)
+        assert kept.length == 5 and len(kept.keys) == lm.n_layers - 1 - layer
+        got = engine.run_stream(lm, layer, h[:, 5:], kept, rows)
+        assert torch.allclose(got, whole, atol=1e-5), layer
+        # a prefix continued in two steps (positions 0-2, then 3-4) is the same prefix
+        _, first = engine.run_stream(lm, layer, h[:2, :3], keep_prefix=True)
+        _, both = engine.run_stream(lm, layer, h[:2, 3:5], first, keep_prefix=True)
+        assert torch.allclose(engine.run_stream(lm, layer, h[:, 5:], both, rows), whole,
+                              atol=1e-5)
+    limit = engine.prefix_limit(lm)
+    if limit is not None:
+        assert arch == "tiny-random-gemma3"
+        long = torch.randn(1, limit + 1, lm.d_model, generator=gen)
+        with pytest.raises(ValueError, match="longer than the key/value cache keeps whole"):
+            engine.run_stream(lm, 0, long, keep_prefix=True)
+
+
+def test_shared_prefix_split_of_the_full_graph():
+    """On the padded prompts of all 1,000 arrangements (labels from token prefixes, as the
+    stored states give them), the split that runs fewest positions keeps everything before
+    Z's last digit shared: 40,000 prefix pairs (less the 100 (u, u) pairs of a prefix only
+    one arrangement has, Z = 10) and two positions of their own per run."""
+    from lib.models import load_model
+
+    tokens = ar.task_tokens(load_model("tiny-random-llama").tokenizer, "padded")
+    ids = tokens.input_ids
+    n = len(ids)
+    groups = [torch.unique(ids[:, :s], dim=0, return_inverse=True)[1] if s else
+              torch.zeros(n, dtype=torch.long) for s in range(ids.shape[1])]
+    a, b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    off = a != b
+    split, shared = da.shared_prefix_split(groups, a[off], b[off])
+    assert split == ids.shape[1] - 2 and int(shared.max()) + 1 == 39_900
+    for k in torch.randint(0, len(shared), (200,), generator=torch.Generator().manual_seed(0)):
+        same = shared == shared[k]   # one label pair: base and source prefixes agree
+        assert torch.all(ids[a[off][same], :split] == ids[a[off][k], :split])
+        assert torch.all(ids[b[off][same], :split] == ids[b[off][k], :split])
+    split, _ = da.shared_prefix_split(groups, a[off], b[off], limit=4)
+    assert split <= 4
+
+
+def test_pair_predictions_with_shared_prefixes_equal_one_run_per_pair(tuned, monkeypatch):
+    """Arrangements 0-59 (X = 1, Y = 1..6) share long prefixes; every ordered pair's
+    prediction computed with the shared part once equals the one of a whole run per pair."""
+    lm, tokens = tuned
+    states = da.residual_states(lm, tokens, [0])[0]
+    pool = list(range(60))
+    module = da.AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, 8, seed=2))
+    calls = []
+    real_split = da.shared_prefix_split
+    monkeypatch.setattr(da, "shared_prefix_split",
+                        lambda *a, **k: calls.append(real_split(*a, **k)) or calls[-1])
+    shared = da.pair_predictions(lm, 0, module, states, pool, batch_size=128)
+    assert calls[0][0] >= 5                               # a real split was used
+    monkeypatch.setattr(da, "shared_prefix_split",
+                        lambda g, a, b, limit=None: (0, torch.arange(len(a))))
+    whole = da.pair_predictions(lm, 0, module, states, pool, batch_size=128)
+    assert torch.equal(shared, whole)
+    assert torch.all(whole.diagonal() == -1) and len(whole.unique()) > 3
