@@ -365,6 +365,24 @@ class _PassThrough(torch.nn.Module):
         return hidden_states
 
 
+def _kv_cache(lm, data):
+    """A key/value cache holding ``data`` (keys, values per block) as given. The cache's own
+    constructor concatenates each block's tensors onto an empty one, a copy of the whole
+    prefix per batch; the first forward step concatenates anyway, so here nothing is copied
+    (an expanded view of one context's prefix stays a view)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    if len(cache.layers) != len(data):
+        return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+    for layer, (keys, values) in zip(cache.layers, data):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        if hasattr(layer, "cumulative_length"):   # sliding-window layers count positions
+            layer.cumulative_length = keys.shape[-2]
+    return cache
+
+
 class _Stop(Exception):
     """Raised by a hook once every captured site has been recorded: the rest is not needed."""
 
@@ -542,14 +560,18 @@ class Engine:
         """A fresh key/value cache of positions [0, start) for batch rows on context ``slots``;
         ``present[l]``: how many of the rows (the first ones) block l sees (rows joining
         later are not in the pass yet; needs the stored cache)."""
-        from transformers import DynamicCache
-
         lm = self.lm
         if group.keys is not None:
-            data = [(k[slots[:n], :, :start], v[slots[:n], :, :start])
-                    for k, v, n in zip(group.keys, group.values,
-                                       present or [len(slots)] * len(group.keys))]
-            return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+            counts = present or [len(slots)] * len(group.keys)
+            if bool((slots == slots[0]).all()):   # one context: a view, nothing copied
+                one = int(slots[0])
+                data = [(k[one:one + 1, :, :start].expand(n, -1, -1, -1),
+                         v[one:one + 1, :, :start].expand(n, -1, -1, -1))
+                        for k, v, n in zip(group.keys, group.values, counts)]
+            else:
+                data = [(k[slots[:n], :, :start], v[slots[:n], :, :start])
+                        for k, v, n in zip(group.keys, group.values, counts)]
+            return _kv_cache(lm, data)
         ids = torch.cat([self.contexts[group.members[int(s)]].input_ids for s in slots])
         merged = merge_interventions([[iv for iv in (_clip_end(iv, start) for iv in
                                                      self.ctx_ivs[group.members[int(s)]])
@@ -687,18 +709,24 @@ class Engine:
         return [_full_positions(iv, length) for iv in row.interventions]
 
     def _noop_flags(self, rows: list[Row], ivs: list[list[Intervention]],
-                    grad: bool) -> list[bool]:
+                    grad: bool, known: Sequence[bool] | None = None) -> list[bool]:
+        """Whether each row changes nothing, checked bit for bit on the stored activations;
+        rows ``known`` to be no-ops already are not checked again."""
         if not self.skip_noops or grad:
             return [False] * len(rows)
+        known = known or [False] * len(rows)
         flags = []
         need = defaultdict(set)
-        for row, row_ivs in zip(rows, ivs):
-            if row_ivs and all(iv.kind != "function" for iv in row_ivs):
+        for row, row_ivs, done in zip(rows, ivs, known):
+            if not done and row_ivs and all(iv.kind != "function" for iv in row_ivs):
                 for iv in row_ivs:
                     need[self.contexts[row.context].length].add(iv.site)
         for length, sites in need.items():
             self._ensure(self.groups[length], sorted(sites))
-        for row, row_ivs in zip(rows, ivs):
+        for row, row_ivs, done in zip(rows, ivs, known):
+            if done:
+                flags.append(True)
+                continue
             if not row_ivs:
                 flags.append(True)
                 continue
@@ -728,9 +756,9 @@ class Engine:
             # before the first patched one are the context's own and come from its store)
             low = min(max(0, site_layer(s)) for s in readout.sites)
             starts = [(p, min(l, low)) for p, l in starts]
-        noop = self._noop_flags(rows, ivs, grad)
+        hints = list(noop_hint or [False] * n)
+        noop = self._noop_flags(rows, ivs, grad, hints)
         if self.skip_noops and not grad:
-            hints = noop_hint or [False] * n
             noop = [a or b or (not isinstance(readout, Capture) and self._unread(v, length))
                     for a, b, v, length in zip(noop, hints, ivs, lengths)]
         for length in set(lengths):
@@ -945,14 +973,12 @@ class StreamPrefix:
         """A fresh key/value cache for batch rows continuing prompts ``rows``. The blocks at
         or below ``layer`` are passed through and never read theirs: they get a zero-sized
         placeholder of the right length, so the model counts the positions correctly."""
-        from transformers import DynamicCache
-
         n_skip = self.layer + 1
-        hold = torch.zeros(len(rows), 1, self.length, 1, dtype=self.keys[0].dtype
-                           if self.keys else lm.dtype, device=lm.device)
+        hold = torch.zeros(1, 1, self.length, 1, dtype=self.keys[0].dtype if self.keys
+                           else lm.dtype, device=lm.device).expand(len(rows), -1, -1, -1)
         data = [(hold, hold)] * n_skip + [(k[rows], v[rows])
                                           for k, v in zip(self.keys, self.values)]
-        return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+        return _kv_cache(lm, data)
 
 
 def prefix_limit(lm) -> int | None:
