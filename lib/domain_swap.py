@@ -181,35 +181,62 @@ def _ids_tensor(ids: Sequence[int] | None, device) -> torch.Tensor | None:
     return torch.as_tensor(list(ids), dtype=torch.long, device=device)
 
 
+def _token_stats(logits: torch.Tensor, p_clean: torch.Tensor, ids_a, ids_b,
+                 chunk: int = 64) -> torch.Tensor:
+    """What the metrics need of each row's last-position logits ``z`` (rows, vocab), in
+    float64: ``[lse(z), z . p_c for every clean distribution c of p_clean (contexts, vocab),
+    z at A's token set, z at B's]``, a few numbers per row instead of the vocabulary.
+
+    An engine readout (:mod:`lib.engine` applies it to each batch as it comes), so only these
+    numbers are kept and stacked, not every row's logits."""
+    out = []
+    for lo in range(0, logits.shape[0], chunk):
+        z = logits[lo:lo + chunk].double()
+        parts = [None, z @ p_clean.T]
+        if ids_a is not None:
+            parts += [z[:, ids_a], z[:, ids_b]]
+        top = z.amax(dim=-1, keepdim=True)   # log-sum-exp in place on the float64 copy
+        parts[0] = z.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
+        out.append(torch.cat(parts, dim=1))
+    return torch.cat(out)
+
+
+def _stats_metrics(stats: torch.Tensor, context: int, neg_entropy: torch.Tensor,
+                   n_contexts: int, n_a: int) -> dict:
+    """KL(clean context ``context`` || row) and the token-set masses per row from
+    :func:`_token_stats`. With ``z`` a row's logits and ``lse`` their log-sum-exp, ``log p =
+    z - lse``, so ``KL(clean || row) = sum_t p_clean log p_clean - p_clean . z + lse`` (the
+    clean probabilities sum to 1) and a mass is ``sum over the set of exp(z - lse)``."""
+    lse = stats[:, 0]
+    out = {"kl": neg_entropy[context] - stats[:, 1 + context] + lse}
+    if stats.shape[1] > 1 + n_contexts:
+        at = stats[:, 1 + n_contexts:]
+        out["mass_a"] = (at[:, :n_a] - lse[:, None]).exp().sum(-1)
+        out["mass_b"] = (at[:, n_a:] - lse[:, None]).exp().sum(-1)
+    return out
+
+
+def _clean_distributions(clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, sum_t p log p) per row of clean logits (contexts, vocab), float64."""
+    logp = torch.log_softmax(clean.double(), dim=-1)
+    p = logp.exp()
+    return p, (p * logp).sum(-1)
+
+
 def _row_metrics(logits: torch.Tensor, ids_a, ids_b, keep_probs: bool = False,
                  chunk: int = 64) -> dict:
     """KL(row 0 || row r), token-set masses per row (and, with ``keep_probs``, the float64
-    probabilities) from last-position logits (rows, vocab). Computed in float64, in chunks of
-    rows, so a KL is never negative by more than float64 round-off.
-
-    With ``z_r`` row r's logits and ``lse_r`` their log-sum-exp, ``log p_r = z_r - lse_r``, so
-    ``KL(base || r) = sum_t p_base log p_base - p_base . z_r + lse_r`` (the base probabilities
-    sum to 1) and a mass is ``sum over the set of exp(z_r - lse_r)``: one log-sum-exp and one
-    matrix-vector product per row, no full-vocabulary probabilities (unless ``keep_probs``)."""
-    base = torch.log_softmax(logits[0].double(), dim=-1)
-    p_base = base.exp()
-    neg_entropy = float((p_base * base).sum())
-    kl, mass_a, mass_b, probs = [], [], [], []
-    for lo in range(0, logits.shape[0], chunk):
-        z = logits[lo:lo + chunk].double()
-        lse = torch.logsumexp(z, dim=-1)
-        kl.append(neg_entropy - z @ p_base + lse)
-        if ids_a is not None:
-            mass_a.append((z[:, ids_a] - lse[:, None]).exp().sum(-1))
-            mass_b.append((z[:, ids_b] - lse[:, None]).exp().sum(-1))
-        if keep_probs:
-            probs.append((z - lse[:, None]).exp())
-    out = {"kl": torch.cat(kl)}
-    if ids_a is not None:
-        out["mass_a"] = torch.cat(mass_a)
-        out["mass_b"] = torch.cat(mass_b)
+    probabilities) from last-position logits (rows, vocab): :func:`_token_stats` and
+    :func:`_stats_metrics` with row 0 as the clean distribution. Computed in float64, in
+    chunks of rows, so a KL is never negative by more than float64 round-off; no
+    full-vocabulary probabilities unless ``keep_probs``."""
+    p_clean, neg_entropy = _clean_distributions(logits[:1])
+    stats = _token_stats(logits, p_clean, ids_a, ids_b, chunk)
+    out = _stats_metrics(stats, 0, neg_entropy, 1, 0 if ids_a is None else len(ids_a))
     if keep_probs:
-        out["probs"] = torch.cat(probs)
+        out["probs"] = torch.cat([(logits[lo:lo + chunk].double() -
+                                   stats[lo:lo + chunk, :1]).exp()
+                                  for lo in range(0, logits.shape[0], chunk)])
     return out
 
 
@@ -340,16 +367,32 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                             value=(alpha * vectors[c][side]).view(1, 1, -1))]))
                 spans.append((i, side, base_ctx, len(rows), len(side_rows), inj_rows))
                 rows += side_rows
-        if naive:
-            logits_all = run_naive(lm, contexts, rows)
-            clean = run_naive(lm, contexts, [Row(c) for c in range(len(contexts))])
-        else:
-            engine = Engine(lm, contexts, batch_size=batch_size)
-            logits_all = engine.run(rows)
-            clean = torch.stack([engine.clean_readout(c) for c in range(len(contexts))])
+        engine = None if naive else Engine(lm, contexts, batch_size=batch_size)
+        clean_of: dict = {}
+
+        def clean_distributions():
+            # asked for once the rows' references are resolved: asking the engine for clean
+            # readouts first would run the contexts again for the referenced sites
+            if not clean_of:
+                clean_of["logits"] = (
+                    run_naive(lm, contexts, [Row(c) for c in range(len(contexts))]) if naive
+                    else torch.stack([engine.clean_readout(c) for c in range(len(contexts))]))
+                clean_of["p"], clean_of["neg_entropy"] = _clean_distributions(clean_of["logits"])
+            return clean_of
+
+        def stats_of(logits):
+            return _token_stats(logits, clean_distributions()["p"], ids_a, ids_b)
+
+        # the whole-vocabulary sums need every row's logits; the metrics alone do not
+        readout = None if accumulate_dprob else stats_of
+        out_all = run_naive(lm, contexts, rows, readout) if naive else engine.run(rows, readout)
+        stats_all = stats_of(out_all) if accumulate_dprob else out_all
+        clean, neg_entropy = clean_distributions()["logits"], clean_distributions()["neg_entropy"]
+        clean_stats = stats_of(clean)
+        n_a = 0 if ids_a is None else len(ids_a)
         for i, side, base_ctx, lo, count, inj_rows in spans:
-            logits = torch.cat([clean[base_ctx][None], logits_all[lo:lo + count]])
-            m = _row_metrics(logits, ids_a, ids_b, keep_probs=accumulate_dprob)
+            stats = torch.cat([clean_stats[base_ctx][None], stats_all[lo:lo + count]])
+            m = _stats_metrics(stats, base_ctx, neg_entropy, len(contexts), n_a)
             for key in keys:
                 vals = m[key].double().cpu().numpy()
                 if key != "kl":
@@ -362,7 +405,9 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                 for j, (ci, ai) in enumerate(inj_rows):
                     run.inject[side][key][i, ci, ai] = vals[off + j]
             if accumulate_dprob:
-                probs = m["probs"]
+                lse = stats[:, :1]
+                logits = torch.cat([clean[base_ctx][None], out_all[lo:lo + count]]).double()
+                probs = (logits - lse).exp()
                 logp = probs.clamp_min(prob_floor).log()
                 run.dprob[side] += (probs[1:1 + n_swap].sum(0) - n_swap * probs[0]).cpu()
                 run.dlogp[side] += (logp[1:1 + n_swap].sum(0) - n_swap * logp[0]).cpu()
