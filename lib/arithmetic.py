@@ -227,17 +227,27 @@ def counterfactual_pairs(model: CausalModel, size: int, seed: int,
 
 # --- the model as shipped --------------------------------------------------------------------
 
-def _greedy(lm, text: str, max_new_tokens: int) -> str:
-    """Greedy continuation, one full forward per new token (no key/value cache: prompts are
-    short, and only lib.engine uses caches)."""
-    ids = lm.tokenize(text)
-    out = []
+def _greedy(lm, texts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations, one full forward per new token (no key/value cache: prompts are
+    short, and only lib.engine uses caches). Prompts of the same token length run as one
+    batch, without padding, so each row computes what it would alone."""
+    ids = [lm.tokenize(t)[0] for t in texts]
+    by_length: dict[int, list[int]] = {}
+    for i, x in enumerate(ids):
+        by_length.setdefault(len(x), []).append(i)
+    out: list[str] = [""] * len(texts)
     with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()
-            out.append(int(nxt))
-            ids = torch.cat([ids, nxt.view(1, 1).to(ids.device)], dim=1)
-    return lm.tokenizer.decode(out)
+        for members in by_length.values():
+            batch = torch.stack([ids[i] for i in members]).to(lm.device)
+            new = []
+            for _ in range(max_new_tokens):
+                nxt = lm.model(input_ids=batch, use_cache=False,
+                               logits_to_keep=1).logits[:, -1].argmax(-1)
+                new.append(nxt)
+                batch = torch.cat([batch, nxt[:, None]], dim=1)
+            for k, i in enumerate(members):
+                out[i] = lm.tokenizer.decode([int(t[k]) for t in new])
+    return out
 
 
 def parse_answer(text: str) -> int | None:
@@ -257,16 +267,17 @@ def shipped_accuracy(lm, n: int = 100, shots: int = 0, fmt: str = "plain", seed:
         raise TaskError(f"n must be an int from 1 to {len(ARRANGEMENTS)}, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))
     picks = torch.randperm(len(ARRANGEMENTS), generator=gen)[:n].tolist()
-    correct, examples = 0, []
-    for k, i in enumerate(picks):
-        x, y, z = ARRANGEMENTS[i]
+    texts = []
+    for i in picks:
         others = [j for j in torch.randperm(len(ARRANGEMENTS), generator=gen)[:shots + 1].tolist()
                   if j != i][:shots]
         context = "".join(f"{prompt(*ARRANGEMENTS[j], fmt)}{sum(ARRANGEMENTS[j])}\n"
                           for j in others)
-        text = context + prompt(x, y, z, fmt)
-        answer = _greedy(lm, text, max_new_tokens)
-        ok = parse_answer(answer) == x + y + z
+        texts.append(context + prompt(*ARRANGEMENTS[i], fmt))
+    correct, examples = 0, []
+    for k, (i, text, answer) in enumerate(zip(picks, texts,
+                                             _greedy(lm, texts, max_new_tokens))):
+        ok = parse_answer(answer) == sum(ARRANGEMENTS[i])
         correct += ok
         if k < 5:
             examples.append({"prompt": text, "continuation": answer, "correct": bool(ok)})

@@ -125,6 +125,24 @@ def test_parse_answer_and_shipped_accuracy_runs(llama):
         ar.shipped_accuracy(llama, n=3, shots=-1)
 
 
+def test_greedy_batches_prompts_of_one_length_as_they_would_run_alone(llama):
+    """Prompts of equal token length run as one batch (no padding); each continuation equals
+    the prompt's own greedy run (one prompt, one forward per token)."""
+    texts = ["1+2+3=", "4+5+6=", "10+1+1=", "7+8+9=\n2+2+2=", "3+3+3="]
+    lengths = [llama.tokenize(t).shape[1] for t in texts]
+    assert len(set(lengths)) < len(texts) < sum(lengths)    # some share a length
+    batched = ar._greedy(llama, texts, 3)
+    alone = []
+    for t in texts:
+        ids = llama.tokenize(t)
+        for _ in range(3):
+            with torch.no_grad():
+                nxt = llama.model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        alone.append(llama.tokenizer.decode(ids[0, -3:].tolist()))
+    assert batched == alone
+
+
 def test_finetune_learns_and_the_cache_round_trips(tmp_path):
     kwargs = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, cache_dir=tmp_path)
     lm, tokens, split, info = ar.tuned_model("tiny-random-llama", **kwargs)
