@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from lib import paths
-from lib.io import read_json
+from lib.io import load_tensors, read_json
 from lib.runner import run_notebooks
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
@@ -67,6 +67,9 @@ def test_notebook_09_on_smollm2_writes_what_holds_for_any_tuned_model(tmp_path):
     for g in graph["graphs"]:
         assert sum(g["fraction"].values()) == pytest.approx(1.0)
         assert g["mean_weight_ci"][0] <= g["mean_weight"] <= g["mean_weight_ci"][1]
+    preds, _, _ = load_tensors(out / graph["predictions_file"])
+    assert sorted(preds) == ["M1_L22_k8_all", "M7_L22_k8_all"]
+    assert all(p.shape == (6, 6) and set(p.diagonal().tolist()) == {-1} for p in preds.values())
 
     before = {p: p.read_bytes() for p in out.rglob("*.json")}
     # a clone has the results and rotations, not the units or the tuned weights

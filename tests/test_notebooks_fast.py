@@ -254,6 +254,31 @@ def check_09(ws, executed):
     for g in graph["graphs"]:
         low, high = g["mean_weight_ci"]
         assert 0 <= low <= g["mean_weight"] <= high <= 1
+    # every ordered pair's prediction is stored; the weights are read back from it
+    import torch
+
+    from lib import arithmetic as ar, das_arithmetic as da
+    from lib.io import load_tensors, same_apart_from_time
+
+    pred_path = out / graph["predictions_file"]
+    preds, config, _ = load_tensors(pred_path)
+    assert config["arrangements"] == graph["arrangements"] and len(preds) == 3
+    for g in graph["graphs"]:
+        pred = preds[da.run_name(g["model"], g["layer"], g["rank"], g["site"])].long()
+        assert pred.shape == (12, 12) and torch.all(pred.diagonal() == -1)
+        W = da.graph_weights(pred, ar.causal_model(g["model"]), graph["arrangements"])
+        assert float(W.sum()) / (12 * 11) == pytest.approx(g["mean_weight"])
+    # an interrupted run of the graphs resumes: the finished graphs are units, not recomputed
+    before = json.loads((out / "das_graph.json").read_text()), pred_path.read_bytes()
+    (out / "das_graph.json").unlink()
+    pred_path.unlink()
+    nb = next(n for n in NOTEBOOKS if number(n) == "09")
+    [again] = run_notebooks([nb], [MODEL], parameters_for(nb, ws), runs_dir=ws["runs"],
+                            timeout=300, progress=False)
+    text, _, errors = executed_outputs(again)
+    assert not errors and "ordered pairs in" not in text, "the rerun computed a graph again"
+    assert same_apart_from_time(json.loads((out / "das_graph.json").read_text()), before[0])
+    assert pred_path.read_bytes() == before[1]
 
 
 CHECKS = {"00": check_00, "01": check_01, "02": check_02, "03": check_03, "04": check_04,

@@ -64,7 +64,7 @@ from IPython.display import display
 from lib import arithmetic as ar
 from lib import das, das_arithmetic as da, paths
 from lib.io import (UnitStore, inside, params_key, provenance, read_current, require_keys,
-                    slug as model_slug, write_json)
+                    save_tensors, slug as model_slug, write_json)
 from lib.models import load_model
 from lib.params import check_layers_within, check_namespace, parse_layers, parse_list
 from lib.plots import save_figure
@@ -311,8 +311,10 @@ if grid:
 # methods.md 1.6); the clique analysis keeps weight-1 edges and removes greedy maximum cliques
 # of at least 5 nodes. By default the graph is on 40 arrangements drawn at random (1,560
 # ordered pairs per causal model): the full graph, `GRAPH_ARRANGEMENTS = 1000`, is 999,000
-# runs of the blocks above the layer per causal model, hours on this CPU (the time printed
-# below) and a job for a GPU. The interval beside the mean weight resamples the arrangements
+# runs of the blocks above the layer per causal model (runs that share their first positions
+# share that work, `lib.das_arithmetic.pair_predictions`), about half an hour each at layer 22
+# on this CPU (the time printed below); each finished graph is stored, so an interrupted run
+# resumes. The interval beside the mean weight resamples the arrangements
 # (nodes), so it says what the sample tells about the full graph's mean. The thesis' numbers
 # (fixed code, GPT-2, layer 7, rank 256, all 1,000 arrangements) are printed beside ours; they
 # are for another model, layer and rank.
@@ -322,27 +324,44 @@ THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415
 if GRAPH_ARRANGEMENTS:
     graph_path = out_dir / "das_graph.json"
     graphs = read_current(graph_path, KEY_GRAPH, FORCE)
+    # a graph depends on its rotation (a DAS unit) and the pool alone
+    graph_units = UnitStore(out_dir / "das_units" / "graphs",
+                            {**KEY_UNIT, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS}, FORCE)
     if graphs is None:
         perm = torch.randperm(1000, generator=torch.Generator().manual_seed(SEED))
         pool = sorted(perm[:GRAPH_ARRANGEMENTS].tolist()) if GRAPH_ARRANGEMENTS < 1000 \
             else list(range(1000))
-        summaries = []
+        summaries, predictions = [], {}
         for name, (m, layer, rank, site, module) in modules.items():
             if rank != ranks[0] or site != sites[0] or layer not in graph_layers:
                 continue
-            t0 = time.perf_counter()
-            W = da.pairwise_iia(lm, layer, module, states[layer], ar.causal_model(m), pool,
-                                progress=True)
-            n_pairs = len(pool) * (len(pool) - 1)
-            sec = time.perf_counter() - t0
-            print(f"{name}: {n_pairs:,} ordered pairs in {sec:.0f} s "
-                  f"({sec / n_pairs * 999000 / 60:.1f} min for all 1,000 arrangements)")
+            # each graph's predictions are a unit: an interrupted run of the full graphs
+            # (hours on a CPU) resumes at the first graph it had not finished
+            stored_pred = graph_units.get(name)
+            if stored_pred is None:
+                t0 = time.perf_counter()
+                pred = da.pair_predictions(lm, layer, module, states[layer], pool,
+                                           progress=True)
+                n_pairs = len(pool) * (len(pool) - 1)
+                sec = time.perf_counter() - t0
+                print(f"{name}: {n_pairs:,} ordered pairs in {sec:.0f} s "
+                      f"({sec / n_pairs * 1e3:.2f} ms per pair)")
+                graph_units.put(name, pred.tolist())
+            else:
+                pred = torch.tensor(stored_pred)
+            predictions[name] = pred.to(torch.int8)
+            W = da.graph_weights(pred, ar.causal_model(m), pool)
             summary = {**da.graph_summary(W), **da.graph_intervals(W, seed=SEED)}
             summaries.append({"model": m, "layer": layer, "rank": rank, "site": site,
                               "thesis_mean_weight_gpt2_layer7_rank256": THESIS_GRAPH[m],
                               **{k: v for k, v in summary.items() if k != "cliques"},
                               "cliques": [[pool[v] for v in c] for c in summary["cliques"]]})
-        graphs = {"arrangements": pool, "graphs": summaries, "params_key": params_key(KEY_GRAPH)}
+        graphs = {"arrangements": pool, "graphs": summaries, "params_key": params_key(KEY_GRAPH),
+                  "predictions_file": "das_graph_predictions.safetensors"}
+        # every ordered pair's predicted class (rows: base, columns: source, -1 on the
+        # diagonal), so the graphs can be read again against any causal model's labels
+        save_tensors(out_dir / graphs["predictions_file"], predictions,
+                     {"params_key": params_key(KEY_GRAPH), "arrangements": pool})
         write_json(graph_path, graphs, provenance(lm, KEY_GRAPH, SEED),
                    check=require_keys("graphs", lists=("arrangements",)))
     display(pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
