@@ -98,6 +98,8 @@ score with the per-layer mean effect over all evaluated layers that have a score
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -234,10 +236,15 @@ def _row_metrics(logits: torch.Tensor, ids_a, ids_b, keep_probs: bool = False,
     stats = _token_stats(logits, p_clean, ids_a, ids_b, chunk)
     out = _stats_metrics(stats, 0, neg_entropy, 1, 0 if ids_a is None else len(ids_a))
     if keep_probs:
-        out["probs"] = torch.cat([(logits[lo:lo + chunk].double() -
-                                   stats[lo:lo + chunk, :1]).exp()
-                                  for lo in range(0, logits.shape[0], chunk)])
+        out["probs"] = _probabilities(logits, stats, chunk)
     return out
+
+
+def _probabilities(logits: torch.Tensor, stats: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Full-vocabulary float64 probabilities of each row, from its logits and the
+    log-sum-exp that :func:`_token_stats` stored first in its row."""
+    return torch.cat([(logits[lo:lo + chunk].double() - stats[lo:lo + chunk, :1]).exp()
+                      for lo in range(0, logits.shape[0], chunk)])
 
 
 def _check_layers(lm, layers: Sequence[int]) -> list[int]:
@@ -368,26 +375,23 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                 spans.append((i, side, base_ctx, len(rows), len(side_rows), inj_rows))
                 rows += side_rows
         engine = None if naive else Engine(lm, contexts, batch_size=batch_size)
-        clean_of: dict = {}
 
-        def clean_distributions():
-            # asked for once the rows' references are resolved: asking the engine for clean
-            # readouts first would run the contexts again for the referenced sites
-            if not clean_of:
-                clean_of["logits"] = (
-                    run_naive(lm, contexts, [Row(c) for c in range(len(contexts))]) if naive
-                    else torch.stack([engine.clean_readout(c) for c in range(len(contexts))]))
-                clean_of["p"], clean_of["neg_entropy"] = _clean_distributions(clean_of["logits"])
-            return clean_of
+        @functools.cache
+        def clean_run():
+            # first asked for by the readout, once the rows' references are resolved: asking
+            # the engine for clean readouts before would run the contexts again for their sites
+            logits = (run_naive(lm, contexts, [Row(c) for c in range(len(contexts))]) if naive
+                      else torch.stack([engine.clean_readout(c) for c in range(len(contexts))]))
+            return (logits, *_clean_distributions(logits))
 
         def stats_of(logits):
-            return _token_stats(logits, clean_distributions()["p"], ids_a, ids_b)
+            return _token_stats(logits, clean_run()[1], ids_a, ids_b)
 
         # the whole-vocabulary sums need every row's logits; the metrics alone do not
         readout = None if accumulate_dprob else stats_of
         out_all = run_naive(lm, contexts, rows, readout) if naive else engine.run(rows, readout)
         stats_all = stats_of(out_all) if accumulate_dprob else out_all
-        clean, neg_entropy = clean_distributions()["logits"], clean_distributions()["neg_entropy"]
+        clean, _, neg_entropy = clean_run()
         clean_stats = stats_of(clean)
         n_a = 0 if ids_a is None else len(ids_a)
         for i, side, base_ctx, lo, count, inj_rows in spans:
@@ -405,9 +409,8 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                 for j, (ci, ai) in enumerate(inj_rows):
                     run.inject[side][key][i, ci, ai] = vals[off + j]
             if accumulate_dprob:
-                lse = stats[:, :1]
-                logits = torch.cat([clean[base_ctx][None], out_all[lo:lo + count]]).double()
-                probs = (logits - lse).exp()
+                probs = _probabilities(torch.cat([clean[base_ctx][None], out_all[lo:lo + count]]),
+                                       stats)
                 logp = probs.clamp_min(prob_floor).log()
                 run.dprob[side] += (probs[1:1 + n_swap].sum(0) - n_swap * probs[0]).cpu()
                 run.dlogp[side] += (logp[1:1 + n_swap].sum(0) - n_swap * logp[0]).cpu()
