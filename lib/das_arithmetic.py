@@ -356,6 +356,37 @@ def graph_intervals(weights: torch.Tensor, n_resamples: int = 1000, seed: int = 
             "n_resamples": n_resamples, "confidence": confidence}
 
 
+def _deeply_recursive(fn, graph, n_nodes: int):
+    """``fn(graph)`` in a thread with a large stack and a recursion limit for ``n_nodes``:
+    networkx's ``max_clique`` (Boppana-Halldorsson's ``ramsey_R2``) recurses once per node it
+    takes, through about five Python frames each, so on a dense graph of 1,000 arrangements
+    it runs past Python's default limit of 1,000 frames."""
+    import sys
+    import threading
+
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn(graph)
+        except BaseException as err:   # re-raised in the caller's thread
+            out["error"] = err
+
+    limit, stack = sys.getrecursionlimit(), threading.stack_size()
+    sys.setrecursionlimit(max(limit, 8 * n_nodes + 1000))
+    threading.stack_size(512 * 1024 * 1024)
+    try:
+        worker = threading.Thread(target=target)
+        worker.start()
+        worker.join()
+    finally:
+        threading.stack_size(stack)
+        sys.setrecursionlimit(limit)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def graph_summary(weights: torch.Tensor, min_clique: int = 5) -> dict:
     """The thesis' clique analysis (``clique_version/analyse_graphs.py``, RemovalHeuristic):
     keep only weight-1 edges, then repeatedly take ``networkx.approximation.max_clique`` of
@@ -376,7 +407,7 @@ def graph_summary(weights: torch.Tensor, min_clique: int = 5) -> dict:
     density, degree = nx.density(graph), 2 * graph.number_of_edges() / n
     cliques, remaining = [], graph.copy()
     while remaining.number_of_nodes():
-        clique = approximation.max_clique(remaining)
+        clique = _deeply_recursive(approximation.max_clique, remaining, n)
         if len(clique) < min_clique:
             break
         cliques.append(sorted(clique))

@@ -263,3 +263,21 @@ def test_pair_predictions_with_shared_prefixes_equal_one_run_per_pair(tuned, mon
     whole = da.pair_predictions(lm, 0, module, states, pool, batch_size=128)
     assert torch.equal(shared, whole)
     assert torch.all(whole.diagonal() == -1) and len(whole.unique()) > 3
+
+
+def test_clique_search_may_recurse_past_pythons_default_limit():
+    """networkx's max_clique recurses once per node it takes; on the dense full graph of M7
+    (1,000 arrangements) that ran past Python's limit of 1,000 frames. The helper gives it a
+    thread with a large stack and a limit for the graph's size, and restores the limit."""
+    import sys
+
+    def depth(k):
+        return 0 if k == 0 else 1 + depth(k - 1)
+
+    limit = sys.getrecursionlimit()
+    with pytest.raises(RecursionError):
+        depth(limit + 10)
+    assert da._deeply_recursive(lambda k: depth(k), 3000, 1000) == 3000
+    assert sys.getrecursionlimit() == limit
+    with pytest.raises(ValueError, match="raised inside"):
+        da._deeply_recursive(lambda g: (_ for _ in ()).throw(ValueError("raised inside")), 0, 10)
