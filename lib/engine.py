@@ -1004,6 +1004,12 @@ def run_stream(lm, layer: int, h: torch.Tensor, prefix: StreamPrefix | None = No
     :func:`layer_start_exact` holds (callers check)."""
     from transformers import DynamicCache
 
+    start = prefix.length if prefix is not None else 0
+    limit = prefix_limit(lm)
+    if keep_prefix and limit is not None and start + h.shape[1] > limit:   # before any work
+        raise ValueError(f"a prefix of {start + h.shape[1]} positions is longer than the "
+                         f"key/value cache keeps whole ({limit}: a sliding window); keep a "
+                         "shorter one")
     inputs = {"inputs_embeds": h, "use_cache": prefix is not None or keep_prefix}
     if prefix is not None:
         if prefix.layer != layer:
@@ -1017,12 +1023,10 @@ def run_stream(lm, layer: int, h: torch.Tensor, prefix: StreamPrefix | None = No
     logits = out.logits[:, -1].float()
     if not keep_prefix:
         return logits
-    start = prefix.length if prefix is not None else 0
     layers = out.past_key_values.layers[layer + 1:]
-    if any(l.keys.shape[-2] != start + h.shape[1] for l in layers):
-        raise ValueError(f"a prefix of {start + h.shape[1]} positions is longer than the "
-                         f"key/value cache keeps whole ({prefix_limit(lm)}: a sliding window); "
-                         "keep a shorter one")
+    if any(l.keys.shape[-2] != start + h.shape[1] for l in layers):   # a cache of another kind
+        raise ValueError(f"the key/value cache kept {[l.keys.shape[-2] for l in layers]} "
+                         f"positions, not all {start + h.shape[1]}; run without keep_prefix")
     return logits, StreamPrefix(layer, start + h.shape[1], [l.keys for l in layers],
                                 [l.values for l in layers])
 
