@@ -14,8 +14,9 @@ indices (base, source) into that table. :func:`run_from` runs the blocks above l
 intervened residual stream (:func:`lib.engine.run_stream`: ``inputs_embeds`` with blocks 0..l
 passed through, the engine's own mid-stack start, exact where
 ``lib.engine.layer_start_exact`` says so: Llama and Gemma 3, not GPT-2). Training runs whole
-prompts from position 0 (all positions are intervened); the pairwise graphs share the first
-positions of runs whose prompts agree there through the engine's key/value prefix.
+prompts from position 0 (all positions are intervened); evaluation (IIA, controls, the sanity
+grid, the full-dimension swap) and the pairwise graphs share the first positions of runs whose
+prompts agree there through the engine's key/value prefix (:func:`counterfactual_predictions`).
 
 Sites: ``positions=None`` applies one rotation at every position (the thesis' shared
 rotation); a tuple of positions applies it there only (per-position sites).
@@ -171,8 +172,7 @@ def full_swap_check(lm, layer: int, states: torch.Tensor, pairs: dict,
     module = AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, lm.d_model, seed=0,
                                                             orthogonal_map=None), positions)
     module.inner.set_rotation(torch.eye(lm.d_model))
-    data = pairs_data(states, pairs)
-    got = das.iia(module, head_at(lm, layer), data, batch_size=250)
+    got = shared_iia(lm, layer, module, states, pairs)
     src = pairs["source"]
     src_sum = ar.label_of(*ar.arrangement_tensor()[src].T)
     return {"iia": got,
@@ -198,8 +198,8 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
     control = AtPositions(das.random_control(inner, seed=seed + 1), positions)
     result = {"layer": layer, "rank": int(rank),
               "positions": "all" if positions is None else list(positions),
-              "iia": das.iia(module, head, test, batch_size=250),
-              "control_iia": das.iia(control, head, test, batch_size=250),
+              "iia": shared_iia(lm, layer, module, states, test_pairs),
+              "control_iia": shared_iia(lm, layer, control, states, test_pairs),
               "curve": out["curve"], "steps": out["steps"],
               "trainable_parameters": out["trainable_parameters"],
               "orthogonality_error": das.orthogonality_error(inner),
@@ -209,7 +209,7 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
 
 def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:
     """IIA of a trained module on other counterfactuals (e.g. of another causal model)."""
-    return das.iia(module, head_at(lm, layer), pairs_data(states, pairs), batch_size=250)
+    return shared_iia(lm, layer, module, states, pairs)
 
 
 # --- pairwise-IIA graphs (thesis: construct_graph.py) ---------------------------------------
@@ -237,12 +237,11 @@ def shared_prefix_split(groups: Sequence[torch.Tensor], base: torch.Tensor,
 
 
 @torch.no_grad()
-def pair_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
-                     pool: Sequence[int] | None = None, batch_size: int = 1000,
-                     progress: bool = False) -> torch.Tensor:
-    """The predicted class of every counterfactual run (base ``pool[a]``, source ``pool[b]``,
-    a != b) of ``module`` at ``blocks.layer.resid_post``: an (n, n) tensor, -1 on the
-    diagonal (``pool`` default: all 1,000 arrangements in itertools.product order).
+def counterfactual_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
+                               base: torch.Tensor, source: torch.Tensor,
+                               batch_size: int = 1000, progress: bool = False) -> torch.Tensor:
+    """The predicted class of each counterfactual run (base ``states[base[i]]``, source
+    ``states[source[i]]``) of ``module`` at ``blocks.layer.resid_post``: a (len(base),) tensor.
 
     Shared work is done once: ``module`` acts position by position (a rotation shared over
     positions, or at some positions only), and the residual stream at the first positions of
@@ -250,34 +249,34 @@ def pair_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
     (``10+03+0`` of ``10+03+07=`` and ``10+03+09=``) share those positions' keys and values
     in every block above ``layer``; they are computed once per distinct pair of prefixes and
     each run continues from them (:func:`shared_prefix_split`, :func:`lib.engine.run_stream`).
-    On the padded prompts of all 1,000 arrangements that is 40,000 prefixes of 7 positions and
-    two positions per run instead of nine.
+    On the padded prompts of all 1,000 arrangements' ordered pairs that is 40,000 prefixes
+    of 7 positions and two positions per run instead of nine; on 1,000 random test
+    counterfactuals about 100 prefixes of 3 positions and six per run.
     """
-    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
-        torch.as_tensor(list(pool), dtype=torch.long)
-    n = len(pool_t)
     check_layer_start(lm)
     _check_layer(lm, layer)
-    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-    off = rows_a != rows_b
-    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
-    pooled = states[pool_t.to(states.device)]
+    base = torch.as_tensor(base, dtype=torch.long).cpu()
+    source = torch.as_tensor(source, dtype=torch.long).cpu()
+    if base.shape != source.shape or base.dim() != 1:
+        raise ValueError(f"base {tuple(base.shape)} and source {tuple(source.shape)} must be "
+                         "1-d index tensors of one length")
+    n = len(states)
     groups = [torch.zeros(n, dtype=torch.long)] + [
-        torch.unique(pooled[:, :s].reshape(n, -1), dim=0, return_inverse=True)[1].cpu()
-        for s in range(1, pooled.shape[1])]
-    split, shared = shared_prefix_split(groups, a_idx, b_idx, prefix_limit(lm))
+        torch.unique(states[:, :s].reshape(n, -1), dim=0, return_inverse=True)[1].cpu()
+        for s in range(1, states.shape[1])]
+    split, shared = shared_prefix_split(groups, base, source, prefix_limit(lm))
     order = torch.argsort(shared, stable=True)             # runs of one prefix pair together
-    a_idx, b_idx, shared = a_idx[order], b_idx[order], shared[order]
-    predicted = torch.full((n, n), -1, dtype=torch.long)
+    a_idx, b_idx, shared = base[order], source[order], shared[order]
+    predicted = torch.empty(len(base), dtype=torch.long)
     dev = states.device
     it = range(0, len(a_idx), batch_size)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"pairs, layer {layer}", unit="batch")
+        it = tqdm(it, desc=f"counterfactuals, layer {layer}", unit="batch")
     for start in it:
         a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
         ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
-        h = module(pooled[a.to(dev)], [pooled[b.to(dev)]], ones)
+        h = module(states[a.to(dev)], [states[b.to(dev)]], ones)
         if split == 0:
             logits = run_stream(lm, layer, h)
         else:   # each distinct prefix pair of the batch once, then every run from there
@@ -286,7 +285,35 @@ def pair_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
             first = torch.cumsum(counts, 0) - counts
             _, kept = run_stream(lm, layer, h[first, :split], keep_prefix=True)
             logits = run_stream(lm, layer, h[:, split:], kept, local)
-        predicted[a, b] = logits.argmax(-1).cpu()
+        predicted[order[start:start + batch_size]] = logits.argmax(-1).cpu()
+    return predicted
+
+
+def shared_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:
+    """IIA of ``module`` on the counterfactuals ``pairs`` (base, source, label), with the
+    first positions that runs share computed once (:func:`counterfactual_predictions`); the
+    same predictions as one whole run per counterfactual (``lib.das.iia``), tested."""
+    got = counterfactual_predictions(lm, layer, module, states, pairs["base"], pairs["source"])
+    return int((got == torch.as_tensor(pairs["label"]).cpu()).sum()) / len(got)
+
+
+def pair_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
+                     pool: Sequence[int] | None = None, batch_size: int = 1000,
+                     progress: bool = False) -> torch.Tensor:
+    """The predicted class of every counterfactual run (base ``pool[a]``, source ``pool[b]``,
+    a != b) of ``module`` at ``blocks.layer.resid_post``: an (n, n) tensor, -1 on the
+    diagonal (``pool`` default: all 1,000 arrangements in itertools.product order); runs
+    that share their first positions share that work (:func:`counterfactual_predictions`).
+    """
+    pool_t = torch.arange(len(ar.ARRANGEMENTS)) if pool is None else \
+        torch.as_tensor(list(pool), dtype=torch.long)
+    n = len(pool_t)
+    rows_a, rows_b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    off = rows_a != rows_b
+    a_idx, b_idx = rows_a[off], rows_b[off]               # ordered pairs, row-major
+    predicted = torch.full((n, n), -1, dtype=torch.long)
+    predicted[a_idx, b_idx] = counterfactual_predictions(
+        lm, layer, module, states[pool_t.to(states.device)], a_idx, b_idx, batch_size, progress)
     return predicted
 
 

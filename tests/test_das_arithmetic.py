@@ -265,6 +265,30 @@ def test_pair_predictions_with_shared_prefixes_equal_one_run_per_pair(tuned, mon
     assert torch.all(whole.diagonal() == -1) and len(whole.unique()) > 3
 
 
+def test_shared_iia_equals_one_whole_run_per_counterfactual(tuned):
+    """Evaluation shares the first positions of test counterfactuals whose prompts agree
+    there; every prediction, and so the IIA, equals lib.das.iia's one whole run each."""
+    lm, tokens = tuned
+    states = da.residual_states(lm, tokens, [0])[0]
+    split = ar.split_arrangements(0)
+    pairs = ar.counterfactual_pairs(ar.causal_model(1, split["test"]), 400, seed=4)
+    for positions in (None, (9,)):
+        module = da.AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, 8, seed=3),
+                                positions)
+        got = da.counterfactual_predictions(lm, 0, module, states, pairs["base"],
+                                            pairs["source"], batch_size=96)
+        data = da.pairs_data(states, pairs)
+        with torch.no_grad():
+            h = module(*data.batch(slice(None))[:3])
+            whole = da.run_from(lm, 0, h).argmax(-1)
+        assert torch.equal(got, whole)
+        assert da.shared_iia(lm, 0, module, states, pairs) == \
+            das.iia(module, da.head_at(lm, 0), data, batch_size=250)
+    with pytest.raises(ValueError, match="one length"):
+        da.counterfactual_predictions(lm, 0, module, states, pairs["base"][:3],
+                                      pairs["source"][:4])
+
+
 def test_clique_search_may_recurse_past_pythons_default_limit():
     """networkx's max_clique recurses once per node it takes; on the dense full graph of M7
     (1,000 arrangements) that ran past Python's limit of 1,000 frames. The helper gives it a
