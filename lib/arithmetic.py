@@ -402,21 +402,41 @@ def tuned_path(model_name: str, spec: dict, cache_dir: Path = CACHE) -> Path:
     return Path(cache_dir) / f"{slug(model_name)}-{params_key(spec)}.safetensors"
 
 
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in name order): which tuned
+    weights a result was computed with. Fine-tuning from the same parameters is repeatable on
+    one kind of CPU, not across kinds (float rounding differs, and training amplifies it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 class LazyTuned:
     """:func:`tuned_model`'s model, loaded (from the cache, or trained) on first use of
     anything but its name, sizes, site table and tokenizer (read from the model as shipped).
     A notebook whose results are all stored and current then never fine-tunes: a fresh clone
-    has the committed results, not the uncommitted weights cache."""
+    has the committed results, not the uncommitted weights cache.
+
+    ``expected_sha256`` (the :func:`weights_fingerprint` the stored results were computed
+    with): weights that load or train to another fingerprint are refused, so new results are
+    never mixed with stored ones of other weights (None: stored results that name no weights;
+    a warning says that the two cannot be checked against each other)."""
 
     _CHEAP = ("name", "n_layers", "n_heads", "d_model", "d_head", "tokenizer", "spec")
 
-    def __init__(self, model_name: str, **ft_args):
+    def __init__(self, model_name: str, expected_sha256: str | None = None, **ft_args):
         from lib.models import load_model
 
         shipped = load_model(model_name, device=ft_args.get("device", "auto"),
                              dtype=ft_args.get("dtype", "auto"), seed=ft_args.get("seed", 0))
         self._cheap = {k: getattr(shipped, k) for k in self._CHEAP}
         self._args = (model_name, ft_args)
+        self._expected = expected_sha256
         self._lm = None
 
     @property
@@ -430,7 +450,25 @@ class LazyTuned:
             return self._cheap[name]
         if self._lm is None:   # first use may sit inside torch.no_grad(); training needs grad
             with torch.enable_grad():
-                self._lm = tuned_model(self._args[0], **self._args[1])[0]
+                lm, _, _, info = tuned_model(self._args[0], **self._args[1])
+            got = info["weights_sha256"]
+            if self._expected is not None and got != self._expected:
+                raise TaskError(
+                    f"{self._args[0]}: the tuned weights here (sha256 {got[:12]}..., "
+                    f"{'from the cache' if info['cached'] else 'just trained'}) are not the ones "
+                    f"the stored results were computed with ({self._expected[:12]}...): "
+                    "fine-tuning from the same parameters on another kind of CPU rounds "
+                    "differently. Rerun with FORCE=True to recompute every result with these "
+                    "weights (or another FULL_COMPUTE_DIR to keep the stored ones), or put the "
+                    "original weights file back in the cache")
+            if self._expected is None:
+                import warnings
+                warnings.warn(f"{self._args[0]}: the stored results name no tuned weights (written "
+                              "before weights were fingerprinted), so results computed now, with "
+                              f"weights sha256 {got[:12]}..., cannot be checked to come from the "
+                              "same weights (fine-tuning on another kind of CPU rounds "
+                              "differently); FORCE=True recomputes all of them", stacklevel=2)
+            self._lm = lm
         return getattr(self._lm, name)
 
 
@@ -441,7 +479,8 @@ def tuned_model(model_name: str, fmt: str = "padded", split_seed: int = 0, n_val
                 cache_dir: Path | None = CACHE, force: bool = False, progress: bool = False):
     """The fine-tuned model: loaded from the safetensors cache when it holds one trained with
     exactly these settings, else trained and cached. Returns ``(lm, tokens, split, info)``;
-    ``info`` holds the curve, the test accuracy and whether it came from the cache."""
+    ``info`` holds the curve, the test accuracy, whether it came from the cache and the
+    :func:`weights_fingerprint` of the trained tensors (``weights_sha256``)."""
     from lib.io import load_tensors, save_tensors
     from lib.models import load_model
 
@@ -464,21 +503,21 @@ def tuned_model(model_name: str, fmt: str = "padded", split_seed: int = 0, n_val
             raise TaskError(f"{path} holds tensors this model lacks ({sorted(missing)[:3]}...); "
                             "delete it and rerun to rebuild")
         lm.model.load_state_dict(tensors, strict=False)
-        info = {**meta, "cached": True}
+        info = {**meta, "cached": True, "weights_sha256": weights_fingerprint(tensors)}
     else:
         out = finetune(lm, tokens, split, epochs, batch_size, lr, weight_decay, seed,
                        val_target, freeze_embeddings, progress=progress)
         trained = {n for n, _ in _trainable(lm, freeze_embeddings)}
+        state = {n: p.detach().cpu().contiguous() for n, p in lm.model.named_parameters()
+                 if n in trained}
         info = {"curve": out["curve"], "steps": out["steps"],
                 "trainable_parameters": out["trainable_parameters"],
                 "test_accuracy": accuracy(lm, tokens, split["test"]),
                 "val_accuracy": out["curve"][-1]["val_accuracy"],
                 "seconds_per_step": out["seconds_per_step"]}
         if path is not None:
-            state = {n: p.detach().cpu().contiguous() for n, p in lm.model.named_parameters()
-                     if n in trained}
             save_tensors(path, state, spec, info)
-        info = {**info, "cached": False}
+        info = {**info, "cached": False, "weights_sha256": weights_fingerprint(state)}
     lm.model.eval()
     lm.model.requires_grad_(False)
     return lm, tokens, split, info

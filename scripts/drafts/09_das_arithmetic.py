@@ -96,14 +96,6 @@ KEY_FT = {k: PARAMETERS[k] for k in ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "
                                      "N_SHIPPED", "SHOTS", "FT_EPOCHS", "FT_BATCH", "FT_LR",
                                      "FT_VAL_TARGET", "FREEZE_EMBEDDINGS", "SEED", "DEVICE",
                                      "DTYPE")}
-KEY_DAS = {**KEY_FT, **{k: PARAMETERS[k] for k in ("CAUSAL_MODELS", "LAYERS", "RANKS", "SITES",
-                                                  "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS",
-                                                  "DAS_BATCH", "DAS_LR", "SEMANTICS")}}
-KEY_GRAPH = {**KEY_DAS, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS, "GRAPH_LAYERS": GRAPH_LAYERS}
-# one DAS run (causal model, layer, rank, site; its name says which) depends on these alone, so
-# adding a causal model, layer, rank or site to the lists reuses the runs already stored
-KEY_UNIT = {k: v for k, v in KEY_DAS.items() if k not in ("CAUSAL_MODELS", "LAYERS", "RANKS",
-                                                          "SITES")}
 if GRAPH_ARRANGEMENTS:  # a graph needs a rotation trained at its layer: refused before any work
     check_layers_within(GRAPH_LAYERS, LAYERS)
 FT_ARGS = dict(fmt=FORMAT, split_seed=SPLIT_SEED, n_val=N_VAL, n_test=N_TEST, epochs=FT_EPOCHS,
@@ -159,12 +151,30 @@ if ft is None:
           "curve": info["curve"], "steps": info["steps"],
           "trainable_parameters": info["trainable_parameters"],
           "test_accuracy": info["test_accuracy"], "val_accuracy": info["val_accuracy"],
+          "weights_sha256": info["weights_sha256"],
           "head": "Linear(d_model, 28, bias=False) over the sums 3..30 on the last token's "
                   "final state, replacing the LM head",
           "params_key": params_key(KEY_FT)}
     write_json(ft_path, ft, provenance(lm, KEY_FT, SEED), check=FT_SCHEMA)
 else:   # the tuned model loads (from the cache, or trains) only if a run, check or graph needs it
-    lm, split = ar.LazyTuned(MODEL, **FT_ARGS), ft["split"]
+    # and must be the one the stored results were computed with (refused otherwise)
+    lm, split = ar.LazyTuned(MODEL, expected_sha256=ft.get("weights_sha256"), **FT_ARGS), \
+        ft["split"]
+# every result below depends on the tuned weights, not only on the parameters: fine-tuning from
+# the same parameters on another kind of CPU rounds differently, so the weights' fingerprint is
+# part of what makes a stored result current (files written before fingerprints name none)
+WEIGHTS = {"TUNED_WEIGHTS_SHA256": ft["weights_sha256"]} if "weights_sha256" in ft else {}
+KEY_DAS = {**KEY_FT, **{k: PARAMETERS[k] for k in ("CAUSAL_MODELS", "LAYERS", "RANKS", "SITES",
+                                                  "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS",
+                                                  "DAS_BATCH", "DAS_LR", "SEMANTICS")},
+           **WEIGHTS}
+KEY_GRAPH = {**KEY_DAS, "GRAPH_ARRANGEMENTS": GRAPH_ARRANGEMENTS, "GRAPH_LAYERS": GRAPH_LAYERS}
+# one DAS run (causal model, layer, rank, site; its name says which) depends on these alone, so
+# adding a causal model, layer, rank or site to the lists reuses the runs already stored
+KEY_UNIT = {k: v for k, v in KEY_DAS.items() if k not in ("CAUSAL_MODELS", "LAYERS", "RANKS",
+                                                          "SITES")}
+print("tuned weights:", f"sha256 {ft['weights_sha256'][:16]}..." if WEIGHTS else
+      f"not named in {ft_path.name} (written before weights were fingerprinted)")
 tokens = ar.task_tokens(lm.tokenizer, FORMAT)
 for fmt, t in ft["tokenization"].items():
     print(f"{fmt}: " + (t["error"] if "error" in t else
