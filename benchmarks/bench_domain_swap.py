@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pairs", default="cpp_python.json", help="prompt file in prompt_set/")
     parser.add_argument("--n-prompts", type=int, default=0, help="0 means every pair of the file")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="engine rows per forward pass (notebook 02's BATCH_SIZE default)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     print("largest |engine - seed|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     write_result("domain_swap", {
         "model": lm.name, "pairs": pairs.name, "n_prompt_pairs": n, "layers": len(layers),
+        "batch_size": args.batch_size,
         "components": components, "seconds": {"seed_algorithm": t_slow, "engine": t_fast},
         "speedup": t_slow / t_fast, "max_abs_diff": diffs})
     return 0 if max(diffs.values()) <= 1e-5 else 1
