@@ -116,6 +116,15 @@ def test_errors_are_clear(lm):
         collect_last_token(lm, PROMPTS, ["blocks.0.nope"], progress=False)
 
 
+def _assert_batched_equals_unbatched(lm, prompts, sites, batch_size):
+    got = collect_last_token(lm, prompts, sites, batch_size=batch_size, progress=False)
+    ref = collect_last_token_naive(lm, prompts, sites)
+    for site in sites:
+        scale = ref[site].abs().max().item()
+        torch.testing.assert_close(got[site], ref[site], atol=1e-4 * max(scale, 1.0), rtol=1e-3,
+                                   msg=site)
+
+
 def test_real_model_batched_equals_unbatched(smollm):
     """SmolLM2 (no BOS) on committed prompts of different lengths."""
     from lib.prompts import load_pairs
@@ -123,12 +132,7 @@ def test_real_model_batched_equals_unbatched(smollm):
     pairs = load_pairs("cpp_python.json").head(5)
     prompts = list(pairs.a) + list(pairs.b)
     sites = ["blocks.0.attn_out", "blocks.15.mlp_out", "blocks.29.resid_post"]
-    got = collect_last_token(smollm, prompts, sites, batch_size=4, progress=False)
-    ref = collect_last_token_naive(smollm, prompts, sites)
-    for site in sites:
-        scale = ref[site].abs().max().item()
-        torch.testing.assert_close(got[site], ref[site], atol=1e-4 * max(scale, 1.0), rtol=1e-3,
-                                   msg=site)
+    _assert_batched_equals_unbatched(smollm, prompts, sites, batch_size=4)
 
 
 @pytest.mark.slow
@@ -141,9 +145,4 @@ def test_gemma3_batched_equals_unbatched():
     prompts = list(pairs.a) + list(pairs.b)
     assert gemma.tokenizer(prompts[0])["input_ids"][0] == gemma.tokenizer.bos_token_id
     sites = ["blocks.0.attn_out", "blocks.9.mlp_out", "blocks.17.resid_post"]
-    got = collect_last_token(gemma, prompts, sites, batch_size=8, progress=False)
-    ref = collect_last_token_naive(gemma, prompts, sites)
-    for site in sites:
-        scale = ref[site].abs().max().item()
-        torch.testing.assert_close(got[site], ref[site], atol=1e-4 * max(scale, 1.0), rtol=1e-3,
-                                   msg=site)
+    _assert_batched_equals_unbatched(gemma, prompts, sites, batch_size=8)
