@@ -52,8 +52,11 @@ def test_notebook_09_on_smollm2_writes_what_holds_for_any_tuned_model(tmp_path):
     assert len(ft["curve"]) == 1 and 0 <= ft["test_accuracy"] <= 1
     assert ft["provenance"]["model"]["name"] == "smollm2-135m"
     assert list((tmp_path / "cache").rglob("*.safetensors")), "tuned weights not cached"
+    # every later result names the tuned weights it was computed with
+    assert len(ft["weights_sha256"]) == 64
 
     data = read_json(out / "das_iia.json")
+    assert data["provenance"]["parameters"]["TUNED_WEIGHTS_SHA256"] == ft["weights_sha256"]
     assert [(r["model"], r["layer"], r["rank"], r["site"]) for r in data["runs"]] == [
         (1, 22, 8, "all"), (7, 22, 8, "all")]
     for r in data["runs"]:
