@@ -16,6 +16,11 @@ matter for timing), the same counterfactual batch and the same rotation (rank k 
 Prints both times per step (the fastest of ``--repeats``), the ratio and the largest
 difference between the two losses and rotation gradients, and writes them to
 ``benchmarks/results/das_arithmetic.json``. Not a test.
+
+Evaluation (``--eval-pairs`` counterfactuals of test arrangements, M7 labels, the same
+rotation): ``lib.das.iia`` with one whole run of the blocks above l per counterfactual, batches
+of 250, against ``lib.das_arithmetic.shared_iia``, which runs the first positions that
+counterfactuals share once; both times, the ratio and how many predictions differ.
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ from lib.models import load_model
 from lib.params import parse_layers
 
 
+def evaluation(lm, layer, module, states, pairs) -> dict:
+    data = da.pairs_data(states, pairs)
+    head = da.head_at(lm, layer)
+
+    @torch.no_grad()
+    def whole():
+        return torch.cat([head(module(*data.batch(slice(a, a + 250))[:3])).argmax(-1)
+                          for a in range(0, len(data), 250)])
+
+    pred_whole, t_whole = timed(whole)
+    pred_shared, t_shared = timed(lambda: da.counterfactual_predictions(
+        lm, layer, module, states, pairs["base"], pairs["source"]))
+    labels = pairs["label"]
+    return {"eval_whole_s": t_whole, "eval_shared_s": t_shared, "eval_ratio": t_whole / t_shared,
+            "eval_iia_whole": float((pred_whole == labels).double().mean()),
+            "eval_iia_shared": float((pred_shared == labels).double().mean()),
+            "eval_predictions_differing": int((pred_whole != pred_shared).sum())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -40,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-pairs", type=int, default=1000,
+                        help="test counterfactuals of the evaluation comparison (0 skips it)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -52,6 +78,8 @@ def main(argv=None) -> int:
     labels = pairs["label"]
     (states, t_states) = timed(lambda: da.residual_states(lm, tokens, layers))
     print(f"stored residual streams of {len(layers)} layers, 1,000 prompts: {t_states:.1f} s")
+    test_pairs = ar.counterfactual_pairs(ar.causal_model(7, ar.split_arrangements(0)["test"]),
+                                         max(args.eval_pairs, 1), seed=27)
     rows = []
     for layer in layers:
         site = f"blocks.{layer}.resid_post"
@@ -94,13 +122,21 @@ def main(argv=None) -> int:
                "ratio": min(full_times) / min(stored_times), "loss_diff": abs(lf - ls),
                "grad_max_diff": float((gf - gs).abs().max()),
                "grad_max": float(gf.abs().max())}
-        rows.append(row)
         print(f"layer {layer:2d}: full forward+backward {row['full_s']:.2f} s, from stored "
               f"state {row['stored_s']:.2f} s, ratio {row['ratio']:.2f}; loss diff "
               f"{row['loss_diff']:.2e}, grad diff {row['grad_max_diff']:.2e} "
               f"(max |grad| {row['grad_max']:.2e})", flush=True)
+        if args.eval_pairs:
+            row.update(evaluation(lm, layer, module, states[layer], test_pairs))
+            print(f"          evaluation of {args.eval_pairs} counterfactuals: whole runs "
+                  f"{row['eval_whole_s']:.2f} s, shared first positions "
+                  f"{row['eval_shared_s']:.2f} s, ratio {row['eval_ratio']:.2f}; IIA "
+                  f"{row['eval_iia_whole']:.3f} / {row['eval_iia_shared']:.3f}, predictions "
+                  f"differing: {row['eval_predictions_differing']}", flush=True)
+        rows.append(row)
     write_result("das_arithmetic", {"model": args.model, "rank": args.rank,
                                     "batch_size": args.batch_size, "repeats": args.repeats,
+                                    "eval_pairs": args.eval_pairs,
                                     "stored_states_s": t_states, "layers": rows})
     return 0
 
