@@ -191,7 +191,6 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
     inner = das.LowRankRotatedSpaceIntervention(lm.d_model, int(rank), seed=seed)
     module = AtPositions(inner, positions)
     train = pairs_data(states, train_pairs)
-    test = pairs_data(states, test_pairs)
     evald = pairs_data(states, eval_pairs) if eval_pairs is not None else None
     out = das.train_das(module, head, train, epochs=epochs, batch_size=batch_size, lr=lr,
                         seed=seed, eval_data=evald, progress=progress)
@@ -203,7 +202,7 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
               "curve": out["curve"], "steps": out["steps"],
               "trainable_parameters": out["trainable_parameters"],
               "orthogonality_error": das.orthogonality_error(inner),
-              "n_train": len(train), "n_test": len(test)}
+              "n_train": len(train), "n_test": len(test_pairs["label"])}
     return module, result
 
 
@@ -408,8 +407,7 @@ def _max_clique(adj: list[int], nodes: int) -> int:
     taken lowest first, the first of equal-size sets; tested equal to networkx's result),
     in bit operations: networkx copies the graph at every step of the recursion, hours on a
     1,000-node graph, against a second here."""
-    full = nodes
-    comp = [full & ~a & ~(1 << v) for v, a in enumerate(adj)]
+    comp = [nodes & ~a & ~(1 << v) for v, a in enumerate(adj)]
     clique, iset = _ramsey(comp, nodes)
     isets = [iset]
     while nodes:
@@ -417,11 +415,7 @@ def _max_clique(adj: list[int], nodes: int) -> int:
         clique, iset = _ramsey(comp, nodes)
         if iset:
             isets.append(iset)
-    best = isets[0]
-    for iset in isets[1:]:
-        if iset.bit_count() > best.bit_count():
-            best = iset
-    return best
+    return max(isets, key=int.bit_count)   # the first of equal size, as networkx
 
 
 def _bits(mask: int) -> list[int]:
