@@ -13,8 +13,10 @@ Both sides trace the same restorations with the same common-random-number noise 
   context run once; each row from its restored token on, on its sample's corrupted key/value
   prefix, from its lowest patched layer where exact; only the last position's logits).
 
-Prints both times, the ratio and the largest difference between the two score grids, and
-writes them to ``benchmarks/results/tracing.json``. Not a test: timings depend on the machine.
+Prints both times, the ratio and the largest difference between the two score grids, and the
+ceiling that no exact algorithm can pass on these rows (:func:`exact_work_ceiling`, counted in
+multiply-adds), and writes them to ``benchmarks/results/tracing.json`` (``--out`` for another
+name). Not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +66,38 @@ def causal_tracer_algorithm(lm, ids, subject_range, noise: np.ndarray, answer_id
     return out / samples
 
 
+def exact_work_ceiling(lm, n_tokens: int, jobs) -> dict:
+    """How far *any* exact algorithm could beat causal-tracer's, counted in multiply-adds.
+
+    A restoration at position ``p`` first changes the stream in some block ``f``; from there on
+    every position ``>= p`` of every later block changes (causal attention carries it), so an
+    exact algorithm must recompute those (block, position) cells and nothing else. Counted
+    generously for the fastest side: the first patched block costs nothing (its other
+    positions are unchanged when the patched site comes after attention), the last block only
+    its last position plus the key/value projections of the others, the LM head one position.
+    causal-tracer's rows cost every block at every position and the LM head at every position.
+    Equal throughput per multiply-add is assumed, so the ratio is a ceiling on the speed-up.
+    """
+    blocks = lm.spec.blocks(lm.model)
+    per_block = sum(w.numel() for w in blocks[0].parameters() if w.dim() == 2)
+    kv = sum(m.weight.numel() for n, m in blocks[0].named_modules()
+             if n.split(".")[-1] in ("k_proj", "v_proj", "c_attn"))  # GPT-2: q,k,v fused
+    head = lm.model.get_output_embeddings().weight.numel()
+    L, T = lm.n_layers, n_tokens
+    full = exact = 0
+    for job in jobs:
+        p = min(t for _, _, t in job.restore)
+        first = min(l for _, l, _ in job.restore)
+        # resid_post at l changes block l+1 on; a sub-layer output at l changes block l
+        # (only at p, counted free) and everything from block l+1 on
+        for b in range(first + 1, L):
+            exact += per_block + kv * (T - p - 1) if b == L - 1 else per_block * (T - p)
+        exact += head
+        full += T * (L * per_block + head)
+    return {"multiply_adds_causal_tracer": full, "multiply_adds_exact_minimum": exact,
+            "ceiling": full / exact, "per_block_per_token": per_block, "head_per_token": head}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="tracing", help="result name under benchmarks/results/")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
@@ -113,17 +149,20 @@ def main(argv=None) -> int:
     t_ref = time.perf_counter() - tic
 
     diff = float(np.abs(engine - reference).max())
+    ceiling = exact_work_ceiling(lm, tracer.n_tokens, jobs)
     print(f"engine:        {t_engine:8.2f} s  ({rows / t_engine:7.1f} rows/s, batch "
           f"{args.batch_size})")
     print(f"causal-tracer: {t_ref:8.2f} s  ({rows / t_ref:7.1f} rows/s, full forwards, "
           "batches of 32)")
     print(f"speed-up: {t_ref / t_engine:.2f}x   largest |engine - causal-tracer| in p = {diff:.3g}")
-    write_result("tracing", {
+    print(f"ceiling of any exact algorithm (multiply-adds it cannot skip): "
+          f"{ceiling['ceiling']:.2f}x")
+    write_result(Path(args.out).name.removesuffix(".json"), {
         "model": lm.name, "prompt": args.prompt, "subject": args.subject, "samples": args.samples,
         "kinds": kinds, "layers": layers, "rows": rows, "device": lm.device.type,
         "dtype": str(lm.dtype).removeprefix("torch."), "batch_size": args.batch_size,
         "seconds": {"engine": t_engine, "causal_tracer_algorithm": t_ref},
-        "speedup": t_ref / t_engine, "max_abs_diff_prob": diff})
+        "speedup": t_ref / t_engine, "max_abs_diff_prob": diff, "exact_work": ceiling})
     return 0 if diff <= 1e-5 else 1
 
 
