@@ -80,11 +80,14 @@ def exact_work_ceiling(lm, n_tokens: int, jobs) -> dict:
     """
     blocks = lm.spec.blocks(lm.model)
     per_block = sum(w.numel() for w in blocks[0].parameters() if w.dim() == 2)
-    kv = sum(m.weight.numel() for n, m in blocks[0].named_modules()
-             if n.split(".")[-1] in ("k_proj", "v_proj", "c_attn"))  # GPT-2: q,k,v fused
+    # GPT-2 fuses queries, keys and values in c_attn: two thirds of it are keys and values
+    kv = sum(m.weight.numel() * 2 // 3 if n.endswith("c_attn") else m.weight.numel()
+             for n, m in blocks[0].named_modules()
+             if n.split(".")[-1] in ("k_proj", "v_proj", "c_attn"))
     head = lm.model.get_output_embeddings().weight.numel()
     L, T = lm.n_layers, n_tokens
-    full = exact = 0
+    full = len(jobs) * T * (L * per_block + head)
+    exact = 0
     for job in jobs:
         p = min(t for _, _, t in job.restore)
         first = min(l for _, l, _ in job.restore)
@@ -93,7 +96,6 @@ def exact_work_ceiling(lm, n_tokens: int, jobs) -> dict:
         for b in range(first + 1, L):
             exact += per_block + kv * (T - p - 1) if b == L - 1 else per_block * (T - p)
         exact += head
-        full += T * (L * per_block + head)
     return {"multiply_adds_causal_tracer": full, "multiply_adds_exact_minimum": exact,
             "ceiling": full / exact, "per_block_per_token": per_block, "head_per_token": head}
 
