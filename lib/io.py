@@ -312,6 +312,59 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
     return data
 
 
+def inputs_current(data: dict, inputs: dict | None) -> bool:
+    """Whether a stored result was computed from the same input files: ``inputs`` maps each
+    input's name to a digest of what was read from it (:func:`digest`), compared with the
+    stored ``provenance.inputs``. No ``inputs`` asked: always current."""
+    if not inputs:
+        return True
+    stored = (data.get("provenance") or {}).get("inputs")
+    return isinstance(stored, dict) and all(stored.get(k) == v for k, v in inputs.items())
+
+
+def digest(value: Any) -> str:
+    """A stable sha256 (hex) of any JSON-ready value: what a result's input file held."""
+    return hashlib.sha256(dumps(value).encode()).hexdigest()
+
+
+def load_or_compute(path: str | os.PathLike, parameters: dict,
+                    compute: Callable[[], tuple[dict, dict]], *, force: bool = False,
+                    check: Callable[[dict], Any] | None = None, inputs: dict | None = None,
+                    quiet: bool = False) -> dict:
+    """The one "is this result current, else compute and write" step of every notebook.
+
+    The result at ``path`` is reused (read, checked, returned) when :func:`read_current` finds
+    it current for ``parameters`` and, when ``inputs`` is given, it was computed from the same
+    input files (:func:`inputs_current`). Otherwise ``compute()`` runs and returns
+    ``(payload, provenance)``: loading a model, units and every other cost belongs inside it,
+    so a current result costs one file read. The payload is written atomically with its
+    provenance (plus ``inputs``), checked by ``check``, and returned as read back from disk,
+    so a computed and a reused result are the same JSON values. ``force`` always computes.
+    """
+    path = Path(path)
+    found = read_current(path, parameters, force=force, check=check)
+    if found is not None and inputs_current(found, inputs):
+        if not quiet:
+            print(f"{_shown(path)} is current (same parameters and inputs); FORCE=True "
+                  "recomputes it")
+        return found
+    payload, prov = compute()
+    if inputs:
+        prov = {**prov, "inputs": dict(inputs)}
+    write_json(path, payload, prov, check=check)
+    if not quiet:
+        print(f"wrote {_shown(path)}")
+    return read_json(path)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (no machine paths printed)."""
+    try:
+        return str(path.resolve().relative_to(paths.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def params_key(params: dict) -> str:
     """A short stable hash of parameters (which units of work they belong to)."""
     return hashlib.sha256(dumps(params).encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@
     python -m lib.runner                                  # every notebook, smollm2-135m
     python -m lib.runner --notebooks 00 01 --models smollm2-135m gemma3-270m
     python -m lib.runner --notebooks 05 -p N_PROMPTS=8 -p LAYERS='"0,1"'
+    python -m lib.runner --force                          # recompute instead of reusing
     python -m lib.runner --help                           # lists notebooks and parameters
 
 The model goes in as the notebook parameter ``MODEL``; ``-p NAME=VALUE`` sets any other one.
@@ -14,7 +15,10 @@ any kernel starts. A notebook gets only the parameters it declares. Torch in eve
 ``--threads`` CPU threads (default 1, the thread count of the committed results: on a shared
 CPU one thread is faster than two for these small models).
 
-Executed copies, with their inline figures, are kept as ``runs/<model>/<notebook>.ipynb``.
+Every notebook reuses a result that is current (same parameters, inputs and thread count:
+:func:`lib.io.load_or_compute`); ``--force`` recomputes. Executed copies, with their inline
+figures, are kept as ``runs/<model>/<notebook>.ipynb``; one whose content did not change (run
+times aside) keeps its bytes, as figures do, so a rerun over current results changes no file.
 The run stops at the first failing notebook (an error, a cell past ``--timeout``, a dead
 kernel) and prints the notebook, the cell and the error, exit code 1; the failed copy is kept
 as ``runs/<model>/<notebook>.failed.ipynb`` and removed by the next successful run of that
@@ -24,7 +28,9 @@ notebook. SIGTERM, SIGHUP and Ctrl-C stop the run and shut the kernel down with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -102,8 +108,10 @@ def takes_model(notebook: Path) -> bool:
 
 
 def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> None:
-    """Record repository-relative input/output paths in the executed copy's metadata, so that
-    committed copies do not carry this machine's absolute paths."""
+    """Record repository-relative input/output paths in the executed copy's metadata (and in
+    its printed outputs), so that committed copies do not carry this machine's absolute
+    paths; and drop what differs between two runs of the same content (the injected cell's
+    random id, memory addresses in reprs, progress-bar widgets with their ids and rates)."""
     import nbformat
 
     nb = nbformat.read(str(executed), as_version=4)
@@ -115,7 +123,57 @@ def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> Non
         except ValueError:
             return Path(path).name
     meta["input_path"], meta["output_path"] = rel(source), rel(target)
+    # printed paths inside the repository become relative too: the same run in another clone
+    # gives the same executed copy
+    root = f"{paths.REPO_ROOT.resolve()}/"
+    nb.metadata.pop("widgets", None)   # progress-bar widgets: dead without a kernel, and random
+    for cell in nb.cells:
+        cell["outputs"] = [out for out in cell.get("outputs", []) if
+                           "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["id"] = "injected-parameters"   # papermill draws a random id on every run
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = out["text"].replace(root, "")
+            plain = out.get("data", {}).get("text/plain")
+            if isinstance(plain, str):   # a figure's repr names its memory address
+                out["data"]["text/plain"] = _ADDRESS.sub(">", plain.replace(root, ""))
     nbformat.write(nb, str(executed))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+>")
+_RUN_TIMES = ("start_time", "end_time", "duration", "exception")
+
+
+def executed_content(path: Path) -> str:
+    """An executed notebook as canonical JSON without what changes on every run of the same
+    content: papermill's start/end times and durations, and each cell's execution timestamps.
+    Two runs that computed and displayed the same things give the same text."""
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    meta = nb.get("metadata", {}).get("papermill", {})
+    for key in _RUN_TIMES:
+        meta.pop(key, None)
+    for cell in nb.get("cells", []):
+        cell.get("metadata", {}).pop("execution", None)
+        for key in _RUN_TIMES:
+            cell.get("metadata", {}).get("papermill", {}).pop(key, None)
+    return json.dumps(nb, sort_keys=True)
+
+
+def keep_if_unchanged(executed: Path, target: Path) -> bool:
+    """Move ``executed`` onto ``target`` unless ``target`` already holds the same content
+    (:func:`executed_content`); then ``executed`` is removed and ``target`` keeps its bytes, so
+    rerunning a notebook over current results leaves the committed copy untouched. Returns
+    whether ``target`` was rewritten."""
+    try:
+        same = target.exists() and executed_content(executed) == executed_content(target)
+    except (ValueError, OSError):   # an unreadable old copy is simply replaced
+        same = False
+    if same:
+        executed.unlink()
+        return False
+    os.replace(executed, target)
+    return True
 
 
 def check_runs_dir(runs_dir: Path) -> None:
@@ -132,7 +190,7 @@ def check_runs_dir(runs_dir: Path) -> None:
 
 
 def check_run(notebooks: list[Path], models: list[str], params: dict | None,
-              runs_dir: Path, check_models: bool = True) -> dict[Path, dict]:
+              runs_dir: Path, check_models: bool = True, force: bool = False) -> dict[Path, dict]:
     """Everything that can be checked before a kernel starts; returns each notebook's own
     checked parameters. Raises :class:`lib.params.ParameterError` (or
     :class:`lib.models.ModelNotFoundError`) naming the problem and the fix."""
@@ -146,7 +204,13 @@ def check_run(notebooks: list[Path], models: list[str], params: dict | None,
     params = dict(params or {})
     if "MODEL" in params:
         raise ParameterError("set the model with --models, not -p MODEL=...")
+    if force and "FORCE" in params:
+        raise ParameterError("give either --force or -p FORCE=..., not both")
     per_notebook = check_params(notebooks, params)
+    if force:   # every notebook that can reuse a stored result recomputes it
+        for nb, declared in per_notebook.items():
+            if "FORCE" in read_parameters(nb):
+                declared["FORCE"] = True
     check_runs_dir(runs_dir)
     return per_notebook
 
@@ -169,14 +233,16 @@ def _raise_stopped(signum, frame):
 def run_notebooks(notebooks: list[Path], models: list[str], params: dict | None = None,
                   runs_dir: Path = paths.RUNS, timeout: int | None = None,
                   kernel_name: str = "python3", progress: bool = True,
-                  check_models: bool = False, threads: int | None = None) -> list[Path]:
+                  check_models: bool = False, threads: int | None = None,
+                  force: bool = False) -> list[Path]:
     """Execute ``notebooks`` for each model in order; returns the executed copies.
 
     Parameters are checked first (:func:`check_run`); each notebook gets the ones it declares.
     ``threads`` sets torch's CPU threads in the kernels (None: the environment's default).
+    ``force`` sets ``FORCE=True`` in every notebook that declares it (recompute everything).
     Raises :class:`NotebookFailed` with the notebook, cell and error at the first failure.
     """
-    per_notebook = check_run(notebooks, models, params, Path(runs_dir), check_models)
+    per_notebook = check_run(notebooks, models, params, Path(runs_dir), check_models, force)
     saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(int(threads))
@@ -236,7 +302,7 @@ def _run_all(notebooks, models, per_notebook, runs_dir, timeout, kernel_name, pr
                                  f"{type(err).__name__}: {str(err)[:300]}. Executed copy: "
                                  f"{failed}") from None
         _relative_papermill_paths(tmp, nb, target)
-        os.replace(tmp, target)
+        keep_if_unchanged(tmp, target)
         _clean_strays(out_dir, nb)
         done.append(target)
     return done
@@ -277,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of numbered notebooks (default notebooks/)")
     parser.add_argument("--timeout", type=_positive_int, default=None,
                         help="seconds per cell")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute every result (FORCE=True in each notebook that has it); "
+                             "without it, current results are reused")
     parser.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS,
                         help=f"torch CPU threads in each kernel (default {DEFAULT_THREADS}; "
                              "results move at the last digits with it, see the README)")
@@ -287,14 +356,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no numbered notebooks in {args.notebook_dir}", file=sys.stderr)
             return 2
         params = parse_params(args.param)
-        check_run(notebooks, args.models, params, args.runs_dir)
+        check_run(notebooks, args.models, params, args.runs_dir, force=args.force)
     except (ParameterError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         done = run_notebooks(notebooks, args.models, params, args.runs_dir, args.timeout,
-                             threads=args.threads)
+                             threads=args.threads, force=args.force)
     except NotebookFailed as err:
         print(f"\nFAILED: {err}", file=sys.stderr)
         return 1

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 
 from lib.engine import Capture, Context, Engine, Ref, Row, run_naive
 from lib.hooks import Intervention, capture
-from lib.io import params_key, provenance, read_current, write_json
+from lib import io
+from lib.io import params_key, provenance
 from lib.sites import site_name
 
 TRACE_KINDS = ("hidden", "mlp", "attention")
@@ -572,16 +573,12 @@ def summarize_facts(results: Sequence[dict], effects=None) -> dict:
 
 def load_or_compute(path, lm, parameters: dict, compute, force: bool = False,
                     seed: int | None = None) -> dict:
-    """Read ``path`` when it holds a result of the same ``parameters`` (unless ``force``);
-    otherwise call ``compute()`` (a JSON-ready dict), write it atomically with provenance
-    and return it (without the provenance block)."""
-    found = read_current(path, parameters, force=force)
-    if found is not None:
-        found.pop("provenance", None)
-        return found
-    payload = compute()
-    write_json(path, payload, provenance(lm, parameters, seed))
-    return payload
+    """:func:`lib.io.load_or_compute` for a result of ``lm``: ``compute()`` gives the JSON-ready
+    dict, written with ``lm``'s provenance; returns it without the provenance block."""
+    found = io.load_or_compute(
+        path, parameters, lambda: (compute(), provenance(lm, parameters, seed)), force=force)
+    found.pop("provenance", None)
+    return found
 
 
 def fact_unit_name(index: int, fact: dict) -> str:

@@ -10,6 +10,7 @@ no plotting library (``tests/test_hygiene.py``).
 
 from __future__ import annotations
 
+import filecmp
 import os
 import tempfile
 import warnings
@@ -22,7 +23,8 @@ def save_figure(fig, name: str, model_slug: str | None = None,
                 graphs_dir: str | os.PathLike | None = None, width: float = 7,
                 height: float = 4.5, dpi: int = 150) -> list[Path]:
     """Save a plotnine ggplot (or matplotlib Figure) as ``<graphs_dir>/<model_slug>/<name>.png``
-    and ``.pdf``. Returns the two paths."""
+    and ``.pdf``. Returns the two paths. A file whose new bytes equal the stored ones is left
+    untouched (no creation date is written, so a figure of unchanged results is unchanged)."""
     folder = Path(graphs_dir) if graphs_dir else paths.GRAPHS
     if model_slug:
         folder = folder / model_slug
@@ -42,7 +44,10 @@ def save_figure(fig, name: str, model_slug: str | None = None,
                              verbose=False, metadata=meta)
             else:  # matplotlib
                 fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight", metadata=meta)
-            os.replace(tmp, target)
+            if target.exists() and filecmp.cmp(tmp, target, shallow=False):
+                Path(tmp).unlink()   # same bytes: the file (and git status) stays untouched
+            else:
+                os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
