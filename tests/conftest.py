@@ -6,6 +6,14 @@ embedded models come from their PyPI packages.
 * ``llama``: the tiny random Llama alone, for tests where one architecture is enough.
 * ``smollm``: the real embedded SmolLM2-135M (slow tests).
 
+Comparisons (:data:`F32_ATOL`, :data:`F32_RTOL`, :func:`assert_f32_close`): two *different*
+computations of the same float32 quantity (batched vs one row at a time, a fast path vs its
+reference loop, networks trained stacked vs alone) agree only up to rounding, and the rounding
+depends on the CPU's kernels (AVX512, AVX2 or none: ``ATEN_CPU_CAPABILITY``), so they are
+compared with the one tolerance below. Bitwise equality (``torch.equal``) is kept for the same
+computation run twice (determinism, resume, files read back) and for values copied rather than
+computed (a no-op row that gets the clean readout, an unpatched position).
+
 Tiny models are module-scoped: building one takes about 10 ms, and a test module cannot leak a
 changed model into another. A test that changes its model (dtype, modules) loads its own.
 """
@@ -19,6 +27,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_FLAVOURS = ("tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2")
+
+#: The tolerance of every comparison between two different float32 computations: float32 keeps
+#: about 7 significant digits, and a forward pass of a tiny model (or a few hundred training
+#: steps of a small network) reorders sums whose rounding moves values of order 1-10 by up to
+#: a few 1e-6; 1e-5 absolute plus 1e-5 relative is above that on every kernel choice we run
+#: (default, AVX2, AVX512) and far below any effect a test looks for.
+F32_ATOL = 1e-5
+F32_RTOL = 1e-5
+
+
+def assert_f32_close(actual, expected, msg: str | None = None) -> None:
+    """``actual`` equals ``expected`` within :data:`F32_ATOL` + :data:`F32_RTOL` * |expected|
+    (tensors, arrays, numbers, or lists of them)."""
+    import torch
+
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
+                               torch.as_tensor(expected, dtype=torch.float64),
+                               atol=F32_ATOL, rtol=F32_RTOL, msg=msg)
 
 
 @pytest.fixture(scope="module", params=TINY_FLAVOURS)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import assert_f32_close
 from lib.activations import (collect_last_token, collect_last_token_naive, right_padded_batch,
                              token_ids)
 from lib.hooks import count_hooks
@@ -90,7 +91,8 @@ def test_tokenizer_padding_equals_hand_padding_whatever_the_tokenizer_defaults(l
 
 
 def test_activations_are_unchanged_by_the_tokenizer_padding(lm):
-    """collect_last_token equals the same batches padded by hand, bit for bit."""
+    """collect_last_token equals the same batches padded by hand (bit for bit on the CPUs seen
+    so far; asserted within the float32 tolerance)."""
     from lib.hooks import capture
 
     sites = ["blocks.0.attn_out", "blocks.1.resid_post"]
@@ -101,8 +103,9 @@ def test_activations_are_unchanged_by_the_tokenizer_padding(lm):
         lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     rows = torch.arange(len(ids))
     for site in sites:
-        # one batch holds every prompt, only in another row order
-        assert torch.equal(got[site], cache[site][rows, last].float()), site
+        # one batch holds every prompt, only in another row order (rows of a matmul may round
+        # differently by position on some kernels)
+        assert_f32_close(got[site], cache[site][rows, last].float(), msg=site)
 
 
 def test_errors_are_clear(lm):

@@ -5,6 +5,7 @@ MLP (factual accuracy and vanilla-swap IIA 1.00), and errors."""
 import pytest
 import torch
 
+from conftest import F32_ATOL, assert_f32_close
 from lib import das
 from lib.causal_model import encode, hierarchical_equality
 from lib.mlp import (MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp,
@@ -24,7 +25,7 @@ def test_identity_rotation_over_all_dims_equals_vanilla_swap():
     base, src, _ = _acts()
     iv = das.RotatedSpaceIntervention(D)
     iv.set_rotation(torch.eye(D))
-    assert torch.allclose(iv(base, src), src, atol=1e-6)
+    assert torch.allclose(iv(base, src), src, atol=F32_ATOL)
     # and with two halves, each from its own source: a vanilla half swap
     iv2 = das.RotatedSpaceIntervention(D, [(0, 8), (8, 16)])
     iv2.set_rotation(torch.eye(D))
@@ -34,33 +35,33 @@ def test_identity_rotation_over_all_dims_equals_vanilla_swap():
     expected = base.clone()
     expected[masks[:, 0], :8] = s1[masks[:, 0], :8]
     expected[masks[:, 1], 8:] = s2[masks[:, 1], 8:]
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out, expected, atol=F32_ATOL)
     assert torch.equal(out[~masks.any(1)], base[~masks.any(1)])
 
 
 def test_any_full_rotation_over_all_dims_is_a_full_swap():
     base, src, _ = _acts(seed=2)
     iv = das.RotatedSpaceIntervention(D, seed=5)
-    assert torch.allclose(iv(base, src), src, atol=1e-5)
+    assert torch.allclose(iv(base, src), src, atol=F32_ATOL)
 
 
 def test_low_rank_with_k_equal_d_is_a_full_swap_and_smaller_k_is_a_projection():
     base, src, _ = _acts(seed=3)
     full = das.LowRankRotatedSpaceIntervention(D, rank=D, seed=1)
-    assert torch.allclose(full(base, src), src, atol=1e-5)
+    assert torch.allclose(full(base, src), src, atol=F32_ATOL)
     low = das.LowRankRotatedSpaceIntervention(D, rank=3, seed=1)
     R = low.R.detach()
-    assert torch.allclose(low(base, src), base + (src - base) @ R @ R.T, atol=1e-6)
+    assert torch.allclose(low(base, src), base + (src - base) @ R @ R.T, atol=F32_ATOL)
     # the part of the base orthogonal to span(R) is untouched
     P = torch.eye(D) - R @ R.T
-    assert torch.allclose(low(base, src) @ P, base @ P, atol=1e-5)
+    assert torch.allclose(low(base, src) @ P, base @ P, atol=F32_ATOL)
 
 
 def test_boundless_mask_covering_everything_is_a_full_swap():
     base, src, _ = _acts(seed=4)
     iv = das.BoundlessRotatedSpaceIntervention(D, init_fraction=1.0, temperature=1e-3, seed=2)
     assert torch.allclose(iv.coordinate_masks(), torch.ones(1, D))
-    assert torch.allclose(iv(base, src), src, atol=1e-5)
+    assert torch.allclose(iv(base, src), src, atol=F32_ATOL)
     half = das.BoundlessRotatedSpaceIntervention(D, init_fraction=0.25, temperature=1e-3)
     assert half.coordinate_masks().sum().item() == pytest.approx(4.0)
 
@@ -158,9 +159,9 @@ def test_save_and_load_safetensors(tmp_path, kind):
     path = das.save_intervention(iv, tmp_path / "rot.safetensors", {"layer": 0})
     back, meta = das.load_intervention(path)
     assert meta == {"layer": 0} and back.config()["kind"] == kind
-    assert torch.allclose(back.R, iv.R, atol=1e-6)
+    assert torch.allclose(back.R, iv.R, atol=F32_ATOL)
     base, src, _ = _acts(seed=8)
-    assert torch.allclose(back(base, src), iv(base, src), atol=1e-5)
+    assert torch.allclose(back(base, src), iv(base, src), atol=F32_ATOL)
     assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
     with pytest.raises(FileNotFoundError, match="train and save"):
         das.load_intervention(tmp_path / "missing.safetensors")
@@ -261,8 +262,10 @@ def test_training_does_not_depend_on_the_global_generator(orth):
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_networks_trained_together_equal_each_trained_alone(loss):
-    """lib.mlp.train_mlps stacks networks into batched matmuls; each must come out bit for bit
-    as train_mlp (one at a time) makes it, curves included, so one cache serves both."""
+    """lib.mlp.train_mlps stacks networks into batched matmuls; each must come out as train_mlp
+    (one at a time) makes it, curves included, so one cache serves both. Batched and single
+    matmuls round differently on some kernels (AVX512 here; bit for bit under AVX2 and the
+    default kernels), so: equal within the float32 tolerance."""
     model = hierarchical_equality(object_dim=4)
     seeds = [3, 7, 11]
     data = [model.factual_dataset(600, seed=s) for s in seeds]
@@ -274,9 +277,12 @@ def test_networks_trained_together_equal_each_trained_alone(loss):
     for i, s in enumerate(seeds):
         alone = MLP(seed=s, init="torch")
         curve = train_mlp(alone, xs[i], ys[i], 2, 64, 1e-2, s, *evals[i], loss=loss)
-        assert curve == curves[i]
+        assert [sorted(row) for row in curve] == [sorted(row) for row in curves[i]]
+        for row, stacked in zip(curve, curves[i]):
+            assert_f32_close([float(v) for v in row.values()],
+                             [float(stacked[k]) for k in row], msg=str(row))
         for a, b in zip(alone.state_dict().values(), together[i].state_dict().values()):
-            assert torch.equal(a, b)
+            assert_f32_close(a, b)
     assert not any(p.requires_grad for net in together for p in net.parameters())
     with pytest.raises(ValueError, match="one training set and seed per network"):
         train_mlps(together, xs[:2], ys, seeds=seeds)

@@ -7,6 +7,7 @@ the source's prediction, and a training run returns what the notebook stores."""
 import pytest
 import torch
 
+from conftest import F32_ATOL
 from lib import arithmetic as ar
 from lib import das
 from lib import das_arithmetic as da
@@ -33,7 +34,7 @@ def test_stored_states_equal_a_captured_forward(tuned):
     _, cache = run_with_cache(lm, ids, ["blocks.0.resid_post", "blocks.1.resid_post"])
     for l in (0, 1):
         assert torch.allclose(states[l][[0, 457, 999]], cache[f"blocks.{l}.resid_post"],
-                              atol=1e-5)
+                              atol=F32_ATOL)
 
 
 def test_lazy_states_compute_once_on_first_use(tuned):
@@ -207,12 +208,12 @@ def test_stream_continues_from_a_shared_prefix(arch):
         _, kept = engine.run_stream(lm, layer, h[:2, :5], keep_prefix=True)
         assert kept.length == 5 and len(kept.keys) == lm.n_layers - 1 - layer
         got = engine.run_stream(lm, layer, h[:, 5:], kept, rows)
-        assert torch.allclose(got, whole, atol=1e-5), layer
+        assert torch.allclose(got, whole, atol=F32_ATOL), layer
         # a prefix continued in two steps (positions 0-2, then 3-4) is the same prefix
         _, first = engine.run_stream(lm, layer, h[:2, :3], keep_prefix=True)
         _, both = engine.run_stream(lm, layer, h[:2, 3:5], first, keep_prefix=True)
         assert torch.allclose(engine.run_stream(lm, layer, h[:, 5:], both, rows), whole,
-                              atol=1e-5)
+                              atol=F32_ATOL)
     limit = engine.prefix_limit(lm)
     if limit is not None:
         assert arch == "tiny-random-gemma3"

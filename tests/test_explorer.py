@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import F32_ATOL
 from lib import explorer as E
 from lib.plots import explorer as ep
 from lib.hooks import count_hooks
@@ -59,7 +60,7 @@ def test_swapping_the_last_residual_gives_the_source_distribution(llama):
         src = probs_of(llama, source_text)
         values, order = src.topk(8)
         assert swapped.token_id.tolist() == order.tolist()
-        torch.testing.assert_close(torch.tensor(swapped.prob.tolist()), values, atol=1e-5,
+        torch.testing.assert_close(torch.tensor(swapped.prob.tolist()), values, atol=F32_ATOL,
                                    rtol=1e-4)
 
 

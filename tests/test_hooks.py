@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import F32_ATOL
 from lib.hooks import (Intervention, SiteError, apply_intervention, capture, count_hooks, patch,
                        run_with_cache)
 from lib.sites import LAYER_SITES, all_sites, parse_site, site_name
@@ -39,7 +40,7 @@ def test_every_site_resolves_with_documented_shape(lm, ids):
     with torch.no_grad():
         head = lm.model.get_output_embeddings()
         rebuilt = head(final_norm(cache[site_name("resid_post", lm.n_layers - 1)]))
-    assert torch.allclose(rebuilt, logits, atol=1e-5)
+    assert torch.allclose(rebuilt, logits, atol=F32_ATOL)
     # resid_post of layer l is resid_pre of layer l + 1
     for layer in range(lm.n_layers - 1):
         assert torch.equal(cache[f"blocks.{layer}.resid_post"], cache[f"blocks.{layer + 1}.resid_pre"])
@@ -71,7 +72,7 @@ def test_resid_pre_layer0_all_positions_equals_source_run(lm, ids):
     _, cache = run_with_cache(lm, source, ["blocks.0.resid_pre"])
     with patch(lm, [Intervention("blocks.0.resid_pre", value=cache["blocks.0.resid_pre"])]):
         patched = logits_of(lm, base)
-    assert torch.allclose(patched, logits_of(lm, source), atol=1e-6, rtol=0)
+    assert torch.allclose(patched, logits_of(lm, source), atol=F32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["resid_pre", "attn_in", "attn_out", "mlp_out", "resid_post"])
@@ -128,7 +129,7 @@ def test_all_heads_equals_whole_attention_before_projection(lm, ids):
     with patch(lm, [Intervention(site_name("attn_out", layer),
                                  value=out_cache[site_name("attn_out", layer)])]):
         via_out = logits_of(lm, base)
-    assert torch.allclose(whole, via_out, atol=1e-5)
+    assert torch.allclose(whole, via_out, atol=F32_ATOL)
 
 
 def test_add_zero_function_kinds(lm, ids):
@@ -254,4 +255,4 @@ def test_per_head_inputs_compose_to_the_attention_input(lm):
     assert torch.equal(got[site_name("resid_pre", 1)], clean[site_name("resid_pre", 1)])
     assert torch.allclose(got[site_name("mlp_norm_in", 1)],
                           clean[site_name("resid_pre", 1)] + got[site_name("attn_add", 1)],
-                          atol=1e-6)
+                          atol=F32_ATOL)

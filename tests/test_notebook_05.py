@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import F32_ATOL
 from lib import paths
 from lib.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
 from lib.io import read_json
@@ -49,7 +50,7 @@ def test_notebook_05_runs_and_writes_its_outputs(tmp_path):
     # positions before the differing token cannot change anything
     for r in records:
         if r["position"] < 3:
-            assert r["prob"] == pytest.approx(answers[r["token"]]["p_base"], abs=1e-6)
+            assert r["prob"] == pytest.approx(answers[r["token"]]["p_base"], abs=F32_ATOL)
     att = data["attribution"]
     assert len(att["records"]) == n_components * n_layers * n_positions * 3
     assert all(set(r) == set(ATTRIBUTION_KEYS) for r in att["records"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from conftest import F32_ATOL
 from lib import paths
 from lib.runner import run_notebooks
 
@@ -42,7 +43,7 @@ def test_notebook_06_runs_and_writes_its_outputs(tmp_path):
             assert all(v is not None and 0 <= v <= 1 for v in row[START:])
     hidden = json.loads((out / "causal_trace_hidden.json").read_text())
     # restoring the last layer's state at the last token restores the clean output
-    assert hidden["scores"][-1][-1] == pytest.approx(hidden["p_clean"], abs=1e-5)
+    assert hidden["scores"][-1][-1] == pytest.approx(hidden["p_clean"], abs=F32_ATOL)
 
     severed = json.loads((out / "causal_trace_severed.json").read_text())
     assert severed["token"] == 3  # last subject token (" Tower")

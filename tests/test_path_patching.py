@@ -9,6 +9,7 @@ import zlib
 import pytest
 import torch
 
+from conftest import F32_ATOL, assert_f32_close
 from lib import path_patching as pp
 from lib.engine import Context, Engine
 from lib.hooks import Intervention, _Hooks, _hook_point, n_kv_heads, patch, run_with_cache
@@ -25,15 +26,17 @@ def pair(lm):
     return b, s, engine
 
 
-def test_which_constant_gives_base_and_source_bitwise(lm, pair):
+def test_which_constant_gives_base_and_source(lm, pair):
+    """Bit for bit on the CPUs seen so far; rows batched apart from the clean runs may round
+    differently on other kernels, so asserted within the float32 tolerance."""
     b, s, engine = pair
     base, source = engine.clean_readout(0), engine.clean_readout(1)
     patches = [(lambda p: 0, lambda p: False), (lambda p: 1, lambda p: False),
                (lambda p: 0, lambda p: True),
                (lambda p: 1, lambda p: "heads" if p[-1].endswith(".head") else True)]
     out = pp.tree_patch(lm, [b, s, b], patches, engine=engine)
-    assert torch.equal(out[0].readout, base) and torch.equal(out[2].readout, base)
-    assert torch.equal(out[1].readout, source) and torch.equal(out[3].readout, source)
+    for row, want in zip(out, (base, source, base, source)):
+        assert_f32_close(row.readout, want)
 
 
 @pytest.mark.parametrize("how", [True, "positions", "heads"])
@@ -61,7 +64,7 @@ def test_branching_everywhere_with_base_inputs_changes_nothing(lm, pair, how):
         return 0 if zlib.crc32(" ".join(path).encode()) % 2 else 2
     [out] = pp.tree_patch(lm, [b, s, b], (which, branch), engine=engine)
     assert len(out.row.interventions) > 0
-    assert torch.allclose(out.readout, base, atol=1e-5, rtol=0)
+    assert torch.allclose(out.readout, base, atol=F32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -76,7 +79,7 @@ def test_branch_at_attention_equals_patching_its_output(lm, pair, layer):
     _, cs = run_with_cache(lm, s, [site])
     with torch.no_grad(), patch(lm, [Intervention(site, value=cs[site])]):
         ref = lm.model(input_ids=b).logits[0, -1].float()
-    assert torch.allclose(out.readout, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(out.readout, ref, atol=F32_ATOL, rtol=0)
     assert not torch.allclose(out.readout, engine.clean_readout(0), atol=1e-4)
     assert out.lineage.name == "ln_final"
 
@@ -88,7 +91,7 @@ def test_node_position_sweep_equals_notebook_05_attention_input_grid(lm, pair):
     grid, _ = sweep_interchange(lm, b, s, cells)
     patches = [pp.node_position_patch(f"a{l}", p) for _, l, p in cells]
     out = torch.stack([x.readout for x in pp.tree_patch(lm, [b, s], patches)])
-    assert torch.allclose(out, grid, atol=1e-5, rtol=0)
+    assert torch.allclose(out, grid, atol=F32_ATOL, rtol=0)
 
 
 def test_distinct_lineages_computed_once(llama):
@@ -134,7 +137,7 @@ def test_path_patching_batched_equals_reference_loop(lm, pair):
               dict(senders=["a0"], receivers=["f1"])]
     got = pp.path_patch(lm, b, s, specs)
     ref = pp.path_patch(lm, b, s, specs, naive=True)
-    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(got, ref, atol=F32_ATOL, rtol=0)
 
 
 def test_position_local_logits_equal_the_engine_rows(lm, pair):
@@ -149,7 +152,7 @@ def test_position_local_logits_equal_the_engine_rows(lm, pair):
               dict(senders=[heads[lm.n_heads], "f0"], freeze="all")]
     local = pp.path_patch(lm, b, s, specs, batch_size=4)
     rows = pp.path_patch(lm, b, s, specs, local=False)
-    assert torch.allclose(local, rows, atol=1e-5, rtol=0)
+    assert torch.allclose(local, rows, atol=F32_ATOL, rtol=0)
     assert (local - engine.clean_readout(0)).abs().max() > 1e-3   # the patches do something
     assert not pp._is_local(lm, dict(senders=[heads[0]], positions=[0]))
     n = b.shape[1]
@@ -159,7 +162,7 @@ def test_position_local_logits_equal_the_engine_rows(lm, pair):
     logit0 = lambda logits: logits[:, 0]   # noqa: E731  (a readout of the logits)
     got = pp.path_patch(lm, b, s, [suffix], logit0)
     assert torch.allclose(got, pp.path_patch(lm, b, s, [suffix], logit0, local=False),
-                          atol=1e-5, rtol=0)
+                          atol=F32_ATOL, rtol=0)
     assert not pp._is_local(lm, dict(senders=["emb"]))
     assert not pp._is_local(lm, dict(senders=[heads[0]], receivers=["a1.h0.q"]))
 
@@ -181,8 +184,8 @@ def test_all_senders_of_a_layer_to_logits_equals_patching_it(lm, pair):
         ref0 = lm.model(input_ids=b).logits[0, -1].float()
     with torch.no_grad(), patch(lm, [Intervention(site1, value=cs[site1])]):
         ref1 = lm.model(input_ids=b).logits[0, -1].float()
-    assert torch.allclose(got[0], ref0, atol=1e-5, rtol=0)
-    assert torch.allclose(got[1], ref1, atol=1e-5, rtol=0)
+    assert torch.allclose(got[0], ref0, atol=F32_ATOL, rtol=0)
+    assert torch.allclose(got[1], ref1, atol=F32_ATOL, rtol=0)
 
 
 def _zero_mlps(lm):
@@ -208,10 +211,10 @@ def test_freeze_policies_differ_exactly_by_the_mlp_paths(lm, pair):
     assert (att - allf).abs().max() > 1e-3
     quiet = _zero_mlps(lm)
     q_att, q_all = pp.path_patch(quiet, b, s, specs)
-    assert torch.allclose(q_att, q_all, atol=1e-5, rtol=0)
+    assert torch.allclose(q_att, q_all, atol=F32_ATOL, rtol=0)
     if lm.spec.attn_post_norm is None:
         [edge] = pp.edge_patch(lm, b, s, [[("a0.h1", "logits")]])
-        assert torch.allclose(allf, edge, atol=1e-5, rtol=0)
+        assert torch.allclose(allf, edge, atol=F32_ATOL, rtol=0)
 
 
 def test_bad_specs_are_refused(llama):
@@ -293,8 +296,8 @@ def test_edge_patching_equals_plain_two_pass(lm, pair):
     sets = _random_edge_sets(lm, 12)
     got = pp.edge_patch(lm, b, s, sets, batch_size=5)
     for out, edges in zip(got, sets):
-        assert torch.allclose(out, _two_pass(lm, b, s, edges), atol=1e-5, rtol=0)
-    assert torch.allclose(got, pp.edge_patch(lm, b, s, sets, naive=True), atol=1e-5, rtol=0)
+        assert torch.allclose(out, _two_pass(lm, b, s, edges), atol=F32_ATOL, rtol=0)
+    assert torch.allclose(got, pp.edge_patch(lm, b, s, sets, naive=True), atol=F32_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("node", ["emb", "a0", "f0", "a1"])
@@ -306,7 +309,7 @@ def test_every_out_edge_of_a_node_equals_patching_its_output(lm, pair, node):
     _, cs = run_with_cache(lm, s, [site])
     with torch.no_grad(), patch(lm, [Intervention(site, value=cs[site])]):
         ref = lm.model(input_ids=b).logits[0, -1].float()
-    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(got, ref, atol=F32_ATOL, rtol=0)
 
 
 def test_every_out_edge_of_a_head_equals_patching_it(lm, pair):
@@ -321,7 +324,7 @@ def test_every_out_edge_of_a_head_equals_patching_it(lm, pair):
     _, cs = run_with_cache(lm, s, [site])
     with torch.no_grad(), patch(lm, [Intervention(site, heads=(1,), value=cs[site][:, :, [1]])]):
         ref = lm.model(input_ids=b).logits[0, -1].float()
-    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(got, ref, atol=F32_ATOL, rtol=0)
 
 
 def test_edge_attribution_patching_tracks_exact_scores(lm, pair):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import F32_ATOL
 from lib import tracing as tr
 from lib.hooks import count_hooks
 from lib.io import UnitStore, dumps
@@ -132,11 +133,11 @@ def test_noise_is_added_at_the_subject_embeddings_only(tracer, lm):
     noise = tracer.noise_draws
     assert tuple(noise.shape) == (SAMPLES, 4, lm.d_model)
     expected = torch.from_numpy(tr.make_noise(SAMPLES, 4, lm.d_model, 1) * tracer.noise)
-    assert torch.allclose(noise.double(), expected, atol=1e-6)
+    assert torch.allclose(noise.double(), expected, atol=F32_ATOL)
     clean = tracer.clean["blocks.0.resid_post"]
     corrupt = tracer.corrupted["blocks.0.resid_post"]
     # positions before the subject are untouched in every sample; the subject's are not
-    assert torch.allclose(corrupt[:, :1], clean[None, :1].expand(SAMPLES, -1, -1), atol=1e-6)
+    assert torch.allclose(corrupt[:, :1], clean[None, :1].expand(SAMPLES, -1, -1), atol=F32_ATOL)
     assert (corrupt[:, 1:5] - clean[None, 1:5]).abs().amax() > 1e-3
 
 
@@ -144,20 +145,20 @@ def test_noise_is_added_at_the_subject_embeddings_only(tracer, lm):
 
 def test_restoring_every_hidden_state_gives_p_clean(tracer, lm):
     p = tracer.scores([all_hidden(lm, tracer.n_tokens)])[0]
-    assert p == pytest.approx(tracer.p_clean, abs=1e-6)
+    assert p == pytest.approx(tracer.p_clean, abs=F32_ATOL)
     # so does the last layer's residual stream at the last token alone
     last = tr.Restoration(restore=(("resid_post", lm.n_layers - 1, tracer.n_tokens - 1),))
-    assert tracer.scores([last])[0] == pytest.approx(tracer.p_clean, abs=1e-6)
+    assert tracer.scores([last])[0] == pytest.approx(tracer.p_clean, abs=F32_ATOL)
     assert count_hooks(lm.model) == 0
 
 
 def test_no_restoration_gives_p_corrupt(tracer, lm):
     assert tracer.scores([tr.Restoration()])[0] == tracer.p_corrupt
     assert tracer.scores_naive([tr.Restoration()])[0] == pytest.approx(tracer.p_corrupt,
-                                                                         abs=1e-6)
+                                                                         abs=F32_ATOL)
     # restoring before the subject changes nothing (why trace() skips those rows)
     before = tr.Restoration(restore=tuple(("resid_post", l, 0) for l in range(lm.n_layers)))
-    assert tracer.scores([before])[0] == pytest.approx(tracer.p_corrupt, abs=1e-6)
+    assert tracer.scores([before])[0] == pytest.approx(tracer.p_corrupt, abs=F32_ATOL)
 
 
 def test_trace_grid_shape_prefix_rows_and_round_trip(tracer, lm):
@@ -166,7 +167,7 @@ def test_trace_grid_shape_prefix_rows_and_round_trip(tracer, lm):
     assert res.prefix_rows == [0] and np.all(res.scores[0] == tracer.p_corrupt)
     assert not np.isnan(res.scores).any()
     # the last layer at the last token restores the clean output
-    assert res.scores[-1, -1] == pytest.approx(tracer.p_clean, abs=1e-6)
+    assert res.scores[-1, -1] == pytest.approx(tracer.p_clean, abs=F32_ATOL)
     part = tracer.trace("mlp", window=1, tokens=[4], layers=[1])
     assert np.isnan(part.scores[3, 1]) and not np.isnan(part.scores[4, 1])
     data = json.loads(dumps(part.to_dict()))
@@ -195,11 +196,11 @@ def test_batched_equals_naive(tracer, lm, kind):
                                 tr.DEFAULT_WINDOW[kind] if kind == "hidden" else 2)
     batched = tracer.scores(jobs, batch_size=7)
     naive = tracer.scores_naive(jobs)
-    assert np.abs(batched - naive).max() <= 1e-6
+    assert np.abs(batched - naive).max() <= F32_ATOL
     # the grid really varies (restorations do something)
     assert batched.max() - batched.min() > 1e-5  # float noise is ~1e-9
     # batch size does not change the result beyond float noise
-    assert np.abs(tracer.scores(jobs, batch_size=1) - batched).max() <= 1e-6
+    assert np.abs(tracer.scores(jobs, batch_size=1) - batched).max() <= F32_ATOL
     assert count_hooks(lm.model) == 0
 
 
@@ -224,13 +225,13 @@ def test_severed_freezes_at_corrupted_values_with_the_same_noise(tracer, lm):
         jobs = tr.severed_restorations(last, lm.n_layers, [0], sever)
         assert all(len(j.freeze) == lm.n_layers for j in jobs)
         batched, naive = tracer.scores(jobs), tracer.scores_naive(jobs)
-        assert np.abs(batched - naive).max() <= 1e-6
+        assert np.abs(batched - naive).max() <= F32_ATOL
         ordinary = tracer.scores(tr.severed_restorations(last, lm.n_layers, [0], None))
         assert abs(batched[0] - ordinary[0]) > 1e-5  # float noise is ~1e-9
     # freezing everything at its corrupted value, with nothing restored, is the corrupted run
     freeze_all = tr.Restoration(freeze=tuple(("mlp_out", l, t) for l in range(lm.n_layers)
                                              for t in range(tracer.n_tokens)))
-    assert tracer.scores([freeze_all])[0] == pytest.approx(tracer.p_corrupt, abs=1e-6)
+    assert tracer.scores([freeze_all])[0] == pytest.approx(tracer.p_corrupt, abs=F32_ATOL)
 
 
 def test_restoration_validation(tracer):
@@ -296,7 +297,7 @@ def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
                                        "hidden_attention_severed"}
     assert len(first[0]["scores"]["mlp"]["last"]) == lm.n_layers
     assert first[0]["scores"]["hidden"]["last"][-1] == pytest.approx(first[0]["p_clean"],
-                                                                     abs=1e-6)
+                                                                     abs=F32_ATOL)
     assert len(list(tmp_path.glob("fact_*.json"))) == 2
 
     def boom(*args, **kwargs):
