@@ -158,3 +158,56 @@ def test_tensors_saved_by_earlier_versions_still_load(tmp_path):
               metadata={"config": json.dumps({"kind": "x"}), "metadata": json.dumps({"a": 1})})
     tensors, config, meta = load_tensors(path)
     assert config == {"kind": "x"} and meta == {"a": 1} and tensors["w"].tolist() == [1, 1]
+
+
+def test_save_figure_leaves_an_unchanged_figure_untouched(tmp_path):
+    import pandas as pd
+    from plotnine import aes, geom_point, ggplot
+
+    from lib.plots import save_figure
+
+    fig = ggplot(pd.DataFrame({"x": [1, 2], "y": [3, 4]}), aes("x", "y")) + geom_point()
+    written = save_figure(fig, "demo", "tiny", graphs_dir=tmp_path)
+    stamps = [os.stat(p).st_mtime_ns for p in written]
+    os.utime(written[0], ns=(1, 1)), os.utime(written[1], ns=(1, 1))
+    save_figure(fig, "demo", "tiny", graphs_dir=tmp_path)
+    assert [os.stat(p).st_mtime_ns for p in written] == [1, 1]   # not rewritten
+    other = ggplot(pd.DataFrame({"x": [1, 2], "y": [3, 5]}), aes("x", "y")) + geom_point()
+    save_figure(other, "demo", "tiny", graphs_dir=tmp_path)
+    assert all(os.stat(p).st_mtime_ns > 1 for p in written) and stamps   # new content: rewritten
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["demo.pdf", "demo.png"]
+
+
+def test_load_or_compute_reuses_a_current_result_and_computes_otherwise(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    calls = []
+
+    def compute(value=1):
+        calls.append(value)
+        return {"value": value, "items": [1, 2]}, io.provenance(None, {"P": 1})
+
+    check = io.require_keys("value", lists=("items",))
+    first = io.load_or_compute(path, {"P": 1}, compute, check=check, inputs={"data": "d1"})
+    assert first["value"] == 1 and first["provenance"]["inputs"] == {"data": "d1"}
+    assert "wrote" in capsys.readouterr().out
+    again = io.load_or_compute(path, {"P": 1}, compute, check=check, inputs={"data": "d1"})
+    assert calls == [1] and again == first and "is current" in capsys.readouterr().out
+    # another input file, other parameters, or force: computed again
+    io.load_or_compute(path, {"P": 1}, compute, inputs={"data": "d2"})
+    io.load_or_compute(path, {"P": 2}, compute, inputs={"data": "d2"})
+    io.load_or_compute(path, {"P": 1}, compute, force=True)
+    assert calls == [1, 1, 1, 1]
+    # a result without inputs is not current where inputs are asked for
+    io.load_or_compute(path, {"P": 1}, compute, inputs={"data": "d2"})
+    assert len(calls) == 5
+    # a computed payload that fails its check is not written: the stored file stays
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="schema check"):
+        io.load_or_compute(path, {"P": 3}, lambda: ({"items": []}, io.provenance(None)),
+                           check=check)
+    assert path.read_bytes() == before
+
+
+def test_digest_is_stable_and_order_free_for_mappings():
+    assert io.digest({"a": 1, "b": [1, 2]}) == io.digest({"b": [1, 2], "a": 1})
+    assert io.digest({"a": 1}) != io.digest({"a": 2}) and len(io.digest([])) == 64

@@ -11,6 +11,7 @@ notebook needs beyond that (2 layers, single-byte answer tokens, ...).
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -299,3 +300,59 @@ def test_every_notebook_is_in_the_fast_tier():
     assert NOTEBOOKS == list_notebooks(paths.NOTEBOOKS) and len(NOTEBOOKS) >= 7
     # a notebook with its own checks must still exist (a renamed one would silently lose them)
     assert set(CHECKS) <= {number(nb) for nb in NOTEBOOKS}
+
+
+def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
+    """Fine-tuning from the same parameters on another kind of CPU rounds differently, so every
+    result of 09 names the tuned weights' fingerprint. On another CPU (simulated here):
+    (a) a fresh clone (no tuned weights, no units) reuses every stored result and never loads
+    or trains the tuned model; (b) where a result must be computed and the cache holds other
+    weights than the stored results name, the run stops with the fix and changes nothing;
+    (c) FORCE=True fine-tunes again and recomputes every result, each naming the new weights."""
+    from lib.arithmetic import weights_fingerprint
+    from lib.io import load_tensors, same_apart_from_time, save_tensors
+    from lib.runner import NotebookFailed
+
+    nb = next(n for n in NOTEBOOKS if number(n) == "09")
+    out = workspace["FULL_COMPUTE_DIR"] / MODEL
+    if not (out / "das_iia.json").exists():
+        pytest.skip("notebook 09 did not run in this session (filtered out)")
+    names = ("das_finetune.json", "das_iia.json", "das_graph.json")
+    stored = {n: json.loads((out / n).read_text()) for n in names}
+    params = parameters_for(nb, workspace)
+    [weights] = [p for p in workspace["CACHE_DIR"].rglob(f"{MODEL}*.safetensors")]
+    original = weights.read_bytes()
+    # (a) a fresh clone: only the committed files
+    weights.unlink()
+    shutil.rmtree(out / "das_units", ignore_errors=True)
+    [again] = run_notebooks([nb], [MODEL], params, runs_dir=workspace["runs"], timeout=300,
+                            progress=False)
+    text, _, errors = executed_outputs(again)
+    assert not errors and "not loaded, every result was stored and current" in text
+    assert not weights.exists()                             # nothing was trained
+    for n in names:
+        assert same_apart_from_time(json.loads((out / n).read_text()), stored[n]), n
+    # (b) this CPU's fine-tune gave other weights, and a new result (another rank) needs them
+    weights.write_bytes(original)
+    tensors, config, meta = load_tensors(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1e-3
+    save_tensors(weights, tensors, config, meta)
+    before = {n: (out / n).read_bytes() for n in names}
+    with pytest.raises(NotebookFailed, match="FORCE=True"):
+        run_notebooks([nb], [MODEL], {**params, "RANKS": [4, 2]}, runs_dir=workspace["runs"],
+                      timeout=300, progress=False)
+    assert {n: (out / n).read_bytes() for n in names} == before
+    # (c) FORCE=True: fine-tuned again here, every result recomputed with those weights
+    run_notebooks([nb], [MODEL], {**params, "FORCE": True}, runs_dir=workspace["runs"],
+                  timeout=300, progress=False)
+    tuned = weights_fingerprint(load_tensors(weights)[0])
+    ft = json.loads((out / "das_finetune.json").read_text())
+    assert ft["weights_sha256"] == tuned
+    for n in ("das_iia.json", "das_graph.json"):
+        key = json.loads((out / n).read_text())["provenance"]["parameters"]
+        assert key["TUNED_WEIGHTS_SHA256"] == tuned, n
+    # the same CPU fine-tunes to the same weights: the results are the stored ones again
+    assert tuned == stored["das_finetune.json"]["weights_sha256"]
+    for n in names:
+        assert same_apart_from_time(json.loads((out / n).read_text()), stored[n]), n

@@ -159,3 +159,47 @@ def test_a_small_notebook_rerun_gives_byte_identical_results(tmp_path, monkeypat
     prov = json.loads(first)["provenance"]
     assert prov["torch_threads"] >= 1 and prov["device"] == "cpu" and prov["dtype"] == "float32"
     assert "converted_in_s" not in json.dumps(prov)
+
+
+def test_a_rerun_of_the_same_content_keeps_the_executed_copy(tmp_path):
+    """Run times, papermill's random id of the injected cell and reprs' memory addresses differ
+    between two runs of the same content; the copy keeps its bytes (git status stays clean)."""
+    notebooks = runner.select_notebooks(["00"], NB_DIR)
+    [done] = runner.run_notebooks(notebooks, ["m"], {"REPEAT": 2}, runs_dir=tmp_path,
+                                  progress=False)
+    first = done.read_bytes()
+    nb = json.loads(first)
+    assert "injected-parameters" in [c.get("id") for c in nb["cells"]]
+    runner.run_notebooks(notebooks, ["m"], {"REPEAT": 2}, runs_dir=tmp_path, progress=False)
+    assert done.read_bytes() == first
+    runner.run_notebooks(notebooks, ["m"], {"REPEAT": 3}, runs_dir=tmp_path, progress=False)
+    assert done.read_bytes() != first   # other outputs: rewritten
+    assert not list(tmp_path.rglob(".*.running.ipynb"))
+
+
+def test_executed_content_ignores_times_and_nothing_else(tmp_path):
+    nb = {"cells": [{"cell_type": "code", "metadata": {"execution": {"t": 1},
+                                                      "papermill": {"duration": 1.5,
+                                                                    "status": "completed"}},
+                     "outputs": [{"text": "x"}], "source": "print(1)"}],
+          "metadata": {"papermill": {"start_time": "a", "end_time": "b", "duration": 2,
+                                     "parameters": {"M": 1}}}}
+    a, b = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
+    a.write_text(json.dumps(nb))
+    nb["metadata"]["papermill"].update(start_time="c", duration=9)
+    nb["cells"][0]["metadata"]["papermill"]["duration"] = 7
+    b.write_text(json.dumps(nb))
+    assert runner.executed_content(a) == runner.executed_content(b)
+    nb["cells"][0]["outputs"][0]["text"] = "y"
+    b.write_text(json.dumps(nb))
+    assert runner.executed_content(a) != runner.executed_content(b)
+
+
+def test_force_sets_force_in_the_notebooks_that_declare_it(tmp_path):
+    real = runner.select_notebooks(["00", "03"])   # 00 declares FORCE, 03 does not
+    checked = runner.check_run(real, ["tiny-random"], {}, tmp_path, force=True)
+    assert checked[real[0]] == {"FORCE": True} and checked[real[1]] == {}
+    assert runner.check_run(real, ["tiny-random"], {}, tmp_path)[real[0]] == {}
+    from lib.params import ParameterError
+    with pytest.raises(ParameterError, match="--force"):
+        runner.check_run(real, ["tiny-random"], {"FORCE": "true"}, tmp_path, force=True)
