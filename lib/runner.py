@@ -111,7 +111,8 @@ def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> Non
     """Record repository-relative input/output paths in the executed copy's metadata (and in
     its printed outputs), so that committed copies do not carry this machine's absolute
     paths; and drop what differs between two runs of the same content (the injected cell's
-    random id, memory addresses in reprs, progress-bar widgets with their ids and rates)."""
+    random id, memory addresses in reprs, progress-bar widgets with their ids and rates, where
+    the kernel's flushes split a stream)."""
     import nbformat
 
     nb = nbformat.read(str(executed), as_version=4)
@@ -128,8 +129,9 @@ def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> Non
     root = f"{paths.REPO_ROOT.resolve()}/"
     nb.metadata.pop("widgets", None)   # progress-bar widgets: dead without a kernel, and random
     for cell in nb.cells:
-        cell["outputs"] = [out for out in cell.get("outputs", []) if
-                           "application/vnd.jupyter.widget-view+json" not in out.get("data", {})]
+        cell["outputs"] = _merged_streams([
+            out for out in cell.get("outputs", [])
+            if "application/vnd.jupyter.widget-view+json" not in out.get("data", {})])
         if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             cell["id"] = "injected-parameters"   # papermill draws a random id on every run
         for out in cell.get("outputs", []):
@@ -139,6 +141,20 @@ def _relative_papermill_paths(executed: Path, source: Path, target: Path) -> Non
             if isinstance(plain, str):   # a figure's repr names its memory address
                 out["data"]["text/plain"] = _ADDRESS.sub(">", plain.replace(root, ""))
     nbformat.write(nb, str(executed))
+
+
+def _merged_streams(outputs: list) -> list:
+    """Consecutive outputs of one stream (stdout, stderr) as one: where the kernel split them
+    depends on when it flushed, which differs from run to run."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (prev is not None and out.get("output_type") == "stream" == prev.get("output_type")
+                and out.get("name") == prev.get("name")):
+            prev["text"] = prev["text"] + out["text"]
+        else:
+            merged.append(out)
+    return merged
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+>")

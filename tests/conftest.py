@@ -66,3 +66,11 @@ def smollm():
     from lib.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def pytest_report_header(config):
+    """The CPU kernels torch uses here (ATEN_CPU_CAPABILITY forces others): float32 results of
+    different computations differ with them, so a failure report should say which ran."""
+    import torch
+
+    return f"torch {torch.__version__}, CPU kernels: {torch.backends.cpu.get_cpu_capability()}"

@@ -203,3 +203,13 @@ def test_force_sets_force_in_the_notebooks_that_declare_it(tmp_path):
     from lib.params import ParameterError
     with pytest.raises(ParameterError, match="--force"):
         runner.check_run(real, ["tiny-random"], {"FORCE": "true"}, tmp_path, force=True)
+
+
+def test_consecutive_stream_outputs_are_merged():
+    outs = [{"output_type": "stream", "name": "stdout", "text": "a\n"},
+            {"output_type": "stream", "name": "stdout", "text": "b\n"},
+            {"output_type": "stream", "name": "stderr", "text": "w\n"},
+            {"output_type": "display_data", "data": {}},
+            {"output_type": "stream", "name": "stdout", "text": "c\n"}]
+    got = runner._merged_streams(outs)
+    assert [o.get("text") for o in got] == ["a\nb\n", "w\n", None, "c\n"]
