@@ -33,7 +33,6 @@ on a language model, gradients included.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -86,7 +85,7 @@ def _check_subspaces(subspaces, width: int) -> list[tuple[int, int]]:
         if not 0 <= a < b <= width:
             raise DASError(f"subspace {sub} is not a non-empty range inside [0, {width})")
         out.append((a, b))
-    for (a, b), (c, d) in zip(sorted(out), sorted(out)[1:]):
+    for (_, b), (c, _) in zip(sorted(out), sorted(out)[1:]):
         if c < b:
             raise DASError(f"subspaces {out} overlap; give each variable its own coordinates")
     return out

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lib.hooks import (Intervention, NonFiniteError, SiteError, _Hooks, _hook_point,
+from lib.hooks import (Intervention, SiteError, _Hooks, _hook_point,
                        check_finite as _check_finite)
 from lib.sites import HEAD_SITES, parse_site, site_name
 
@@ -188,7 +188,7 @@ def plan(starts: Sequence[tuple[int, int]], lengths: Sequence[int], batch_size: 
     noop = [False] * len(starts) if noop is None else list(noop)
     skipped = [i for i, flag in enumerate(noop) if flag]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, ((pos, layer), length) in enumerate(zip(starts, lengths)):
+    for i, ((pos, _layer), length) in enumerate(zip(starts, lengths)):
         if noop[i]:
             continue
         pos = min(pos, length - 1) if prefix else 0
@@ -796,7 +796,6 @@ class Engine:
         p, layer = batch.start_pos, batch.start_layer
         ctxs = [rows[i].context for i in batch.rows]
         slots = torch.tensor([group.slot[c] for c in ctxs], device=lm.device)
-        n = len(batch.rows)
         # rows join at their own block (stored residual stream, stored key/value prefix)
         entries = batch.entries if batch.entries and group.keys is not None else ()
         present = ([sum(e <= max(l, layer) for e in entries) for l in range(lm.n_layers)]

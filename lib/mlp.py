@@ -17,7 +17,6 @@ output of block ``layer`` (pyvene's ``block_output``), ``forward_from(layer, h)`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

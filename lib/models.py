@@ -231,8 +231,8 @@ def _describe(name, model, tokenizer, dev, dt, source) -> LoadedModel:
     spec = arch_spec_for(model)
     cfg = getattr(model.config, "text_config", None) or model.config
     n_layers = len(spec.blocks(model))
-    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    d_model = getattr(cfg, "hidden_size", None) or cfg.n_embd
     d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
     max_tokens = (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None))
     guard_tokenizer(tokenizer, name, max_tokens)

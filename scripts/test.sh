@@ -14,6 +14,8 @@ PYBIN=$(bash scripts/setup_env.sh | tail -n 1)
 # per core, up to 4; each test file stays on one worker, so module fixtures run once.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WORKERS=${TEST_WORKERS:-$("$PYBIN" -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
+# lint first (pyproject.toml's [tool.ruff]): seconds, and a failure names the file and line
+"$PYBIN" -m ruff check --quiet lib tests scripts benchmarks notebooks
 set +e
 "$PYBIN" -m pytest tests -n "$WORKERS" --dist loadfile "$@"
 rc=$?

@@ -179,7 +179,7 @@ def test_lazy_tuned_model_loads_on_first_real_use(tmp_path):
     assert same.n_layers == 2 and same.model is not None and same.loaded
     other = ar.LazyTuned("tiny-random-llama", expected_sha256="0" * 64, **kwargs)
     with pytest.raises(ar.TaskError, match="not the ones the stored results"):
-        other.model
+        _ = other.model
 
 
 def test_weights_fingerprint_sees_every_name_shape_and_bit():

@@ -219,7 +219,7 @@ def test_records_schema_and_json_round_trip(llama, payload, tmp_path):
     assert set(att["metrics"]) == {"p(x)", "p(y)", "logit_diff"}
     assert len(att["records"]) == 2 * llama.n_layers * n_pos * 3
     assert all(set(r) == set(ATTRIBUTION_KEYS) for r in att["records"])
-    for metric, corr in att["correlation"].items():
+    for corr in att["correlation"].values():
         assert set(corr) == {"all_cells", "changed_cells"}
         assert corr["all_cells"]["n"] == 2 * llama.n_layers * n_pos
     # exact effects are the grid's probabilities minus the clean ones

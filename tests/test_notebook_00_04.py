@@ -79,7 +79,7 @@ def test_00_layer_scores_schema_and_skip(tmp_path):
     before = path.read_bytes()
     [again] = run_notebooks([NB00], ["smollm2-135m"], params, runs_dir=tmp_path / "runs",
                             progress=False)
-    assert "is up to date" in outputs(again)[0]
+    assert "is current" in outputs(again)[0]
     assert path.read_bytes() == before
 
 

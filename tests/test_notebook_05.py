@@ -72,5 +72,5 @@ def test_notebook_05_runs_and_writes_its_outputs(tmp_path):
     before = (tmp_path / "fc" / "smollm2-135m" / "interchange_test.json").read_bytes()
     [again] = run_notebooks([NOTEBOOK], ["smollm2-135m"], params,
                             runs_dir=tmp_path / "runs2", progress=False)
-    assert "loaded" in _stdout(again)
+    assert "interchange_test.json is current" in _stdout(again)
     assert (tmp_path / "fc" / "smollm2-135m" / "interchange_test.json").read_bytes() == before

@@ -74,5 +74,8 @@ def test_notebook_08_runs_and_writes_its_outputs(tmp_path):
     before = {p.name: p.read_bytes() for p in out.glob("*.json")}
     [again] = run_notebooks([NOTEBOOK], ["ignored"], params, runs_dir=tmp_path / "runs2",
                             progress=False)
-    assert "section 2 in" not in _stdout(again)
+    text = _stdout(again)
+    assert "wrote" not in text and "s per epoch" not in text, "the rerun recomputed"
+    for name in ("hand_built", "equality", "abab", "wrong_model"):
+        assert f"{name}.json is current" in text, name
     assert {p.name: p.read_bytes() for p in out.glob("*.json")} == before
