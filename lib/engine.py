@@ -49,14 +49,14 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from lib.hooks import (Intervention, SiteError, _Hooks, _hook_point,
-                       check_finite as _check_finite)
+from lib.hooks import (Intervention, Op, StopForward, apply_hooks, apply_ops,
+                       record_hooks)
 from lib.sites import HEAD_SITES, parse_site, site_name
 
 
@@ -242,29 +242,19 @@ def _cuts(first: Sequence[int], tokens: int, batch_size: int, n_layers: int | No
     return cuts[::-1]
 
 
-@dataclass
-class MergedOp:
-    """One multi-row operation at one site: ``kind`` applied to batch rows ``rows`` at
-    ``positions`` (relative to the run's first position) and ``heads``."""
-
-    kind: str
-    rows: list[int]
-    positions: tuple[int, ...] | None
-    heads: tuple[int, ...] | None
-    values: list[torch.Tensor] = field(default_factory=list)  # one per row (replace / add)
-    fn: Callable | None = None
-    sources: list[str] = field(default_factory=list)
-
-
 def merge_interventions(per_row: Sequence[Sequence[Intervention]], offset: int = 0
-                        ) -> dict[str, list[list[MergedOp]]]:
-    """``{site: stages}``: each stage a list of :class:`MergedOp`. The k-th intervention a row
+                        ) -> dict[str, list[list[Op]]]:
+    """``{site: stages}``: each stage a list of :class:`Op`. The k-th intervention a row
     has at a site goes into stage k (so one row's interventions at a site apply in order);
     within a stage, rows with the same kind, positions, heads (and ``fn``) share one op."""
     out: dict[str, list[dict]] = defaultdict(list)
     for r, ivs in enumerate(per_row):
         count: dict[str, int] = defaultdict(int)
         for iv in ivs:
+            if iv.rows is not None:
+                raise ValueError(f"an engine row's intervention at {iv.site!r} has rows={iv.rows}: "
+                                 "each row's interventions apply to that row alone, so leave "
+                                 "rows unset (rows selects batch rows in lib.hooks.patch)")
             k = count[iv.site]
             count[iv.site] += 1
             stages = out[iv.site]
@@ -274,76 +264,12 @@ def merge_interventions(per_row: Sequence[Sequence[Intervention]], offset: int =
             key = (iv.kind, pos, iv.heads, id(iv.fn) if iv.kind == "function" else None)
             op = stages[k].get(key)
             if op is None:
-                op = stages[k][key] = MergedOp(iv.kind, [], pos, iv.heads, fn=iv.fn)
+                op = stages[k][key] = Op(iv.kind, [], pos, iv.heads, fn=iv.fn, offset=offset)
             op.rows.append(r)
             if iv.kind in ("replace", "add"):
                 op.values.append(iv.value)
             op.sources.append(iv.source)
     return {site: [list(stage.values()) for stage in stages] for site, stages in out.items()}
-
-
-# --- applying merged operations -------------------------------------------------------------------
-
-def _index(x: torch.Tensor, op: MergedOp, site: str):
-    n, seq = x.shape[:2]
-    rows = torch.tensor(op.rows, dtype=torch.long, device=x.device)
-    if op.positions is None:
-        pos = torch.arange(seq, device=x.device)
-    else:
-        bad = [p for p in op.positions if not 0 <= p < seq]
-        if bad:
-            raise SiteError(f"positions outside this run at {site!r} (relative {bad}, run "
-                            f"length {seq})")
-        pos = torch.tensor(op.positions, dtype=torch.long, device=x.device)
-    if op.heads is None:
-        return (rows[:, None], pos[None, :]), (len(op.rows), len(pos), *x.shape[2:])
-    heads = torch.tensor(op.heads, dtype=torch.long, device=x.device)
-    if heads.min() < 0 or heads.max() >= x.shape[2]:
-        raise SiteError(f"heads {list(op.heads)} out of range (0 to {x.shape[2] - 1}) at {site!r}")
-    return ((rows[:, None, None], pos[None, :, None], heads[None, None, :]),
-            (len(op.rows), len(pos), len(heads), *x.shape[3:]))
-
-
-def _stack_values(op: MergedOp, shape, x: torch.Tensor, site: str) -> torch.Tensor:
-    one = (1, *shape[1:])
-    parts = []
-    for v, src in zip(op.values, op.sources):
-        v = v.to(device=x.device, dtype=x.dtype)
-        try:
-            parts.append(torch.broadcast_to(v, one))
-        except RuntimeError:
-            raise ValueError(f"a {op.kind!r} value of shape {tuple(v.shape)} does not fit the "
-                             f"patched slice {tuple(one)} (rows, positions, features) at "
-                             f"{site!r}{f' (source {src!r})' if src else ''}; give one value "
-                             "per patched position") from None
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def apply_ops(x: torch.Tensor, ops: Sequence[MergedOp], site: str, check_finite: bool = True,
-              row_names: Sequence[str] | None = None) -> torch.Tensor:
-    """A copy of activation ``x`` (site shape) with one stage of merged ops applied."""
-    x = x.clone()
-    for op in ops:
-        index, shape = _index(x, op, site)
-        if op.kind == "zero":
-            x[index] = 0
-            continue
-        if op.kind == "function":
-            new = op.fn(x[index])
-            if not isinstance(new, torch.Tensor) or new.shape != torch.Size(shape):
-                got = type(new).__name__ if not isinstance(new, torch.Tensor) else tuple(new.shape)
-                raise ValueError(f"intervention fn {getattr(op.fn, '__name__', op.fn)!r} at "
-                                 f"{site!r} returned {got}; it must return a tensor of the "
-                                 f"slice's shape {tuple(shape)}")
-        else:
-            new = _stack_values(op, shape, x, site)
-            if op.kind == "add":
-                new = x[index] + new
-        if check_finite:  # names the rows of the caller's list (or batch rows)
-            rows = [row_names[r] for r in op.rows] if row_names else op.rows
-            _check_finite(new, site, rows, label=f"a {op.kind!r} intervention")
-        x[index] = new.to(x.dtype)
-    return x
 
 
 @contextmanager
@@ -381,47 +307,6 @@ def _kv_cache(lm, data):
         if hasattr(layer, "cumulative_length"):   # sliding-window layers count positions
             layer.cumulative_length = keys.shape[-2]
     return cache
-
-
-class _Stop(Exception):
-    """Raised by a hook once every captured site has been recorded: the rest is not needed."""
-
-
-@contextmanager
-def _ops_hooks(lm, merged: dict[str, list[list[MergedOp]]], check_finite: bool,
-               row_names=None):
-    hooks = _Hooks(lm)
-    try:
-        for site, stages in merged.items():
-            def fn(x, stages=stages, site=site):
-                for ops in stages:
-                    x = apply_ops(x, ops, site, check_finite, row_names)
-                return x
-            hooks.add(_hook_point(lm, site), fn)
-        yield
-    finally:
-        hooks.close()
-
-
-@contextmanager
-def _capture_hooks(lm, sites: Sequence[str], store: dict, detach: bool = True,
-                   stop_after: bool = False):
-    """Record ``sites`` into ``store`` (after any interventions there); with ``stop_after``,
-    stop the forward pass once the last of them is recorded."""
-    hooks = _Hooks(lm)
-    remaining = set(sites)
-    try:
-        for site in sites:
-            def fn(x, site=site):
-                store[site] = x.detach() if detach else x
-                remaining.discard(site)
-                if stop_after and not remaining:
-                    raise _Stop
-                return None
-            hooks.add(_hook_point(lm, site), fn)
-        yield
-    finally:
-        hooks.close()
 
 
 # --- the engine -----------------------------------------------------------------------------------
@@ -538,7 +423,7 @@ class Engine:
         merged = merge_interventions(per_row)
         store: dict[str, torch.Tensor] = {}
         capture_sites = list(dict.fromkeys(want + resid_sites))
-        with _ops_hooks(lm, merged, self.check_finite), _capture_hooks(lm, capture_sites, store):
+        with apply_hooks(lm, merged, self.check_finite), record_hooks(lm, capture_sites, store):
             out = lm.model(input_ids=ids, use_cache=True,
                            logits_to_keep=_logits_to_keep(ids.shape[1], lm.device))
         self.stats["forwards"] += 1
@@ -576,7 +461,7 @@ class Engine:
         merged = merge_interventions([[iv for iv in (_clip_end(iv, start) for iv in
                                                      self.ctx_ivs[group.members[int(s)]])
                                        if iv is not None] for s in slots])
-        with _ops_hooks(lm, merged, self.check_finite):
+        with apply_hooks(lm, merged, self.check_finite):
             out = lm.model(input_ids=ids[:, :start].to(lm.device), use_cache=True,
                            logits_to_keep=_logits_to_keep(start, lm.device))
         self.stats["forwards"] += 1
@@ -738,7 +623,7 @@ class Engine:
             current = {}
             for iv in row_ivs:
                 x = current.get(iv.site, group.acts[iv.site][slot:slot + 1])
-                current[iv.site] = apply_ops(x, [_as_op(iv)], iv.site, check_finite=False)
+                current[iv.site] = apply_ops(x, [iv.to_op()], iv.site, check=False)
             flags.append(all(torch.equal(v, group.acts[s][slot:slot + 1])
                              for s, v in current.items()))
         return flags
@@ -826,15 +711,15 @@ class Engine:
                 stack.enter_context(torch.no_grad())
             if entries:  # registered first: rows join before any hook of their block runs
                 stack.enter_context(_join_hooks(lm, group, slots, p, entries, present))
-            stack.enter_context(_ops_hooks(lm, merged, self.check_finite, names))
+            stack.enter_context(apply_hooks(lm, merged, self.check_finite, names))
             if capture:
-                stack.enter_context(_capture_hooks(lm, readout.sites, store, detach=not grad,
+                stack.enter_context(record_hooks(lm, readout.sites, store, detach=not grad,
                                                    stop_after=not grad))
             stack.enter_context(skip_blocks(lm, layer))
             try:
                 out = lm.model(**inputs, logits_to_keep=_logits_to_keep(
                     batch.length - p, lm.device))
-            except _Stop:
+            except StopForward:
                 out = None
         self.stats["forwards"] += 1
         if capture:
@@ -917,13 +802,6 @@ def _positions(x: torch.Tensor, positions):
 def _clip_end(iv: Intervention, stop: int) -> Intervention | None:
     """A context intervention restricted to positions < stop (for a prefix run)."""
     return _restrict(iv, lambda p: p < stop)
-
-
-def _as_op(iv: Intervention) -> MergedOp:
-    op = MergedOp(iv.kind, [0], iv.positions, iv.heads, fn=iv.fn, sources=[iv.source])
-    if iv.kind in ("replace", "add"):
-        op.values.append(iv.value)
-    return op
 
 
 def _iv_key(iv: Intervention) -> tuple:
@@ -1100,9 +978,9 @@ def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None
         with ExitStack() as stack:
             if not with_grad:
                 stack.enter_context(torch.no_grad())
-            stack.enter_context(_ops_hooks(lm, merged, check_finite))
+            stack.enter_context(apply_hooks(lm, merged, check_finite))
             if isinstance(rd, Capture):
-                stack.enter_context(_capture_hooks(lm, rd.sites, store, detach=not with_grad))
+                stack.enter_context(record_hooks(lm, rd.sites, store, detach=not with_grad))
             logits = lm.model(input_ids=c.input_ids.to(lm.device)).logits[:, -1]
         if isinstance(rd, Capture):
             return {s: _positions(store[s], rd.positions)[0] for s in rd.sites}

@@ -14,6 +14,12 @@ or infinite values raises :class:`NonFiniteError` naming the site and the batch 
 ``with allow_nonfinite():`` it does not). Positions are absolute token positions; when a run
 continues from a cached prefix (see :mod:`lib.engine`), pass
 ``offset`` = prefix length so positions still mean the same tokens.
+
+This module is the only code that writes or reads an activation: :func:`apply_ops` writes
+(every :class:`Intervention` becomes an :class:`Op`; the engine merges many rows' interventions
+into one op per group), :func:`apply_hooks` and :func:`record_hooks` place the hooks, and
+:func:`patch` and :func:`capture` are those two with one op per intervention. The engine
+decides which rows run, in which batches and from which stored state, and writes through them.
 """
 
 from __future__ import annotations
@@ -56,10 +62,21 @@ def allow_nonfinite(allow: bool = True):
 class Intervention:
     """One intervention as data: *where* (site, positions, rows, heads) and *what* (kind, value).
 
-    ``value`` (the tensor to write or add) and ``fn`` are not serialised; ``source`` is a short
-    free-text label saying where ``value`` came from (e.g. ``"run:source prompt 3"``), kept
-    in JSON next to the results. ``value`` broadcasts against the selected slice, whose shape is
-    (rows, positions, d_model), or (rows, positions, heads, d_head) for ``head_out``.
+    Its one meaning, in :func:`patch` and in :mod:`lib.engine` alike:
+
+    * ``positions``: absolute token positions of the input (None: all). A run that continues
+      from a cached prefix starts at ``offset`` = the prefix length; the applier subtracts it.
+    * ``rows``: the batch rows of the forward pass it applies to (None: all). In the engine a
+      row's interventions apply to that row alone, so ``rows`` stays None there (refused
+      otherwise).
+    * ``value`` (replace, add): broadcasts to the patched slice, whose shape is (rows,
+      positions, d_model), or (rows, positions, heads, d_head) for the per-head sites; so it
+      may carry a row axis of ``len(rows)``, or size 1 there (the same value for every row).
+    * ``fn`` (function): called on that slice, returns the new slice (same shape).
+
+    ``value`` and ``fn`` are not serialised; ``source`` is a short free-text label saying where
+    ``value`` came from (e.g. ``"run:source prompt 3"``), kept in JSON next to the results.
+    Every intervention is written by :func:`apply_ops` as the :class:`Op` of :meth:`to_op`.
     """
 
     site: str
@@ -99,6 +116,19 @@ class Intervention:
         if self.fn is not None:
             out["fn"] = getattr(self.fn, "__name__", repr(self.fn))
         return out
+
+    def to_op(self, offset: int = 0) -> "Op":
+        """This intervention as the :class:`Op` the applier writes, for a run whose first
+        position is ``offset``."""
+        pos = None if self.positions is None else tuple(p - offset for p in self.positions)
+        return Op(self.kind, None if self.rows is None else list(self.rows), pos, self.heads,
+                  [self.value] if self.kind in ("replace", "add") else [], self.fn,
+                  [self.source], offset)
+
+    def apply(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """A copy of activation ``x`` (site shape) with this intervention applied
+        (:func:`apply_ops`). Differentiable."""
+        return apply_ops(x, [self.to_op(offset)], self.site)
 
     @classmethod
     def from_dict(cls, data: dict, value: torch.Tensor | None = None,
@@ -270,75 +300,179 @@ def n_kv_heads(lm) -> int:
     return int(getattr(cfg, "num_key_value_heads", None) or lm.n_heads)
 
 
-def _positions_index(positions, seq_len: int, offset: int, site: str) -> torch.Tensor | None:
+class InterventionError(TypeError, ValueError):
+    """A value or function that cannot be written at its site (not a tensor, a shape that does
+    not fit the patched slice, a function that returns something else than the new slice)."""
+
+
+@dataclass
+class Op:
+    """One operation on a batch at one site: ``kind`` applied to batch rows ``rows`` (None:
+    every row) at ``positions`` (relative to the run's first position; None: all) and
+    ``heads``. This is what every intervention becomes before it is written, in :func:`patch`
+    (one op per :class:`Intervention`) and in :mod:`lib.engine` (one op per group of rows that
+    share kind, positions and heads, see ``merge_interventions``).
+
+    ``values`` (replace / add): either one value for all the op's rows, which broadcasts to
+    the patched slice (rows, positions, features) and so may carry a row axis, or one value
+    per row, each broadcasting to one row's slice (1, positions, features). ``offset`` (the
+    run's first absolute position) only makes error messages speak in absolute positions."""
+
+    kind: str
+    rows: list[int] | None
+    positions: tuple[int, ...] | None
+    heads: tuple[int, ...] | None
+    values: list = field(default_factory=list)
+    fn: Callable | None = None
+    sources: list[str] = field(default_factory=list)
+    offset: int = 0
+
+
+def _relative_positions(positions, seq_len: int, offset: int, site: str, device
+                        ) -> torch.Tensor | None:
+    """Absolute ``positions`` as indices into a run that starts at ``offset`` (None: all)."""
     if positions is None:
         return None
-    idx = torch.tensor(positions, dtype=torch.long) - offset
-    bad = [p for p, i in zip(positions, idx.tolist()) if not 0 <= i < seq_len]
+    idx = [p - offset for p in positions]
+    bad = [p for p, i in zip(positions, idx) if not 0 <= i < seq_len]
     if bad:
         raise SiteError(f"positions {bad} are outside this run at {site!r}: it covers positions "
                         f"{offset} to {offset + seq_len - 1}")
-    return idx
+    return torch.tensor(idx, dtype=torch.long, device=device)
 
 
-def _select_index(x: torch.Tensor, iv: Intervention, offset: int):
-    batch, seq_len = x.shape[:2]
-    rows = torch.arange(batch) if iv.rows is None else torch.tensor(iv.rows, dtype=torch.long)
-    if iv.rows is not None and (rows.min() < 0 or rows.max() >= batch):
-        raise SiteError(f"rows {list(iv.rows)} are outside the batch of {batch} at {iv.site!r}")
-    pos = _positions_index(iv.positions, seq_len, offset, iv.site)
-    pos = torch.arange(seq_len) if pos is None else pos
-    index = (rows[:, None], pos[None, :])
-    if iv.heads is not None:
-        n_heads = x.shape[2]
-        heads = torch.tensor(iv.heads, dtype=torch.long)
-        if heads.min() < 0 or heads.max() >= n_heads:
-            raise SiteError(f"heads {list(iv.heads)} out of range (0 to {n_heads - 1})")
-        index = (rows[:, None, None], pos[None, :, None], heads[None, None, :])
-    return tuple(i.to(x.device) for i in index)
-
-
-def apply_intervention(x: torch.Tensor, iv: Intervention, offset: int = 0) -> torch.Tensor:
-    """Return a copy of activation ``x`` (site shape) with ``iv`` applied. Differentiable."""
-    index = _select_index(x, iv, offset)
-    selected = x[index]
-    what = "(rows, positions, heads, d_head)" if selected.dim() == 4 else "(rows, positions, d)"
-    if iv.kind in ("replace", "add"):
-        if not isinstance(iv.value, torch.Tensor):
-            raise TypeError(f"the {iv.kind!r} value at {iv.site!r} must be a torch.Tensor, got "
-                            f"{type(iv.value).__name__}")
-        try:
-            fits = torch.broadcast_shapes(tuple(iv.value.shape), tuple(selected.shape)) == \
-                tuple(selected.shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"the {iv.kind!r} value at {iv.site!r} has shape "
-                             f"{tuple(iv.value.shape)}, which does not broadcast to the selected "
-                             f"slice {what} = {tuple(selected.shape)}; give a value of that "
-                             "shape (or one that broadcasts, e.g. size 1 on the row axis)")
-    if iv.kind == "replace":
-        new = iv.value.to(device=x.device, dtype=x.dtype).expand_as(selected)
-    elif iv.kind == "add":
-        new = selected + iv.value.to(device=x.device, dtype=x.dtype)
-    elif iv.kind == "zero":
-        new = torch.zeros_like(selected)
+def op_index(x: torch.Tensor, op: Op, site: str) -> tuple[tuple, tuple]:
+    """``(index, shape)``: the advanced index of ``op``'s slice of activation ``x`` and the
+    slice's shape (rows, positions, features) or (rows, positions, heads, d_head); rows,
+    positions and heads are checked against ``x``."""
+    n, seq = x.shape[:2]
+    if op.rows is None:
+        rows = torch.arange(n, device=x.device)
     else:
-        new = iv.fn(selected)
-        name = getattr(iv.fn, "__name__", repr(iv.fn))
-        if not isinstance(new, torch.Tensor):
-            raise TypeError(f"intervention fn {name} returned {type(new).__name__} at "
-                            f"{iv.site!r}, not a tensor; it must return the new activation, a "
-                            f"tensor of shape {tuple(selected.shape)} {what}")
-        if new.shape != selected.shape:
-            raise ValueError(f"intervention fn {name} returned shape {tuple(new.shape)}, expected "
-                             f"{tuple(selected.shape)} {what} at {iv.site!r}")
-    if iv.kind != "zero":
-        check_finite(new, iv.site, index[0].flatten().tolist(),
-                     f"intervention {iv.kind!r} (source {iv.source or 'unnamed'!r})")
-    out = x.clone()
-    out[index] = new
-    return out
+        if op.rows and (min(op.rows) < 0 or max(op.rows) >= n):
+            raise SiteError(f"rows {list(op.rows)} are outside the batch of {n} at {site!r}")
+        rows = torch.tensor(op.rows, dtype=torch.long, device=x.device)
+    pos = _relative_positions(None if op.positions is None else
+                              [p + op.offset for p in op.positions], seq, op.offset, site,
+                              x.device)
+    pos = torch.arange(seq, device=x.device) if pos is None else pos
+    if op.heads is None:
+        return (rows[:, None], pos[None, :]), (len(rows), len(pos), *x.shape[2:])
+    heads = torch.tensor(op.heads, dtype=torch.long, device=x.device)
+    if heads.min() < 0 or heads.max() >= x.shape[2]:
+        raise SiteError(f"heads {list(op.heads)} out of range (0 to {x.shape[2] - 1}) at {site!r}")
+    return ((rows[:, None, None], pos[None, :, None], heads[None, None, :]),
+            (len(rows), len(pos), len(heads), *x.shape[3:]))
+
+
+def _slice_axes(shape) -> str:
+    return "(rows, positions, heads, d_head)" if len(shape) == 4 else "(rows, positions, features)"
+
+
+def _op_values(op: Op, shape, x: torch.Tensor, site: str) -> torch.Tensor:
+    """The values of a replace / add op as one tensor of the slice's ``shape``."""
+    one = len(op.values) == 1
+    target = tuple(shape) if one else (1, *shape[1:])
+    parts = []
+    for v, src in zip(op.values, op.sources or [""] * len(op.values)):
+        if not isinstance(v, torch.Tensor):
+            raise InterventionError(f"the {op.kind!r} value at {site!r} must be a torch.Tensor, "
+                                    f"got {type(v).__name__}")
+        try:
+            parts.append(torch.broadcast_to(v.to(device=x.device, dtype=x.dtype), target))
+        except RuntimeError:
+            raise InterventionError(
+                f"the {op.kind!r} value at {site!r}{f' (source {src!r})' if src else ''} has "
+                f"shape {tuple(v.shape)}, which does not fit the patched slice "
+                f"{_slice_axes(shape)} = {target}; give a value of that shape (or one that "
+                "broadcasts, e.g. size 1 on the row axis)") from None
+    return parts[0] if one else torch.cat(parts)
+
+
+def apply_ops(x: torch.Tensor, ops: Sequence[Op], site: str, check: bool = True,
+              row_names: Sequence[str] | None = None) -> torch.Tensor:
+    """A copy of activation ``x`` (site shape) with ``ops`` applied in order: the one place
+    where an activation is written. Differentiable (gradients reach ``x``, the values and
+    ``fn``'s parameters). ``check``: what is written must be finite (:func:`check_finite`),
+    errors naming ``row_names[row]`` (default: the batch rows)."""
+    x = x.clone()
+    for op in ops:
+        index, shape = op_index(x, op, site)
+        if op.kind == "zero":
+            x[index] = 0
+            continue
+        if op.kind == "function":
+            new = op.fn(x[index])
+            name = getattr(op.fn, "__name__", repr(op.fn))
+            if not isinstance(new, torch.Tensor) or new.shape != torch.Size(shape):
+                got = type(new).__name__ if not isinstance(new, torch.Tensor) else \
+                    f"shape {tuple(new.shape)}"
+                raise InterventionError(
+                    f"intervention fn {name} returned {got} at {site!r}; it must return the "
+                    f"new activation, a tensor of the slice's shape {tuple(shape)} "
+                    f"{_slice_axes(shape)}")
+        else:
+            new = _op_values(op, shape, x, site)
+            if op.kind == "add":
+                new = x[index] + new
+        if check:
+            rows = index[0].flatten().tolist()
+            names = [row_names[r] for r in rows] if row_names else rows
+            sources = sorted({s for s in op.sources if s})
+            check_finite(new, site, names, label=f"a {op.kind!r} intervention"
+                         + (f" (source {', '.join(map(repr, sources))})" if sources else ""))
+        x[index] = new.to(x.dtype)
+    return x
+
+
+@contextmanager
+def apply_hooks(lm, stages: dict[str, list[list[Op]]], check: bool = True,
+                row_names: Sequence[str] | None = None):
+    """Inside the block, every forward pass applies ``stages[site]`` (a list of stages, each a
+    list of :class:`Op`, applied one stage after the other) at each site."""
+    hooks = _Hooks(lm)
+    try:
+        for site, site_stages in stages.items():
+            def fn(x, site_stages=site_stages, site=site):
+                for ops in site_stages:
+                    x = apply_ops(x, ops, site, check, row_names)
+                return x
+            hooks.add(_hook_point(lm, site), fn)
+        yield
+    finally:
+        hooks.close()
+
+
+class StopForward(Exception):
+    """Raised by :func:`record_hooks` once every site was recorded (``stop_after``): the rest
+    of the forward pass is not needed. The caller catches it around the forward call."""
+
+
+@contextmanager
+def record_hooks(lm, sites: Sequence[str], store: dict, positions: Sequence[int] | None = None,
+                 offset: int = 0, detach: bool = True, clone: bool = False,
+                 stop_after: bool = False):
+    """Inside the block, every forward pass records ``sites`` into ``store`` (after any
+    interventions there), at ``positions`` (absolute, from ``offset``; None: all). With
+    ``detach=False`` the recorded tensor keeps its autograd graph and, when all positions are
+    recorded, is the one the rest of the pass uses (so gradients reach it). ``stop_after``:
+    raise :class:`StopForward` once the last site is recorded."""
+    hooks = _Hooks(lm)
+    remaining = set(sites)
+    try:
+        for site in dict.fromkeys(sites):
+            def fn(x, site=site):
+                idx = _relative_positions(positions, x.shape[1], offset, site, x.device)
+                val = x if idx is None else x[:, idx]
+                store[site] = (val.detach().clone() if clone else val.detach()) if detach else val
+                remaining.discard(site)
+                if stop_after and not remaining:
+                    raise StopForward
+                return val if (not detach and idx is None) else None
+            hooks.add(_hook_point(lm, site), fn)
+        yield
+    finally:
+        hooks.close()
 
 
 def check_finite(values: torch.Tensor, site: str, rows: Sequence[int] | None = None,
@@ -374,27 +508,9 @@ def capture(lm, sites: Iterable[str], positions: Sequence[int] | None = None, of
     second forward pass inside the same block overwrites the entries. ``detach=False`` keeps
     the autograd graph (for attribution patching).
     """
-    sites = list(dict.fromkeys(sites))
     cache = ActivationCache()
-    hooks = _Hooks(lm)
-    try:
-        for site in sites:
-            point = _hook_point(lm, site)
-
-            def record(x, site=site):
-                idx = _positions_index(positions, x.shape[1], offset, site)
-                val = x if idx is None else x[:, idx.to(x.device)]
-                if detach:
-                    cache[site] = val.detach().clone()
-                    return None
-                cache[site] = val
-                # Feed the recorded tensor back in, so that it is the one the rest of the
-                # forward pass uses and gradients reach it (head_out records a reshaped view).
-                return val if idx is None else None
-            hooks.add(point, record)
+    with record_hooks(lm, list(sites), cache, positions, offset, detach=detach, clone=True):
         yield cache
-    finally:
-        hooks.close()
 
 
 @contextmanager
@@ -404,23 +520,11 @@ def patch(lm, interventions: Iterable[Intervention], offset: int = 0):
     Interventions at the same site are applied in the given order. Use ``rows`` to give each
     batch row its own intervention (a batched sweep). Hooks are removed on exit, errors included.
     """
-    interventions = list(interventions)
-    by_site: dict[str, list[Intervention]] = {}
+    stages: dict[str, list[list[Op]]] = {}
     for iv in interventions:
-        by_site.setdefault(iv.site, []).append(iv)
-    hooks = _Hooks(lm)
-    try:
-        for site, ivs in by_site.items():
-            point = _hook_point(lm, site)
-
-            def apply_all(x, ivs=ivs):
-                for iv in ivs:
-                    x = apply_intervention(x, iv, offset)
-                return x
-            hooks.add(point, apply_all)
+        stages.setdefault(iv.site, []).append([iv.to_op(offset)])
+    with apply_hooks(lm, stages):
         yield
-    finally:
-        hooks.close()
 
 
 def count_hooks(model: torch.nn.Module) -> int:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lib import io, paths, runner
-from lib.hooks import Intervention, NonFiniteError, allow_nonfinite, apply_intervention, patch
+from lib.hooks import Intervention, NonFiniteError, allow_nonfinite, patch
 from lib.models import ModelNotFoundError, PromptError, load_model
 from lib.params import (ParameterError, check_namespace, parse_layers, parse_list,
                         parse_positions, parse_sites)
@@ -327,12 +327,12 @@ def test_nan_from_an_intervention_names_the_site_and_row(lm):
     value = torch.zeros(3, 1, lm.d_model)
     value[2, 0, 5] = float("nan")
     with pytest.raises(NonFiniteError) as err:
-        apply_intervention(x, _iv(lm, value=value, source="my source"))
+        _iv(lm, value=value, source="my source").apply(x)
     message = str(err.value)
     assert "'blocks.0.mlp_out'" in message and "rows [2]" in message and "1 NaN" in message
     assert "allow_nonfinite" in message
     with allow_nonfinite():  # the opt-out
-        out = apply_intervention(x, _iv(lm, value=value))
+        out = _iv(lm, value=value).apply(x)
     assert torch.isnan(out).sum() == 1
 
 
@@ -348,7 +348,7 @@ def test_inf_from_a_function_intervention_through_a_model_run(lm):
 def test_a_replace_value_of_the_wrong_shape_is_a_clear_error(lm):
     x = torch.zeros(2, 4, lm.d_model)
     with pytest.raises(ValueError) as err:
-        apply_intervention(x, _iv(lm, value=torch.zeros(2, 1, lm.d_model + 1)))
+        _iv(lm, value=torch.zeros(2, 1, lm.d_model + 1)).apply(x)
     message = str(err.value)
     assert "'blocks.0.mlp_out'" in message and f"(2, 1, {lm.d_model})" in message
     assert "give a value of that shape" in message
@@ -359,12 +359,12 @@ def test_a_function_returning_none_is_a_clear_error(lm):
         a.mul_(2)
 
     with pytest.raises(TypeError, match=r"forgot_return returned NoneType at 'blocks.0.mlp_out'"):
-        apply_intervention(torch.zeros(1, 4, lm.d_model), _iv(lm, kind="function", fn=forgot_return))
+        _iv(lm, kind="function", fn=forgot_return).apply(torch.zeros(1, 4, lm.d_model))
 
 
 def test_a_string_value_is_a_clear_error(lm):
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        apply_intervention(torch.zeros(1, 4, lm.d_model), _iv(lm, value="0.5"))
+        _iv(lm, value="0.5").apply(torch.zeros(1, 4, lm.d_model))
 
 
 # --- result files ----------------------------------------------------------------------------

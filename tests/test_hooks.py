@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib.hooks import (Intervention, SiteError, apply_intervention, capture, count_hooks, patch,
-                       run_with_cache)
+from lib.hooks import Intervention, SiteError, capture, count_hooks, patch, run_with_cache
 from lib.sites import LAYER_SITES, all_sites, parse_site, site_name
 
 BASE = "The cat sat on the mat"
@@ -136,14 +135,13 @@ def test_add_zero_function_kinds(lm, ids):
     base, _ = ids
     _, cache = run_with_cache(lm, base, ["blocks.0.mlp_out"])
     x = cache["blocks.0.mlp_out"]
-    added = apply_intervention(x, Intervention("blocks.0.mlp_out", positions=(1,), kind="add",
-                                               value=torch.ones(lm.d_model)))
+    added = Intervention("blocks.0.mlp_out", positions=(1,), kind="add",
+                         value=torch.ones(lm.d_model)).apply(x)
     assert torch.allclose(added[:, 1] - x[:, 1], torch.ones(lm.d_model))
     assert torch.equal(added[:, 0], x[:, 0])
-    zeroed = apply_intervention(x, Intervention("blocks.0.mlp_out", kind="zero"))
+    zeroed = Intervention("blocks.0.mlp_out", kind="zero").apply(x)
     assert zeroed.abs().sum() == 0
-    doubled = apply_intervention(x, Intervention("blocks.0.mlp_out", kind="function",
-                                                 fn=lambda t: 2 * t))
+    doubled = Intervention("blocks.0.mlp_out", kind="function", fn=lambda t: 2 * t).apply(x)
     assert torch.allclose(doubled, 2 * x)
 
 
@@ -256,3 +254,24 @@ def test_per_head_inputs_compose_to_the_attention_input(lm):
     assert torch.allclose(got[site_name("mlp_norm_in", 1)],
                           clean[site_name("resid_pre", 1)] + got[site_name("attn_add", 1)],
                           atol=F32_ATOL)
+
+
+def test_one_meaning_in_patch_and_in_the_engine(llama):
+    """An Intervention becomes one Op (lib.hooks.apply_ops is the only writer); positions stay
+    absolute through an offset; `rows` selects batch rows in patch and is refused by the engine,
+    where a row's interventions apply to that row alone."""
+    from lib.engine import Context, Engine, Row
+    from lib.hooks import Op
+
+    iv = Intervention("blocks.0.mlp_out", positions=(5, 6), kind="zero", rows=(1,))
+    op = iv.to_op(offset=4)
+    assert isinstance(op, Op) and op.positions == (1, 2) and op.rows == [1] and op.offset == 4
+    x = torch.ones(2, 3, llama.d_model)
+    out = iv.apply(x, offset=4)
+    assert out[1, 1:].abs().sum() == 0 and torch.equal(out[0], x[0]) and torch.equal(out[1, 0], x[1, 0])
+    with pytest.raises(SiteError, match=r"positions \[7\] are outside this run .* 4 to 6"):
+        Intervention("blocks.0.mlp_out", positions=(7,), kind="zero").apply(x, offset=4)
+    ids = llama.tokenize("abcdef")
+    engine = Engine(llama, [Context(ids)])
+    with pytest.raises(ValueError, match="rows selects batch rows in lib.hooks.patch"):
+        engine.run([Row(0, [Intervention("blocks.0.mlp_out", kind="zero", rows=(0,))])])
