@@ -50,8 +50,7 @@ from tqdm.auto import tqdm
 
 from lib.engine import Capture, Context, Engine, Ref, Row, run_naive
 from lib.hooks import Intervention, capture
-from lib import io
-from lib.io import params_key, provenance
+from lib.io import params_key
 from lib.sites import site_name
 
 TRACE_KINDS = ("hidden", "mlp", "attention")
@@ -569,17 +568,7 @@ def summarize_facts(results: Sequence[dict], effects=None) -> dict:
             "p_corrupt_mean": float(p_corrupt.mean()), "peaks": peaks}
 
 
-# --- results on disk ---------------------------------------------------------------------------
-
-def load_or_compute(path, lm, parameters: dict, compute, force: bool = False,
-                    seed: int | None = None) -> dict:
-    """:func:`lib.io.load_or_compute` for a result of ``lm``: ``compute()`` gives the JSON-ready
-    dict, written with ``lm``'s provenance; returns it without the provenance block."""
-    found = io.load_or_compute(
-        path, parameters, lambda: (compute(), provenance(lm, parameters, seed)), force=force)
-    found.pop("provenance", None)
-    return found
-
+# --- the fact set, one resumable unit per fact ---------------------------------------------------
 
 def fact_unit_name(index: int, fact: dict) -> str:
     """Unit name of one fact: its index plus a hash of its text, so an edited fact file never

@@ -321,21 +321,6 @@ def test_load_facts_checks_shape(tmp_path):
         tr.load_facts(bad)
 
 
-def test_load_or_compute_skips_unless_parameters_change(tmp_path, llama):
-    lm = llama
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"value": len(calls)}
-    path = tmp_path / "r.json"
-    assert tr.load_or_compute(path, lm, {"a": 1}, compute)["value"] == 1
-    assert tr.load_or_compute(path, lm, {"a": 1}, compute)["value"] == 1
-    assert tr.load_or_compute(path, lm, {"a": 2}, compute)["value"] == 2
-    assert tr.load_or_compute(path, lm, {"a": 2}, compute, force=True)["value"] == 3
-    assert json.loads(path.read_text())["provenance"]["parameters"] == {"a": 2}
-
-
 def test_plots_build(tracer):
     res = tracer.trace("attention", window=2)
     for fig in (tp.plot_trace_heatmap(res), tp.plot_trace_heatmap(res.to_dict()),
