@@ -182,7 +182,8 @@ def test_cli_text_for_str_parameters_is_the_text_itself(tmp_path):
                                tmp_path)
     nb05, nb06 = notebooks
     assert checked[nb05] == {"LAYERS": "5", "NAME": "quoted"}  # -p LAYERS=5 is layer 5
-    assert checked[nb06] == {"PROMPT": "42"}  # a notebook gets only what it declares
+    # a notebook gets only what it declares (06 has LAYERS and PROMPT, not NAME)
+    assert checked[nb06] == {"LAYERS": "5", "PROMPT": "42"}
 
 
 def test_a_parameter_declared_by_some_selected_notebooks_is_fine(tmp_path):

@@ -19,7 +19,8 @@ START = 24
 @pytest.mark.slow
 def test_notebook_06_runs_and_writes_its_outputs(tmp_path):
     fc, graphs, runs = tmp_path / "fc", tmp_path / "graphs", tmp_path / "runs"
-    params = {"SAMPLES": 2, "N_FACTS": 3, "START_LAYER": START, "BATCH_SIZE": 64,
+    params = {"SAMPLES": 2, "N_FACTS": 3, "LAYERS": ",".join(map(str, range(START, N_LAYERS))),
+              "BATCH_SIZE": 64,
               "FULL_COMPUTE_DIR": str(fc), "GRAPHS_DIR": str(graphs)}
     done = run_notebooks([NOTEBOOK], ["smollm2-135m"], params, runs_dir=runs, progress=False)
     assert done == [runs / "smollm2-135m" / NOTEBOOK.name] and done[0].exists()
@@ -38,7 +39,7 @@ def test_notebook_06_runs_and_writes_its_outputs(tmp_path):
         scores = data["scores"]
         assert len(scores) == len(data["tokens"]) == 10
         assert all(len(row) == N_LAYERS for row in scores)
-        for row in scores:  # layers before START_LAYER were not run
+        for row in scores:  # layers before START were not run
             assert all(v is None for v in row[:START])
             assert all(v is not None and 0 <= v <= 1 for v in row[START:])
     hidden = json.loads((out / "causal_trace_hidden.json").read_text())
