@@ -328,17 +328,17 @@ class Op:
     offset: int = 0
 
 
-def _relative_positions(positions, seq_len: int, offset: int, site: str, device
-                        ) -> torch.Tensor | None:
-    """Absolute ``positions`` as indices into a run that starts at ``offset`` (None: all)."""
-    if positions is None:
+def _position_index(relative, seq_len: int, offset: int, site: str, device
+                    ) -> torch.Tensor | None:
+    """Positions ``relative`` to a run that starts at ``offset`` as an index tensor (None: all),
+    checked against the run's length; errors name the absolute positions."""
+    if relative is None:
         return None
-    idx = [p - offset for p in positions]
-    bad = [p for p, i in zip(positions, idx) if not 0 <= i < seq_len]
+    bad = [i + offset for i in relative if not 0 <= i < seq_len]
     if bad:
         raise SiteError(f"positions {bad} are outside this run at {site!r}: it covers positions "
                         f"{offset} to {offset + seq_len - 1}")
-    return torch.tensor(idx, dtype=torch.long, device=device)
+    return torch.tensor(relative, dtype=torch.long, device=device)
 
 
 def op_index(x: torch.Tensor, op: Op, site: str) -> tuple[tuple, tuple]:
@@ -352,9 +352,7 @@ def op_index(x: torch.Tensor, op: Op, site: str) -> tuple[tuple, tuple]:
         if op.rows and (min(op.rows) < 0 or max(op.rows) >= n):
             raise SiteError(f"rows {list(op.rows)} are outside the batch of {n} at {site!r}")
         rows = torch.tensor(op.rows, dtype=torch.long, device=x.device)
-    pos = _relative_positions(None if op.positions is None else
-                              [p + op.offset for p in op.positions], seq, op.offset, site,
-                              x.device)
+    pos = _position_index(op.positions, seq, op.offset, site, x.device)
     pos = torch.arange(seq, device=x.device) if pos is None else pos
     if op.heads is None:
         return (rows[:, None], pos[None, :]), (len(rows), len(pos), *x.shape[2:])
@@ -457,12 +455,13 @@ def record_hooks(lm, sites: Sequence[str], store: dict, positions: Sequence[int]
     ``detach=False`` the recorded tensor keeps its autograd graph and, when all positions are
     recorded, is the one the rest of the pass uses (so gradients reach it). ``stop_after``:
     raise :class:`StopForward` once the last site is recorded."""
+    relative = None if positions is None else [p - offset for p in positions]
     hooks = _Hooks(lm)
     remaining = set(sites)
     try:
         for site in dict.fromkeys(sites):
             def fn(x, site=site):
-                idx = _relative_positions(positions, x.shape[1], offset, site, x.device)
+                idx = _position_index(relative, x.shape[1], offset, site, x.device)
                 val = x if idx is None else x[:, idx]
                 store[site] = (val.detach().clone() if clone else val.detach()) if detach else val
                 remaining.discard(site)

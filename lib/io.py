@@ -366,8 +366,9 @@ def _shown(path: Path) -> str:
 
 
 def params_key(params: dict) -> str:
-    """A short stable hash of parameters (which units of work they belong to)."""
-    return hashlib.sha256(dumps(params).encode()).hexdigest()[:16]
+    """A short stable hash of parameters (which units of work they belong to): the first 16
+    characters of their :func:`digest`."""
+    return digest(params)[:16]
 
 
 class UnitStore:
