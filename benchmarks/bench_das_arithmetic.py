@@ -9,8 +9,8 @@ matter for timing), the same counterfactual batch and the same rotation (rank k 
 
 * ``full``: pyvene's algorithm: a no-grad forward of the sources up to the site, then a forward
   of the bases from the token ids through every block with the rotation applied by a hook
-  (``lib.hooks.patch``), the loss, its backward and an Adam step;
-* ``stored``: ``lib.das_arithmetic``: the site activations of bases and sources read from the
+  (``lib.core.hooks.patch``), the loss, its backward and an Adam step;
+* ``stored``: ``lib.studies.das.arithmetic_das``: the site activations of bases and sources read from the
   stored table, only blocks l+1.. run (``run_from``), the loss, backward and an Adam step.
 
 Prints both times per step (the fastest of ``--repeats``), the ratio and the largest
@@ -18,8 +18,8 @@ difference between the two losses and rotation gradients, and writes them to
 ``benchmarks/results/das_arithmetic.json``. Not a test.
 
 Evaluation (``--eval-pairs`` counterfactuals of test arrangements, M7 labels, the same
-rotation): ``lib.das.iia`` with one whole run of the blocks above l per counterfactual, batches
-of 250, against ``lib.das_arithmetic.shared_iia``, which runs the first positions that
+rotation): ``lib.studies.das.iia`` with one whole run of the blocks above l per counterfactual, batches
+of 250, against ``lib.studies.das.arithmetic_das.shared_iia``, which runs the first positions that
 counterfactuals share once; both times, the ratio and how many predictions differ.
 """
 
@@ -30,11 +30,12 @@ import argparse
 import torch
 
 from _common import timed, write_result
-from lib import arithmetic as ar
-from lib import das, das_arithmetic as da
-from lib.hooks import capture, patch
-from lib.models import load_model
-from lib.params import parse_layers
+from lib.studies.das import arithmetic as ar
+from lib.studies import das
+from lib.studies.das import arithmetic_das as da
+from lib.core.hooks import capture, patch
+from lib.core.models import load_model
+from lib.core.params import parse_layers
 
 
 def evaluation(lm, layer, module, states, pairs) -> dict:

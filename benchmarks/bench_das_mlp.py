@@ -1,4 +1,4 @@
-"""Benchmark: our DAS (lib.das) against pyvene's on the same trained MLP and the same data.
+"""Benchmark: our DAS (lib.studies.das) against pyvene's on the same trained MLP and the same data.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_das_mlp.py \
         --pyvene-python /work/scratch/pyvene/bin/python          # defaults: the notebook's sizes
@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib import das, das_mlp, paths
-from lib.causal_model import hierarchical_equality
-from lib.io import atomic_write_text, dumps, read_json
+from lib.studies import das
+from lib.studies.das import mlp_das
+from lib.core import paths
+from lib.studies.das.causal_model import hierarchical_equality
+from lib.core.io import atomic_write_text, dumps, read_json
 
 
 def main(argv=None) -> int:
@@ -58,8 +60,8 @@ def main(argv=None) -> int:
         net_seed = read_json(chosen)["mlp"].get("seed", args.seed) if chosen.exists() else args.seed
     # the notebook's network (same key, so the cached file is reused)
     spec = (model, 1048576, 10000, 3, 1024, 1e-3, net_seed)
-    net, info = das_mlp.task_network(*spec)
-    weights = das_mlp.network_path(*spec)
+    net, info = mlp_das.task_network(*spec)
+    weights = mlp_das.network_path(*spec)
     result = {"network_seed": net_seed, "mlp_test_accuracy": info["test_accuracy"],
               "n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads}
@@ -88,7 +90,7 @@ def compare(net, weights, model, semantics: str, args) -> dict:
                    "init_rotation": das.RotatedSpaceIntervention(
                        16, [(0, 8), (8, 16)], seed=args.seed).R.detach().contiguous()},
                   str(data_path))
-        _, ours = das_mlp.das_at_layer(net, 0, train, test, args.epochs, args.batch_size,
+        _, ours = mlp_das.das_at_layer(net, 0, train, test, args.epochs, args.batch_size,
                                             args.lr, args.seed)
         cmd = [args.pyvene_python, str(Path(__file__).with_name("pyvene_das_mlp.py")),
                str(weights), str(data_path), "--epochs", str(args.epochs), "--batch-size",

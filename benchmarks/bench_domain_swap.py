@@ -10,7 +10,7 @@ run and A's into B's), per-prompt KL and token-set masses.
 * ``seed's algorithm`` (the seed notebook's ``cross_swap_verbose``): for every (prompt pair,
   component, layer) one unbatched full forward to capture A, one to capture B, one baseline
   each and one swapped run each;
-* ``engine``: :func:`lib.domain_swap.run_pair` on :mod:`lib.engine`.
+* ``engine``: :func:`lib.studies.domain_swap.run_pair` on :mod:`lib.core.engine`.
 
 Prints both times, the ratio and the largest differences, and writes them to
 ``benchmarks/results/domain_swap.json``.
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from _common import timed, write_result
-from lib import domain_swap as ds
-from lib.hooks import Intervention, capture, patch
-from lib.models import load_model
-from lib.prompts import load_pairs
-from lib.sites import site_name
+from lib.studies import domain_swap as ds
+from lib.core.hooks import Intervention, capture, patch
+from lib.core.models import load_model
+from lib.core.prompts import load_pairs
+from lib.core.sites import site_name
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ position of "The capital of Spain is" <- "The capital of Italy is"):
   every position computed (as pyvene's IntervenableModel does), the source activations cached
   once beforehand (pyvene recomputes them per call, so this side is, if anything, faster than
   pyvene itself);
-* ``engine``: :func:`lib.interchange.sweep_interchange` on :mod:`lib.engine`.
+* ``engine``: :func:`lib.studies.interchange.sweep_interchange` on :mod:`lib.core.engine`.
 
 Prints both times, the ratio and the largest differences of logits and probabilities, and
 writes them to ``benchmarks/results/interchange.json``. Not a test.
@@ -23,10 +23,10 @@ import argparse
 import torch
 
 from _common import timed, write_result
-from lib import interchange
-from lib.hooks import Intervention, patch, run_with_cache
-from lib.models import load_model
-from lib.params import parse_sites
+from lib.studies import interchange
+from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.core.models import load_model
+from lib.core.params import parse_sites
 
 
 @torch.no_grad()

@@ -6,12 +6,12 @@
 In one process, on the first IOI pair of ``prompt_set/ioi.json``:
 
 * every head -> logits path (Wang et al., freeze policy "attention"):
-  :func:`lib.path_patching.path_patch` (position-local: the last position's stream, MLPs
+  :func:`lib.studies.path_patching.path_patch` (position-local: the last position's stream, MLPs
   only) vs the engine's reference loop (``naive=True``: one full unbatched forward per path,
   each run it reads once), and, for the record, the same rows on the batched engine
   (``local=False``);
 * ``--n-edge-sets`` random sets of node-level edges, each patched in one forward pass,
-  batched (:func:`lib.path_patching.edge_patch`) vs one unbatched forward per edge set;
+  batched (:func:`lib.studies.path_patching.edge_patch`) vs one unbatched forward per edge set;
 
 printing the times, the ratio and the largest differences in last-position probabilities and
 logits, and writing ``benchmarks/results/<--out>``. Not a test.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from lib import interchange, ioi
-from lib import path_patching as pp
-from lib.models import load_model
+from lib.studies import interchange, ioi
+from lib.studies import path_patching as pp
+from lib.core.models import load_model
 
 
 def timed(fn):

@@ -1,4 +1,4 @@
-"""Benchmark: causal tracing on the engine (lib.tracing) vs causal-tracer's algorithm.
+"""Benchmark: causal tracing on the engine (lib.studies.tracing) vs causal-tracer's algorithm.
 
     python benchmarks/bench_tracing.py                     # smollm2-135m, 3 kinds, 10 samples
     python benchmarks/bench_tracing.py --layers 0,10,20    # fewer centre layers (faster)
@@ -9,7 +9,7 @@ Both sides trace the same restorations with the same common-random-number noise 
 * ``causal-tracer``: the algorithm of chanind/causal-tracer 1.1.0 (and ROME): every
   (restoration, noise sample) row is a full forward pass of the whole prompt with the logits of
   every position, 32 rows per batch, the clean states patched in by hooks;
-* ``engine``: :class:`lib.tracing.CausalTracer`, rows on :mod:`lib.engine` (each noise sample a
+* ``engine``: :class:`lib.studies.tracing.CausalTracer`, rows on :mod:`lib.core.engine` (each noise sample a
   context run once; each row from its restored token on, on its sample's corrupted key/value
   prefix, from its lowest patched layer where exact; only the last position's logits).
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from _common import write_result
-from lib import tracing
-from lib.hooks import Intervention, patch, run_with_cache
-from lib.models import load_model
-from lib.sites import site_name
+from lib.studies import tracing
+from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.core.models import load_model
+from lib.core.sites import site_name
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     /work/scratch/pyvene/bin/python benchmarks/pyvene_das_mlp.py WEIGHTS DATA --epochs 10
 
-Loads the MLP weights (safetensors written by lib.mlp.save_mlp) into pyvene's
+Loads the MLP weights (safetensors written by lib.studies.das.mlp.save_mlp) into pyvene's
 MLPForClassification, trains pyvene's RotatedSpaceIntervention (one 16 x 16 rotation shared by
 two representations at layer 0 ``block_output``, subspace partition [[0, 8], [8, 16]]) on the
 counterfactual activations' inputs in DATA, and prints one JSON line: held-out IIA and seconds

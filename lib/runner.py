@@ -8,7 +8,7 @@
 
 The model goes in as the notebook parameter ``MODEL``; ``-p NAME=VALUE`` sets any other one.
 Before anything runs, every value is checked against the declaring notebooks' ``parameters``
-cells (:mod:`lib.params`): a name that no selected notebook declares, a value of the wrong
+cells (:mod:`lib.core.params`): a name that no selected notebook declares, a value of the wrong
 type (VALUE is the text itself for a ``str`` parameter, JSON for the others) or out of range,
 an unknown model or an unwritable ``--runs-dir`` is a one-line error and exit code 2, before
 any kernel starts. A notebook gets only the parameters it declares. Torch in every kernel uses
@@ -16,7 +16,7 @@ any kernel starts. A notebook gets only the parameters it declares. Torch in eve
 CPU one thread is faster than two for these small models).
 
 Every notebook reuses a result that is current (same parameters, inputs and thread count:
-:func:`lib.io.load_or_compute`); ``--force`` recomputes. Executed copies, with their inline
+:func:`lib.core.io.load_or_compute`); ``--force`` recomputes. Executed copies, with their inline
 figures, are kept as ``runs/<model>/<notebook>.ipynb``; one whose content did not change (run
 times aside) keeps its bytes, as figures do, so a rerun over current results changes no file.
 The run stops at the first failing notebook (an error, a cell past ``--timeout``, a dead
@@ -36,9 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lib import io, paths
-from lib.models import DEFAULT_MODEL, ModelNotFoundError, check_model_name
-from lib.params import CliText, ParameterError, check_params, read_parameters
+from lib.core import io, paths
+from lib.core.models import DEFAULT_MODEL, ModelNotFoundError, check_model_name
+from lib.core.params import CliText, ParameterError, check_params, read_parameters
 
 DEFAULT_THREADS = 1  # torch CPU threads in every kernel; the committed results use 1
 
@@ -66,7 +66,7 @@ def select_notebooks(selectors: list[str] | None, folder: Path = paths.NOTEBOOKS
 
 def parse_params(pairs: list[str]) -> dict:
     """``["NAME=VALUE", ...]`` -> ``{NAME: CliText(VALUE)}``; each value is converted to its
-    declared type by :func:`lib.params.check_value` once the notebooks are known."""
+    declared type by :func:`lib.core.params.check_value` once the notebooks are known."""
     params = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -208,8 +208,8 @@ def check_runs_dir(runs_dir: Path) -> None:
 def check_run(notebooks: list[Path], models: list[str], params: dict | None,
               runs_dir: Path, check_models: bool = True, force: bool = False) -> dict[Path, dict]:
     """Everything that can be checked before a kernel starts; returns each notebook's own
-    checked parameters. Raises :class:`lib.params.ParameterError` (or
-    :class:`lib.models.ModelNotFoundError`) naming the problem and the fix."""
+    checked parameters. Raises :class:`lib.core.params.ParameterError` (or
+    :class:`lib.core.models.ModelNotFoundError`) naming the problem and the fix."""
     if not models:
         raise ParameterError("no model given; use e.g. --models smollm2-135m")
     for model in models:

@@ -44,7 +44,7 @@ def regenerate(scratch: Path, notebooks: list[str], models: list[str]) -> None:
 
 
 def regenerated_files(scratch: Path, models: list[str]) -> list[Path]:
-    from lib.io import slug
+    from lib.core.io import slug
 
     slugs = {slug(m) for m in models}
     found = []

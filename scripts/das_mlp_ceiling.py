@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from lib import das, das_mlp
-from lib.causal_model import hierarchical_equality
-from lib.mlp import interchange_data
+from lib.studies import das
+from lib.studies.das import mlp_das
+from lib.studies.das.causal_model import hierarchical_equality
+from lib.studies.das.mlp import interchange_data
 
 MLP = dict(n_train=1048576, n_test=10000, batch_size=1024, lr=0.001, init="torch")
 
@@ -49,14 +50,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = hierarchical_equality(object_dim=4)
     if args.what == "training":
-        net, _ = das_mlp.task_network(model, epochs=3, seed=0, **MLP)
+        net, _ = mlp_das.task_network(model, epochs=3, seed=0, **MLP)
         for lr, batch in ((0.01, 6400), (0.001, 640)):
             curve = das_curve(model, net, 0, "independent", 1280000, 10, batch, lr)
             print(f"seed-0 network, lr {lr}, batch {batch}: validation IIA per epoch {curve}")
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    networks = das_mlp.task_networks(model, seeds, epochs=args.mlp_epochs, cache_dir=None, **MLP)
+    networks = mlp_das.task_networks(model, seeds, epochs=args.mlp_epochs, cache_dir=None, **MLP)
     print(f"{len(seeds)} networks trained in {time.perf_counter() - started:.0f} s")
     for seed, (net, info) in zip(seeds, networks):
         started = time.perf_counter()

@@ -49,21 +49,21 @@ def assert_f32_close(actual, expected, msg: str | None = None) -> None:
 
 @pytest.fixture(scope="module", params=TINY_FLAVOURS)
 def lm(request):
-    from lib.models import load_model
+    from lib.core.models import load_model
 
     return load_model(request.param)
 
 
 @pytest.fixture(scope="module")
 def llama():
-    from lib.models import load_model
+    from lib.core.models import load_model
 
     return load_model("tiny-random-llama")
 
 
 @pytest.fixture(scope="session")
 def smollm():
-    from lib.models import load_model
+    from lib.core.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import assert_f32_close
-from lib.activations import (collect_last_token, collect_last_token_naive, right_padded_batch,
+from lib.core.activations import (collect_last_token, collect_last_token_naive, right_padded_batch,
                              token_ids)
-from lib.hooks import count_hooks
-from lib.models import load_model
+from lib.core.hooks import count_hooks
+from lib.core.models import load_model
 
 PROMPTS = ["Write a C++ function.", "Hi", "How do I sort a list of integers in Python?",
            "abc", "The quick brown fox jumps over the lazy dog, twice.", "Hi there", "x y z"]
@@ -93,7 +93,7 @@ def test_tokenizer_padding_equals_hand_padding_whatever_the_tokenizer_defaults(l
 def test_activations_are_unchanged_by_the_tokenizer_padding(lm):
     """collect_last_token equals the same batches padded by hand (bit for bit on the CPUs seen
     so far; asserted within the float32 tolerance)."""
-    from lib.hooks import capture
+    from lib.core.hooks import capture
 
     sites = ["blocks.0.attn_out", "blocks.1.resid_post"]
     got = collect_last_token(lm, PROMPTS, sites, batch_size=16, progress=False)
@@ -130,7 +130,7 @@ def _assert_batched_equals_unbatched(lm, prompts, sites, batch_size):
 
 def test_real_model_batched_equals_unbatched(smollm):
     """SmolLM2 (no BOS) on committed prompts of different lengths."""
-    from lib.prompts import load_pairs
+    from lib.core.prompts import load_pairs
 
     pairs = load_pairs("cpp_python.json").head(5)
     prompts = list(pairs.a) + list(pairs.b)
@@ -141,7 +141,7 @@ def test_real_model_batched_equals_unbatched(smollm):
 @pytest.mark.slow
 def test_gemma3_batched_equals_unbatched():
     """Gemma 3 (adds <bos>, sliding-window layers) with right padding."""
-    from lib.prompts import load_pairs
+    from lib.core.prompts import load_pairs
 
     gemma = load_model("gemma3-270m")
     pairs = load_pairs("finance_medical.json").head(4)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from lib import arithmetic as ar
+from lib.studies.das import arithmetic as ar
 
 torch.set_num_threads(1)
 
@@ -194,8 +194,8 @@ def test_weights_fingerprint_sees_every_name_shape_and_bit():
 
 
 def test_notebook_09_parameters_are_checked_before_running():
-    from lib import paths
-    from lib.params import ParameterError, check_params
+    from lib.core import paths
+    from lib.core.params import ParameterError, check_params
 
     nb = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
     ok = check_params([nb], {"CAUSAL_MODELS": "1,7", "SITES": "all,eq", "RANKS": [8, 64]})

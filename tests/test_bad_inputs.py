@@ -13,12 +13,13 @@ import warnings
 import pytest
 import torch
 
-from lib import io, paths, runner
-from lib.hooks import Intervention, NonFiniteError, allow_nonfinite, patch
-from lib.models import ModelNotFoundError, PromptError, load_model
-from lib.params import (ParameterError, check_namespace, parse_layers, parse_list,
+from lib.core import io, paths
+from lib import runner
+from lib.core.hooks import Intervention, NonFiniteError, allow_nonfinite, patch
+from lib.core.models import ModelNotFoundError, PromptError, load_model
+from lib.core.params import (ParameterError, check_namespace, parse_layers, parse_list,
                         parse_positions, parse_sites)
-from lib.prompts import DuplicatePromptWarning, PromptFileError, load_pairs
+from lib.core.prompts import DuplicatePromptWarning, PromptFileError, load_pairs
 
 RESULT_DIRS = [paths.SCORES, paths.TOKEN_SETS, paths.FULL_COMPUTE, paths.GRAPHS, paths.RUNS,
                paths.PROMPT_SET]
@@ -302,7 +303,7 @@ def test_an_empty_prompt_is_refused(lm):
     for text in ("", "   "):
         with pytest.raises(PromptError, match="empty prompt"):
             lm.tokenize(text)
-    from lib.interchange import run_interchange
+    from lib.studies.interchange import run_interchange
 
     with pytest.raises(PromptError, match="empty prompt"):
         run_interchange(lm, "", "", ["a"], progress=False)
@@ -313,7 +314,7 @@ def test_a_prompt_longer_than_the_context_is_refused_with_the_length_and_the_lim
     with pytest.raises(PromptError) as err:
         lm.tokenize(long_prompt)
     assert "10001 tokens" in str(err.value) and "256 tokens" in str(err.value)
-    from lib.tracing import CausalTracer
+    from lib.studies.tracing import CausalTracer
 
     with pytest.raises(PromptError, match="context"):
         CausalTracer(lm, long_prompt, "word", noise=0.1, samples=1)
@@ -385,7 +386,7 @@ def test_a_result_that_fails_its_schema_check_is_not_written(tmp_path):
 
 
 def test_00_schema_check_refuses_split_components(tmp_path):
-    from lib import separability as S
+    from lib.studies import separability as S
 
     bad = {"model": "m", "components": list("mlp_out"), "metrics": ["fisher"], "layers": [0],
            "n_prompts": 1, "comparisons": []}
@@ -426,7 +427,7 @@ def test_a_corrupt_result_file_is_named_set_aside_and_recomputed(tmp_path):
 
 
 def test_cross_model_figures_never_silently_drop_an_unreadable_model(tmp_path):
-    from lib.domain_swap import load_all_full_compute
+    from lib.studies.domain_swap import load_all_full_compute
 
     (tmp_path / "model-a.json").write_text('{"pairs": ')
     with pytest.raises(ValueError, match=r"model-a.json is not valid JSON.*FORCE=True"):
@@ -476,8 +477,8 @@ def test_the_generic_schema_check_catches_a_string_split_into_characters(tmp_pat
 def test_02_refuses_token_sets_found_on_every_prompt():
     """A token-set file without a discovery/held-out split (written before splits, or by hand)
     would make 02's effects circular: a clear error naming the fix, before any model runs."""
-    from lib import domain_swap as ds
-    from lib.prompts import PromptPairs
+    from lib.studies import domain_swap as ds
+    from lib.core.prompts import PromptPairs
 
     pairs = PromptPairs("p_q", ("p", "q"), ("a", "b"), ("c", "d"))
     sets = {"model": "tiny-random", "top_n": 1, "pairs": {"p_q": {"p": [], "q": []}}}

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_tracing import exact_work_ceiling  # noqa: E402
-from lib.tracing import Restoration  # noqa: E402
+from lib.studies.tracing import Restoration  # noqa: E402
 
 
 def test_exact_work_ceiling_by_hand(llama):

@@ -4,7 +4,7 @@ sizes, the two sampling semantics, equal frequency of the three intervention set
 import pytest
 import torch
 
-from lib.causal_model import (CausalModel, CausalModelError, encode, hierarchical_equality,
+from lib.studies.das.causal_model import (CausalModel, CausalModelError, encode, hierarchical_equality,
                               pair_equality_model, pattern_sampler)
 
 torch.set_num_threads(1)

@@ -1,14 +1,14 @@
 """Rotated-subspace interventions: swaps they must equal, orthogonality through training, the
-random control, safetensors round trip, lib.hooks integration with gradients, the hand-built
+random control, safetensors round trip, lib.core.hooks integration with gradients, the hand-built
 MLP (factual accuracy and vanilla-swap IIA 1.00), and errors."""
 
 import pytest
 import torch
 
 from conftest import F32_ATOL, assert_f32_close
-from lib import das
-from lib.causal_model import encode, hierarchical_equality
-from lib.mlp import (MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp,
+from lib.studies import das
+from lib.studies.das.causal_model import encode, hierarchical_equality
+from lib.studies.das.mlp import (MLP, accuracy, hand_built_equality_mlp, interchange_data, load_mlp,
                      save_mlp, train_mlp, train_mlps)
 
 torch.set_num_threads(1)
@@ -168,8 +168,8 @@ def test_save_and_load_safetensors(tmp_path, kind):
 
 
 def test_through_lib_hooks_gradients_reach_the_rotation():
-    from lib.hooks import capture, patch
-    from lib.models import load_model
+    from lib.core.hooks import capture, patch
+    from lib.core.models import load_model
 
     lm = load_model("tiny-random-llama")
     base_ids, src_ids = lm.tokenize("abcdef"), lm.tokenize("ghijkl")
@@ -262,7 +262,7 @@ def test_training_does_not_depend_on_the_global_generator(orth):
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_networks_trained_together_equal_each_trained_alone(loss):
-    """lib.mlp.train_mlps stacks networks into batched matmuls; each must come out as train_mlp
+    """lib.studies.das.mlp.train_mlps stacks networks into batched matmuls; each must come out as train_mlp
     (one at a time) makes it, curves included, so one cache serves both. Batched and single
     matmuls round differently on some kernels (AVX512 here; bit for bit under AVX2 and the
     default kernels), so: equal within the float32 tolerance."""
@@ -291,23 +291,23 @@ def test_networks_trained_together_equal_each_trained_alone(loss):
 
 
 def test_task_networks_share_the_cache_of_task_network_and_selection_takes_the_best(tmp_path):
-    from lib import das_mlp
+    from lib.studies.das import mlp_das
 
     model = hierarchical_equality(object_dim=4)
     args = dict(n_train=512, n_test=64, epochs=1, batch_size=64, lr=1e-2, init="torch",
                 cache_dir=tmp_path)
-    nets = das_mlp.task_networks(model, [0, 1, 2], group=2, **args)
+    nets = mlp_das.task_networks(model, [0, 1, 2], group=2, **args)
     assert [info["cached"] for _, info in nets] == [False] * 3
-    alone, info = das_mlp.task_network(model, seed=1, **args)
+    alone, info = mlp_das.task_network(model, seed=1, **args)
     assert info["cached"] and info["test_accuracy"] == nets[1][1]["test_accuracy"]
     assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(),
                                                  nets[1][0].state_dict().values()))
     train = model.counterfactual_dataset(256, seed=5)
     val = model.counterfactual_dataset(128, seed=6)
-    chosen, rows = das_mlp.select_network([(s, n) for s, (n, _) in zip([0, 1, 2], nets)], 0,
+    chosen, rows = mlp_das.select_network([(s, n) for s, (n, _) in zip([0, 1, 2], nets)], 0,
                                           train, val, epochs=1, batch_size=64, lr=1e-2, seed=0)
     assert [r["seed"] for r in rows] == [0, 1, 2]
     assert chosen == max(rows, key=lambda r: r["validation_iia"])["seed"]
     assert all(0 <= r["validation_iia"] <= 1 and 0 <= r["control_iia"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="at least one candidate"):
-        das_mlp.select_network([], 0, train, val, 1, 64, 1e-2, 0)
+        mlp_das.select_network([], 0, train, val, 1, 64, 1e-2, 0)

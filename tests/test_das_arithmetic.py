@@ -1,19 +1,19 @@
-"""DAS on a language model (lib.das_arithmetic) on tiny random Llama and Gemma 3: the stored
+"""DAS on a language model (lib.studies.das.arithmetic_das) on tiny random Llama and Gemma 3: the stored
 residual streams equal a captured forward pass, the suffix runner from block l equals the full
 model, rotated interventions through it (shared over positions and per position) equal
-lib.engine's reference loop with the same function intervention, the full-dimension swap gives
+lib.core.engine's reference loop with the same function intervention, the full-dimension swap gives
 the source's prediction, and a training run returns what the notebook stores."""
 
 import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib import arithmetic as ar
-from lib import das
-from lib import das_arithmetic as da
-from lib.engine import Context, Row, run_naive
-from lib.hooks import run_with_cache
-from lib.models import load_model
+from lib.studies.das import arithmetic as ar
+from lib.studies import das
+from lib.studies.das import arithmetic_das as da
+from lib.core.engine import Context, Row, run_naive
+from lib.core.hooks import run_with_cache
+from lib.core.models import load_model
 
 torch.set_num_threads(1)
 
@@ -189,11 +189,11 @@ def test_graph_intervals_resample_nodes_without_self_pairs():
 
 @pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-gemma3"])
 def test_stream_continues_from_a_shared_prefix(arch):
-    """lib.engine.run_stream: blocks above layer l run on a prefix once (keys and values kept)
+    """lib.core.engine.run_stream: blocks above layer l run on a prefix once (keys and values kept)
     and then on the later positions of several runs continuing it (rows mapping runs to
     prefixes) equal one run of the whole stream, at every layer of a 6-block model; a prefix
     longer than a sliding window keeps whole is refused."""
-    from lib import engine, models
+    from lib.core import engine, models
 
     torch.manual_seed(0)
     model, tokenizer, source = models._build_tiny(arch, 0, n_layers=6)
@@ -227,7 +227,7 @@ def test_shared_prefix_split_of_the_full_graph():
     stored states give them), the split that runs fewest positions keeps everything before
     Z's last digit shared: 40,000 prefix pairs (less the 100 (u, u) pairs of a prefix only
     one arrangement has, Z = 10) and two positions of their own per run."""
-    from lib.models import load_model
+    from lib.core.models import load_model
 
     tokens = ar.task_tokens(load_model("tiny-random-llama").tokenizer, "padded")
     ids = tokens.input_ids
@@ -268,7 +268,7 @@ def test_pair_predictions_with_shared_prefixes_equal_one_run_per_pair(tuned, mon
 
 def test_shared_iia_equals_one_whole_run_per_counterfactual(tuned):
     """Evaluation shares the first positions of test counterfactuals whose prompts agree
-    there; every prediction, and so the IIA, equals lib.das.iia's one whole run each."""
+    there; every prediction, and so the IIA, equals lib.studies.das.iia's one whole run each."""
     lm, tokens = tuned
     states = da.residual_states(lm, tokens, [0])[0]
     split = ar.split_arrangements(0)

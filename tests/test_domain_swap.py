@@ -1,4 +1,4 @@
-"""Last-token domain swaps, reverse intervention and token sets (lib.domain_swap), plus the
+"""Last-token domain swaps, reverse intervention and token sets (lib.studies.domain_swap), plus the
 figure functions (lib.plots.domain), on tiny random models."""
 
 import json
@@ -9,10 +9,10 @@ import torch
 
 from conftest import F32_ATOL
 from lib.plots import domain as dp
-from lib import domain_swap as ds
-from lib.hooks import Intervention, capture, patch
-from lib.prompts import PromptPairs
-from lib.sites import site_name
+from lib.studies import domain_swap as ds
+from lib.core.hooks import Intervention, capture, patch
+from lib.core.prompts import PromptPairs
+from lib.core.sites import site_name
 
 PAIRS = PromptPairs("code_prose", ("code", "prose"),
                     ("def f(x): return x", "int main() { return 0; }", "print(1)", "x = [i for i in y]"),
@@ -294,8 +294,8 @@ def test_scores_lookup_ranking_and_errors(tmp_path):
 
 def test_one_swap_equals_the_seed_algorithm_by_hand(llama):
     """Capture B's last-token MLP output in B's own run, patch it into A's last token, KL(A || A
-    swapped): the seed's cross-swap, written out with lib.hooks."""
-    from lib.hooks import capture, patch
+    swapped): the seed's cross-swap, written out with lib.core.hooks."""
+    from lib.core.hooks import capture, patch
 
     one = PAIRS.head(1)
     layer = 1

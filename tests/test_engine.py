@@ -1,4 +1,4 @@
-"""The intervention engine (lib.engine): planning without a model, and the engine against the
+"""The intervention engine (lib.core.engine): planning without a model, and the engine against the
 one-forward-per-row reference loop on tiny random Llama, Gemma 3 and GPT-2 for the rows of
 every study (swaps, grid cells, noise plus restoration, severed, multi-site, references)."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib.engine import (Batch, Capture, Context, Engine, Ref, Row, merge_interventions, plan,
+from lib.core.engine import (Batch, Capture, Context, Engine, Ref, Row, merge_interventions, plan,
                         row_start, run, run_naive)
-from lib.hooks import Intervention, NonFiniteError, allow_nonfinite, count_hooks
-from lib.models import load_model
+from lib.core.hooks import Intervention, NonFiniteError, allow_nonfinite, count_hooks
+from lib.core.models import load_model
 
 ARCHS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]
 KINDS = ["resid_pre", "attn_in", "head_out", "attn_out", "mlp_in", "mlp_out", "resid_post"]
@@ -208,7 +208,7 @@ def test_rows_joining_several_blocks_up_equal_naive(arch):
     """A deeper tiny model (6 blocks), so that rows join a pass several blocks above its first
     and blocks in between see only the rows already in (their masks cut to match): causal
     tracing's noisy contexts, restorations at every block and token after the subject."""
-    from lib import models
+    from lib.core import models
 
     torch.manual_seed(0)
     model, tokenizer, source = models._build_tiny(arch, 0, n_layers=6)
@@ -291,7 +291,7 @@ def test_nan_from_an_intervention_names_the_site_and_row(tiny):
         run(tiny, [Context(base)], [Row(0), Row(0, [bad])])
     out = run(tiny, [Context(base)], [Row(0, [bad])], check_finite=False)
     assert torch.isnan(out).all()
-    with allow_nonfinite():   # the one switch of lib.hooks holds for the engine too
+    with allow_nonfinite():   # the one switch of lib.core.hooks holds for the engine too
         assert torch.isnan(run(tiny, [Context(base)], [Row(0, [bad])])).all()
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib import explorer as E
+from lib.studies import explorer as E
 from lib.plots import explorer as ep
-from lib.hooks import count_hooks
-from lib.prompts import PromptPairs, load_pairs
+from lib.core.hooks import count_hooks
+from lib.core.prompts import PromptPairs, load_pairs
 
 PAIRS = PromptPairs("cpp_python", ("cpp", "python"),
                     ("Write C++ code now", "Sort a vector in C++"),
@@ -323,7 +323,7 @@ def test_show_token():
 def test_notebook_04_refuses_an_out_of_range_prompt_index_with_its_range(tmp_path):
     """PROMPT_INDEX passes the parameter rule ``[0..]`` (the range depends on the file), so the
     notebook checks it against the pair file right after loading the file (before the model)."""
-    from lib import paths
+    from lib.core import paths
     from lib.runner import NotebookFailed, run_notebooks
 
     nb = paths.NOTEBOOKS / "04_prompt_visualization.ipynb"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib.hooks import Intervention, SiteError, capture, count_hooks, patch, run_with_cache
-from lib.sites import LAYER_SITES, all_sites, parse_site, site_name
+from lib.core.hooks import Intervention, SiteError, capture, count_hooks, patch, run_with_cache
+from lib.core.sites import LAYER_SITES, all_sites, parse_site, site_name
 
 BASE = "The cat sat on the mat"
 SOURCE = "A dog ran in the parks"  # same byte length as BASE, so same token count
@@ -205,13 +205,13 @@ def test_capture_without_detach_gives_gradients_at_every_site(lm, ids):
         assert grads[site].shape == cache[site].shape
 
 
-# --- path-patching sites (lib.sites.PATH_SITES) ----------------------------------------------
+# --- path-patching sites (lib.core.sites.PATH_SITES) ----------------------------------------------
 
 def test_path_sites_shapes_and_self_patch_exact(lm):
     """Every path-patching site resolves with its documented shape, and patching a run with its
     own activations there changes the logits by exactly 0."""
-    from lib.hooks import n_kv_heads
-    from lib.sites import PATH_SITES
+    from lib.core.hooks import n_kv_heads
+    from lib.core.sites import PATH_SITES
 
     ids = lm.tokenize("Hello world")
     sites = [site_name(k, l) for l in range(lm.n_layers) for k in PATH_SITES]
@@ -257,11 +257,11 @@ def test_per_head_inputs_compose_to_the_attention_input(lm):
 
 
 def test_one_meaning_in_patch_and_in_the_engine(llama):
-    """An Intervention becomes one Op (lib.hooks.apply_ops is the only writer); positions stay
+    """An Intervention becomes one Op (lib.core.hooks.apply_ops is the only writer); positions stay
     absolute through an offset; `rows` selects batch rows in patch and is refused by the engine,
     where a row's interventions apply to that row alone."""
-    from lib.engine import Context, Engine, Row
-    from lib.hooks import Op
+    from lib.core.engine import Context, Engine, Row
+    from lib.core.hooks import Op
 
     iv = Intervention("blocks.0.mlp_out", positions=(5, 6), kind="zero", rows=(1,))
     op = iv.to_op(offset=4)
@@ -273,5 +273,5 @@ def test_one_meaning_in_patch_and_in_the_engine(llama):
         Intervention("blocks.0.mlp_out", positions=(7,), kind="zero").apply(x, offset=4)
     ids = llama.tokenize("abcdef")
     engine = Engine(llama, [Context(ids)])
-    with pytest.raises(ValueError, match="rows selects batch rows in lib.hooks.patch"):
+    with pytest.raises(ValueError, match="rows selects batch rows in lib.core.hooks.patch"):
         engine.run([Row(0, [Intervention("blocks.0.mlp_out", kind="zero", rows=(0,))])])

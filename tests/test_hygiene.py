@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import paths
+from lib.core import paths
 
 NOTEBOOKS = sorted(paths.NOTEBOOKS.glob("*.ipynb")) + sorted(
     (Path(__file__).parent / "notebooks").glob("*.ipynb"))
@@ -57,10 +57,9 @@ LIB = paths.REPO_ROOT / "lib"
 COMPUTE_MODULES = sorted(p for p in LIB.rglob("*.py") if (LIB / "plots") not in p.parents)
 
 
-def plotting_imports(source: str) -> list[str]:
-    """Modules named by any import in ``source`` (at any depth, inside functions too) that are
-    a plotting library or ``lib.plots``; ``importlib.import_module("...")`` with a literal
-    name counts too."""
+def imported_modules(source: str) -> list[str]:
+    """Modules named by any import in ``source`` (at any depth, inside functions too);
+    ``importlib.import_module("...")`` with a literal name counts too."""
     names = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -72,13 +71,18 @@ def plotting_imports(source: str) -> list[str]:
               and getattr(node.func, "attr", getattr(node.func, "id", None))
               in ("import_module", "__import__")):
             names.append(node.args[0].value)
-    return [n for n in dict.fromkeys(names)
+    return list(dict.fromkeys(names))
+
+
+def plotting_imports(source: str) -> list[str]:
+    """The imports of ``source`` that are a plotting library or ``lib.plots``."""
+    return [n for n in imported_modules(source)
             if n.split(".")[0] in PLOTTING_PACKAGES or n == "lib.plots"
             or n.startswith("lib.plots.")]
 
 
 def test_there_are_compute_modules_to_check():
-    assert LIB / "hooks.py" in COMPUTE_MODULES
+    assert LIB / "core" / "hooks.py" in COMPUTE_MODULES
     assert not any("plots" in p.parts for p in COMPUTE_MODULES)
 
 
@@ -99,3 +103,39 @@ def test_plotting_import_check_can_fail():
     assert plotting_imports("import importlib\nimportlib.import_module('plotnine')\n")
     # and the plotting modules themselves do import one
     assert plotting_imports((LIB / "plots" / "domain.py").read_text(encoding="utf-8"))
+
+
+# --- layout: lib/core <- lib/studies <- lib/plots, modules small -----------------------------
+
+LIB_MODULES = sorted(LIB.rglob("*.py"))
+# what each layer may not import: the core knows no study and no figure; a study no figure
+FORBIDDEN = {"core": ("lib.studies", "lib.plots", "lib.runner"),
+             "studies": ("lib.plots", "lib.runner")}
+MAX_MODULE_LINES = 600
+
+
+def layer_violations(layer: str, source: str) -> list[str]:
+    return [n for n in imported_modules(source)
+            if any(n == f or n.startswith(f + ".") for f in FORBIDDEN.get(layer, ()))]
+
+
+@pytest.mark.parametrize("path", LIB_MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_module_imports_only_downward(path):
+    layer = path.relative_to(LIB).parts[0]
+    found = layer_violations(layer, path.read_text(encoding="utf-8"))
+    assert not found, (f"lib/{path.relative_to(LIB)} imports {found}: lib/core may not import "
+                       "lib/studies or lib/plots, and lib/studies may not import lib/plots")
+
+
+def test_layer_check_can_fail():
+    assert "lib.studies" in layer_violations("core", "from lib.studies import das\n")
+    assert layer_violations("studies", "def f():\n    from lib.plots import das\n")
+    assert layer_violations("studies", "from lib.core import io\n") == []
+    assert layer_violations("plots", "from lib.studies import das\n") == []
+
+
+@pytest.mark.parametrize("path", LIB_MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_module_is_small(path):
+    n = len(path.read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_MODULE_LINES, (f"lib/{path.relative_to(LIB)} has {n} lines (at most "
+                                   f"{MAX_MODULE_LINES}): split it into modules with one job each")

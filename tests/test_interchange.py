@@ -1,4 +1,4 @@
-"""Interchange intervention grid and attribution patching (lib.interchange, lib.attribution) on
+"""Interchange intervention grid and attribution patching (lib.studies.interchange, lib.studies.attribution) on
 tiny random models."""
 
 import warnings
@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib.attribution import attribution_patching, correlations
-from lib.hooks import Intervention, patch, run_with_cache
-from lib.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
+from lib.studies.attribution import attribution_patching, correlations
+from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.studies.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
                              align_prompts, grid_cells, interchange_rows,
                              node_order, run_interchange, strongest_cells, sweep_interchange)
-from lib.io import params_key, provenance, read_current, read_json, write_json
-from lib.models import load_model
+from lib.core.io import params_key, provenance, read_current, read_json, write_json
+from lib.core.models import load_model
 from lib.plots.interchange import (plot_attribution, plot_attribution_scatter, plot_heatmap,
                                    plot_layer_bars)
-from lib.sites import site_name
+from lib.core.sites import site_name
 
 BASE = "The cat sat on the mat"
 SOURCE = "A dog ran in the parks"   # same byte length as BASE
@@ -83,8 +83,8 @@ def test_patching_base_own_activations_returns_clean(lm):
 def test_noop_rows_are_detected_exactly(llama):
     """Positions before the first differing token patch in the base's own values: the engine
     answers them with the clean run, bit for bit, without running them."""
-    from lib.engine import Engine
-    from lib.interchange import grid_contexts
+    from lib.core.engine import Engine
+    from lib.studies.interchange import grid_contexts
 
     base_ids, source_ids, cells = _grid(llama, BASE, SHARED, ["mlp_out", "attn_in"])
     engine = Engine(llama, grid_contexts(base_ids, source_ids))

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from lib import io, paths
-from lib.io import load_tensors
-from lib.models import load_model
+from lib.core import io, paths
+from lib.core.io import load_tensors
+from lib.core.models import load_model
 
 
 def test_write_json_has_provenance_and_is_byte_stable(tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_saved_tensors_are_the_same_bytes_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, torch; from lib.io import save_tensors; "
+    code = ("import sys, torch; from lib.core.io import save_tensors; "
             "save_tensors(sys.argv[1], {'w': torch.arange(6.).reshape(2, 3)}, "
             "{'kind': 'x', 'd': 3}, {'task': 't', 'layer': 0, 'seconds_per_step': float(sys.argv[2])})")
     outs = []

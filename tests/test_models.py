@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from lib import models
+from lib.core import models
 
 
 def test_unknown_name_lists_known_models():
@@ -83,7 +83,7 @@ def test_gemma3_tokenizer_is_whole_words():
 def test_tokenizer_guard_keeps_the_tokenizer_and_knows_the_context():
     from transformers import PreTrainedTokenizerBase
 
-    from lib.models import PromptError
+    from lib.core.models import PromptError
 
     lm = models.load_model("tiny-random-gpt2")
     assert lm.max_tokens == 256

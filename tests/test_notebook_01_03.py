@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from lib import paths
+from lib.core import paths
 from lib.runner import run_notebooks
 
 pytestmark = pytest.mark.slow

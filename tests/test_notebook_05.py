@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import F32_ATOL
-from lib import paths
-from lib.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
-from lib.io import read_json
+from lib.core import paths
+from lib.studies.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
+from lib.core.io import read_json
 from lib.runner import run_notebooks
 
 NOTEBOOK = paths.NOTEBOOKS / "05_interchange_intervention.ipynb"

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import F32_ATOL
-from lib import paths
+from lib.core import paths
 from lib.runner import run_notebooks
 
 NOTEBOOK = paths.NOTEBOOKS / "06_causal_tracing.ipynb"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lib import paths
-from lib.io import read_json
+from lib.core import paths
+from lib.core.io import read_json
 from lib.runner import run_notebooks
 
 NOTEBOOK = paths.NOTEBOOKS / "08_das_mlp.ipynb"

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from lib import paths
-from lib.io import load_tensors, read_json
+from lib.core import paths
+from lib.core.io import load_tensors, read_json
 from lib.runner import run_notebooks
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from lib import paths
+from lib.core import paths
 from lib.runner import list_notebooks, run_notebooks
 
 MODEL = "tiny-random"
@@ -36,7 +36,7 @@ FAST_PARAMETERS = {
     # the byte tokenizer: one-byte answers; "Spain" and "Italy" have the same byte length
     "05": {"TOKENS": ["M", "R"], "NAME": "fast"},
     "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
-    # IOI names are several bytes: the metric reads each name's first byte (lib.ioi.name_token)
+    # IOI names are several bytes: the metric reads each name's first byte (lib.studies.ioi.name_token)
     "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 1, "N_RECEIVERS": 1},
     # no language model: the sizes of its MLPs' data and training runs
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
@@ -65,8 +65,8 @@ def tiny_facts(path, n: int = 2):
     """``n`` facts whose answer is the tiny model's own greedy token, so that they are kept. A
     byte that is not UTF-8 on its own does not survive decode -> encode; such prompts are
     passed over."""
-    from lib.models import load_model
-    from lib.tracing import CausalTracer, answer_token_id
+    from lib.core.models import load_model
+    from lib.studies.tracing import CausalTracer, answer_token_id
 
     lm = load_model(MODEL)
     facts = []
@@ -129,7 +129,7 @@ def figures(ws, *names, model=MODEL):
 # --- what each notebook must have written ---------------------------------------------------
 
 def check_00(ws, executed):
-    from lib.separability import validate_scores
+    from lib.studies.separability import validate_scores
 
     data = json.loads((ws["SCORES_DIR"] / f"{MODEL}.json").read_text())
     validate_scores(data)
@@ -186,7 +186,7 @@ def check_04(ws, executed):
 
 
 def check_05(ws, executed):
-    from lib.interchange import RECORD_KEYS
+    from lib.studies.interchange import RECORD_KEYS
 
     data = json.loads((ws["FULL_COMPUTE_DIR"] / MODEL / "interchange_fast.json").read_text())
     n_pos = len(data["base"]["tokens"])
@@ -258,8 +258,8 @@ def check_09(ws, executed):
     # every ordered pair's prediction is stored; the weights are read back from it
     import torch
 
-    from lib import arithmetic as ar, das_arithmetic as da
-    from lib.io import load_tensors, same_apart_from_time
+    from lib.studies.das import arithmetic as ar, arithmetic_das as da
+    from lib.core.io import load_tensors, same_apart_from_time
 
     pred_path = out / graph["predictions_file"]
     preds, config, _ = load_tensors(pred_path)
@@ -309,8 +309,8 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
     or trains the tuned model; (b) where a result must be computed and the cache holds other
     weights than the stored results name, the run stops with the fix and changes nothing;
     (c) FORCE=True fine-tunes again and recomputes every result, each naming the new weights."""
-    from lib.arithmetic import weights_fingerprint
-    from lib.io import load_tensors, same_apart_from_time, save_tensors
+    from lib.studies.das.arithmetic import weights_fingerprint
+    from lib.core.io import load_tensors, same_apart_from_time, save_tensors
     from lib.runner import NotebookFailed
 
     nb = next(n for n in NOTEBOOKS if number(n) == "09")

@@ -1,11 +1,11 @@
-"""lib.params: the parameters-cell reader, the validator and the one parser each for layers,
+"""lib.core.params: the parameters-cell reader, the validator and the one parser each for layers,
 positions, lists and sites (the same meaning in every notebook)."""
 
 import papermill as pm
 import pytest
 
-from lib import paths
-from lib.params import (CliText, ParameterError, check_value, parse_layers, parse_list,
+from lib.core import paths
+from lib.core.params import (CliText, ParameterError, check_value, parse_layers, parse_list,
                         parse_positions, parse_sites, read_parameters)
 from lib.runner import list_notebooks
 
@@ -49,7 +49,7 @@ def test_every_notebook_declares_typed_parameters_that_papermill_reads_alike(nb)
 
 
 def test_rules_and_plain_brackets():
-    from lib.params import rule_of
+    from lib.core.params import rule_of
 
     assert rule_of("[0..] count") == "0.." and rule_of("[-1..4]") == "-1..4"
     assert rule_of("[a|b_c|d-e] x") == "a|b_c|d-e"
@@ -87,7 +87,7 @@ def test_a_default_that_breaks_its_own_rule_is_refused(tmp_path):
 
 
 def test_graph_layers_must_be_among_the_trained_layers():
-    from lib.params import ParameterError, check_layers_within
+    from lib.core.params import ParameterError, check_layers_within
 
     check_layers_within("22", "14,22")                 # fine, before the model is known
     check_layers_within("-1", "14,22")                 # undecidable without the model: later

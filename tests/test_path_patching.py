@@ -1,5 +1,5 @@
-"""Path patching (lib.path_patching) on tiny random Llama, Gemma 3 and GPT-2: the checks of
-issue 8, each against an independent computation (lib.hooks, notebook 05's grid, a plain
+"""Path patching (lib.studies.path_patching) on tiny random Llama, Gemma 3 and GPT-2: the checks of
+issue 8, each against an independent computation (lib.core.hooks, notebook 05's grid, a plain
 two-pass edge implementation, the engine's reference loop)."""
 
 import copy
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import F32_ATOL, assert_f32_close
-from lib import path_patching as pp
-from lib.engine import Context, Engine
-from lib.hooks import Intervention, _Hooks, _hook_point, n_kv_heads, patch, run_with_cache
-from lib.interchange import grid_cells, sweep_interchange
-from lib.sites import site_name
+from lib.studies import path_patching as pp
+from lib.core.engine import Context, Engine
+from lib.core.hooks import Intervention, _Hooks, _hook_point, n_kv_heads, patch, run_with_cache
+from lib.studies.interchange import grid_cells, sweep_interchange
+from lib.core.sites import site_name
 
 BASE, SOURCE = "Hello world", "Jello wormd"
 
@@ -70,7 +70,7 @@ def test_branching_everywhere_with_base_inputs_changes_nothing(lm, pair, how):
 @pytest.mark.parametrize("layer", [0, 1])
 def test_branch_at_attention_equals_patching_its_output(lm, pair, layer):
     """nano's README example: branch at a{l}, which = 1 on the paths through it, equals
-    replacing that layer's attention output by the source's with lib.hooks."""
+    replacing that layer's attention output by the source's with lib.core.hooks."""
     b, s, engine = pair
     node = f"a{layer}"
     [out] = pp.tree_patch(lm, [b, s], (lambda p: 1 if node in p else 0,
@@ -344,8 +344,8 @@ def test_edge_attribution_patching_tracks_exact_scores(lm, pair):
 def test_ioi_prompt_set_schema_and_alignment(tmp_path):
     import json
 
-    from lib import ioi
-    from lib.models import load_model
+    from lib.studies import ioi
+    from lib.core.models import load_model
 
     pairs = ioi.load_ioi()
     assert len(pairs) >= 50

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lib import paths
-from lib.prompts import (DEFAULT_PAIR_FILES, DuplicatePromptWarning, PromptFileError,
+from lib.core import paths
+from lib.core.prompts import (DEFAULT_PAIR_FILES, DuplicatePromptWarning, PromptFileError,
                          PromptPairs, load_pair_files, load_pairs)
 
 GOOD = [{"cpp": "Write C++ code.", "python": "Write Python code."},
@@ -132,7 +132,7 @@ def test_two_files_with_one_name_are_refused(tmp_path):
 
 def test_committed_prompt_files_are_all_checked():
     """Every JSON pair file in prompt_set/ (except the facts and IOI files, other formats
-    checked by lib.tracing and lib.ioi) loads."""
+    checked by lib.studies.tracing and lib.studies.ioi) loads."""
     files = sorted(p for p in paths.PROMPT_SET.glob("*.json")
                    if p.name not in ("facts.json", "ioi.json"))
     assert {p.name for p in files} >= set(DEFAULT_PAIR_FILES)

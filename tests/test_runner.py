@@ -48,7 +48,7 @@ def test_cli_exit_codes_and_help(tmp_path, capsys):
 
 
 def test_parse_params_keeps_the_text_until_the_type_is_known():
-    from lib.params import CliText, ParameterError
+    from lib.core.params import CliText, ParameterError
 
     parsed = runner.parse_params(["A=3", "B=true", 'C="x"', "D=hello", "E=[1, 2]", "F=a=b"])
     assert parsed == {"A": "3", "B": "true", "C": '"x"', "D": "hello", "E": "[1, 2]", "F": "a=b"}
@@ -200,7 +200,7 @@ def test_force_sets_force_in_the_notebooks_that_declare_it(tmp_path):
     checked = runner.check_run(real, ["tiny-random"], {}, tmp_path, force=True)
     assert checked[real[0]] == {"FORCE": True} and checked[real[1]] == {}
     assert runner.check_run(real, ["tiny-random"], {}, tmp_path)[real[0]] == {}
-    from lib.params import ParameterError
+    from lib.core.params import ParameterError
     with pytest.raises(ParameterError, match="--force"):
         runner.check_run(real, ["tiny-random"], {"FORCE": "true"}, tmp_path, force=True)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from lib import separability as S
+from lib.studies import separability as S
 from lib.plots import separability as sp
-from lib.prompts import PromptPairs
+from lib.core.prompts import PromptPairs
 
 SHIFTS = [0.0, 1.0, 2.0, 4.0]
 

@@ -1,10 +1,10 @@
-"""Seeded statistics: bootstrap intervals, permutation tests, Spearman (lib.stats)."""
+"""Seeded statistics: bootstrap intervals, permutation tests, Spearman (lib.core.stats)."""
 
 import numpy as np
 import pytest
 from scipy.stats import kstest
 
-from lib import stats
+from lib.core import stats
 
 
 def test_bootstrap_ci_contains_mean_and_shrinks_with_n():
@@ -91,7 +91,7 @@ def test_spearman():
 
 
 # --- scipy.stats against the hand-written versions it replaced ---------------------------------
-# lib.stats computed both by hand until scipy.stats.bootstrap / permutation_test took over.
+# lib.core.stats computed both by hand until scipy.stats.bootstrap / permutation_test took over.
 # The bootstrap draws the same resamples from the same seed (rng.integers(0, n, (B, n))), so its
 # intervals are unchanged up to round-off in the quantile (measured: <= 1.3e-15 on
 # normal data of 2 to 126 values). The
@@ -100,7 +100,7 @@ def test_spearman():
 # (at most 0.005 for the P = 10000 of notebook 02's committed results).
 
 def reference_bootstrap_ci(values, n_resamples=2000, confidence=0.95, seed=0):
-    """The hand-written percentile bootstrap of the mean that lib.stats used before scipy."""
+    """The hand-written percentile bootstrap of the mean that lib.core.stats used before scipy."""
     arr = np.asarray(values, dtype=np.float64)
     idx = np.random.default_rng(seed).integers(0, arr.size, size=(n_resamples, arr.size))
     alpha = (1.0 - confidence) / 2.0
@@ -201,7 +201,7 @@ def test_monte_carlo_permutation_p_moves_only_within_its_error(paired):
 def test_partial_spearman_equals_the_closed_form_and_removes_a_shared_cause():
     from scipy.stats import spearmanr
 
-    from lib.stats import partial_spearman
+    from lib.core.stats import partial_spearman
 
     rng = np.random.default_rng(0)
     z = np.arange(30.0)

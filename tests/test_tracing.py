@@ -1,4 +1,4 @@
-"""Causal tracing (lib.tracing) on tiny random models: the window rule, the two ends of a trace
+"""Causal tracing (lib.studies.tracing) on tiny random models: the window rule, the two ends of a trace
 (restore everything -> p_clean, restore nothing -> p_corrupt), common random numbers, batched
 rows equal to one forward per row, the severed variant, noise rules and clear errors."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib import tracing as tr
-from lib.hooks import count_hooks
-from lib.io import UnitStore, dumps
-from lib.models import load_model
+from lib.studies import tracing as tr
+from lib.core.hooks import count_hooks
+from lib.core.io import UnitStore, dumps
+from lib.core.models import load_model
 from lib.plots import tracing as tp
 
 # Byte-level tokenizer: 1 token per byte plus <bos> (12 tokens). Short enough that the tiny
@@ -308,9 +308,9 @@ def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
 
 
 def test_load_facts_checks_shape(tmp_path):
-    facts = tr.load_facts(tr.__file__.replace("lib/tracing.py", "prompt_set/facts.json"))
+    facts = tr.load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"))
     assert len(facts) >= 20 and all(f["subject"] in f["prompt"] for f in facts)
-    assert len(tr.load_facts(tr.__file__.replace("lib/tracing.py", "prompt_set/facts.json"),
+    assert len(tr.load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"),
                              n=3)) == 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "a b", "subject": "c", "answer": " d"}]))

@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from lib import paths
+from lib.core import paths
 
 
 def save_figure(fig, name: str, model_slug: str | None = None,

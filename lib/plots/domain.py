@@ -2,7 +2,7 @@
 separability, KL and bias curves per layer, concept injection, and cross-model comparisons.
 
 The numbers come from ``full_compute/<model>.json`` written by notebook 02 (schema in
-:mod:`lib.domain_swap`); the intervention is the last-token cross-swap of attention / MLP outputs
+:mod:`lib.studies.domain_swap`); the intervention is the last-token cross-swap of attention / MLP outputs
 between minimal domain pairs (interchange interventions, Geiger et al. 2021; activation
 patching, Vig et al. 2020), the layer scores the separability metrics of notebook 00. Every plot
 function takes the loaded JSON (or a dict of them), returns a plotnine ``ggplot`` and never

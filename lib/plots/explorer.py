@@ -1,8 +1,8 @@
 """Views of the prompt explorer (notebook 04): top-token and token-set-mass charts, the static
-rendering of a :class:`lib.explorer.PromptView`, and the ipywidgets wrapper around it.
+rendering of a :class:`lib.studies.explorer.PromptView`, and the ipywidgets wrapper around it.
 
 What is shown (a last-token interchange intervention between minimal domain pairs; Vig et al.
-2020, Geiger et al. 2021) is computed by :class:`lib.explorer.Explorer`. :func:`render` shows a
+2020, Geiger et al. 2021) is computed by :class:`lib.studies.explorer.Explorer`. :func:`render` shows a
 view as static output (tables and plotnine figures), which is what a papermill run records;
 :func:`build_widgets` wraps it in ipywidgets (:class:`ExplorerUI`) for interactive use, when
 :func:`widget_frontend` finds a front end.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib.explorer import (EXPLORER_COMPONENTS, SIDES, Explorer, PromptView, show_token, split_of,
+from lib.studies.explorer import (EXPLORER_COMPONENTS, SIDES, Explorer, PromptView, show_token, split_of,
                           split_text)
 
 
@@ -180,7 +180,7 @@ class ExplorerUI:
     1. ``state = "computing"``: the status line says "computing view for pair …, prompt …,
        layer …, component …", the output is marked stale (CSS class :data:`STALE_CLASS`: greyed
        out) and the controls are disabled;
-    2. the choice is checked and the view computed (:meth:`lib.explorer.Explorer.view`, cached);
+    2. the choice is checked and the view computed (:meth:`lib.studies.explorer.Explorer.view`, cached);
     3. ``state = "done"``: the new view replaces the old one, the status says how long it took;
        or ``state = "error"``: the status and the output show the error (nothing is swallowed);
        the output is un-greyed and the controls enabled either way.

@@ -1,7 +1,7 @@
 """Figures of the interchange-intervention grid (notebook 05): the tutorial's heatmap and bar
 chart, and attribution patching next to exact patching.
 
-The numbers come from :func:`lib.interchange.run_interchange` (pyvene's "Interchange
+The numbers come from :func:`lib.studies.interchange.run_interchange` (pyvene's "Interchange
 Intervention" tutorial, Wu, Arora et al. 2024; attribution patching, Nanda 2023 and Syed et al.
 2023). Every plot function takes the JSON-ready payload, returns a plotnine ``ggplot`` and never
 shows or saves it: the notebook displays it and calls :func:`lib.plots.save_figure`.
@@ -9,8 +9,8 @@ shows or saves it: the notebook displays it and calls :func:`lib.plots.save_figu
 
 from __future__ import annotations
 
-from lib.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
-from lib.params import parse_positions
+from lib.studies.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
+from lib.core.params import parse_positions
 
 
 def records_frame(payload: dict):

@@ -41,7 +41,7 @@ def cumulative_bars(records: list[dict], nodes: list[str], title: str = ""):
 
 
 def draw_lineage(labels: dict, edges: list, title: str = ""):
-    """The lineage tree (from :func:`lib.path_patching.lineage_edges`) as a top-down tree:
+    """The lineage tree (from :func:`lib.studies.path_patching.lineage_edges`) as a top-down tree:
     root at the top, input leaves at the bottom, identical sub-lineages merged."""
     import matplotlib
     matplotlib.use("Agg", force=False)

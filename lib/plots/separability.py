@@ -1,14 +1,14 @@
 """Figure of the per-layer separability scores (notebook 00).
 
 The scores (held-out Fisher ratio, unbiased MMD², sliced Wasserstein-1; see
-:mod:`lib.separability` for the references) come from ``scores/<model>.json``; the plot
+:mod:`lib.studies.separability` for the references) come from ``scores/<model>.json``; the plot
 function returns a plotnine ``ggplot`` that the notebook displays and saves with
 :func:`lib.plots.save_figure`.
 """
 
 from __future__ import annotations
 
-from lib.separability import scores_frame
+from lib.studies.separability import scores_frame
 
 
 def plot_layer_scores(payload: dict, kind: str = "pair"):

@@ -1,7 +1,7 @@
 """Figures of causal tracing (notebook 06): trace heatmaps, severed-path curves and average
 indirect effects over a fact set.
 
-The numbers come from :mod:`lib.tracing` (Meng et al. 2022, "Locating and Editing Factual
+The numbers come from :mod:`lib.studies.tracing` (Meng et al. 2022, "Locating and Editing Factual
 Associations in GPT", as packaged by ``chanind/causal-tracer``); the heatmap follows
 causal-tracer's, the curves ROME's Fig. 2 and 3. Plot functions return plotnine ``ggplot``
 objects; the notebook displays them and calls :func:`lib.plots.save_figure`.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lib.tracing import TraceResult
+from lib.studies.tracing import TraceResult
 
 PALETTES = {"hidden": "Purples", "mlp": "Greens", "attention": "Reds"}
 

@@ -1,0 +1,462 @@
+"""Result files: provenance, atomic JSON writes, resumable units.
+
+Every JSON the notebooks write goes through :func:`write_json`, which
+
+* adds a ``provenance`` block (model, its file hash or revision, parameters, seed, library
+  versions, device, dtype, torch's thread count, git commit, UTC time; no timings);
+* runs the payload's own schema check (``check=``) and refuses to write what fails it;
+* writes to a temporary file in the same folder and renames it, so an interrupted run never
+  leaves a half-written file (temporary files left by a killed run are removed by the next
+  successful write of the same file);
+* keeps an existing file untouched when only the time would change, so the same inputs and
+  seed give byte-identical files (set ``SOURCE_DATE_EPOCH`` to fix the time of new files too).
+
+:func:`read_current` is the one "is the stored result current" check; a stored file that
+cannot be read is named, set aside (renamed to ``<name>.corrupt``) and treated as missing, so
+it is recomputed. :class:`UnitStore` keeps finished units of a long computation (one JSON each,
+also atomic) so that a rerun resumes where an interrupted one stopped. :func:`slug` is the one
+file-system name of a model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lib.core import paths
+
+
+class ResultFileWarning(UserWarning):
+    """A stored result or unit file could not be read and was set aside."""
+
+
+def slug(name: str) -> str:
+    """File-system-safe name of a model (or any name) for output folders: slashes become
+    ``__`` and leading dots are dropped, so it never leaves its folder (``"owner/name"`` ->
+    ``"owner__name"``)."""
+    text = str(name).strip().strip("/").replace("\\", "/").replace("/", "__")
+    text = text.lstrip(".")
+    if not text:
+        raise ValueError(f"model name {name!r} gives an empty folder name; give a model name "
+                         "such as smollm2-135m")
+    return text
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, refusing a ``name`` that would leave ``folder``."""
+    folder = Path(folder)
+    target = folder / name
+    if ".." in Path(name).parts or Path(name).is_absolute() or \
+            not target.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"output name {name!r} would leave {folder}; use a plain name (letters, "
+                         "digits, '.', '_', '-')")
+    return target
+
+
+def set_aside(path: str | os.PathLike, why: str) -> Path:
+    """Rename an unreadable result file to ``<name>.corrupt`` (``.corrupt-2`` ...), with a
+    warning naming it; returns the new path."""
+    path = Path(path)
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    os.replace(path, target)
+    warnings.warn(f"{path} could not be read ({why}); set it aside as {target.name} and "
+                  "recomputing it", ResultFileWarning, stacklevel=3)
+    return target
+
+
+def _clean(value: Any) -> Any:
+    """Make ``value`` JSON-safe: tensors and numpy values become lists/floats; NaN becomes null."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dumps(payload: Any) -> str:
+    """Canonical JSON text (sorted keys, fixed indentation, trailing newline)."""
+    return json.dumps(_clean(payload), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _remove_stale_temporaries(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.<name>.<pid>.*.tmp`` files of ``path`` left by processes that are gone."""
+    for stray in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stray.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            stray.unlink(missing_ok=True)
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with ``-dirty`` when there are uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO_ROOT, text=True,
+                              capture_output=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _utc_now() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch
+           else _dt.datetime.now(_dt.timezone.utc))
+    return now.replace(microsecond=0).isoformat()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "numpy", "scipy", "pandas", "plotnine", "gguf"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+TIMING_KEYS = ("converted_in_s", "elapsed_s", "seconds", "wall_s", "seconds_per_step")
+HEADER_KEY = "causal_interventions"   # the one safetensors metadata key of lib.core.io.save_tensors
+
+
+def provenance(lm=None, parameters: dict | None = None, seed: int | None = None) -> dict:
+    """Everything needed to say where a result came from, and nothing that varies from run to
+    run besides ``created_utc`` and ``git_commit`` (no timings): model, its source (file hash
+    or revision), parameters, seed, library versions, device, dtype, torch's CPU thread count
+    (results move with it at the last digits; see the README), git commit, UTC time."""
+    import torch
+
+    model = None
+    if lm is not None:
+        source = {k: v for k, v in dict(lm.source).items() if k not in TIMING_KEYS}
+        model = {"name": lm.name, "source": source, "n_layers": lm.n_layers,
+                 "dtype": str(lm.dtype).removeprefix("torch."), "device": lm.device.type}
+    return {"model": model, "parameters": _clean(parameters or {}), "seed": seed,
+            "device": None if lm is None else lm.device.type,
+            "dtype": None if lm is None else str(lm.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+            "versions": library_versions(), "git_commit": git_commit(),
+            "created_utc": _utc_now()}
+
+
+def provenance_without_lm(model: dict, parameters: dict | None = None,
+                          seed: int | None = None) -> dict:
+    """Provenance for results that involve no language model (e.g. small networks trained in
+    the notebook): ``model`` is any JSON-ready description of what was run."""
+    prov = provenance(None, parameters, seed)
+    prov["model"] = _clean(model)
+    return prov
+
+
+def _without_time(payload: dict) -> dict:
+    out = dict(payload)
+    if isinstance(out.get("provenance"), dict):
+        out["provenance"] = {k: v for k, v in out["provenance"].items()
+                             if k not in ("created_utc", "git_commit")}
+    return out
+
+
+def same_apart_from_time(a: dict, b: dict) -> bool:
+    """Whether two result payloads are the same but for ``provenance.created_utc`` and
+    ``provenance.git_commit`` (when and from which commit they were written)."""
+    return dumps(_without_time(a)) == dumps(_without_time(b))
+
+
+def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
+               check: Callable[[dict], Any] | None = None) -> Path:
+    """Atomically write ``payload`` (plus ``provenance``) as canonical JSON.
+
+    ``check`` is the payload's own schema check (raising on a bad payload); it runs on the
+    payload exactly as it will be read back, and a payload that fails it is not written (the
+    file already there is left untouched). If ``path`` already holds the same content apart
+    from the time and commit, it is left as is.
+    """
+    payload = dict(payload)
+    if prov is not None:
+        payload["provenance"] = prov
+    path = Path(path)
+    text = dumps(payload)
+    if check is not None:
+        try:
+            check(json.loads(text))
+        except Exception as err:
+            raise ValueError(f"not writing {path}: the result fails its schema check ({err}); "
+                             "nothing was overwritten") from err
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if same_apart_from_time(old, payload):
+                return path
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            pass
+    return atomic_write_text(path, text)
+
+
+def require_keys(*keys: str, lists: tuple[str, ...] = ()) -> Callable[[dict], None]:
+    """A schema check for :func:`write_json` / :func:`read_current`: the payload is an object
+    with ``keys``, and each key in ``lists`` holds a non-empty list whose items are not single
+    characters of a split string (the ``["m", "l", "p", ...]`` of a string taken for a list)."""
+    def check(payload: dict) -> None:
+        if not isinstance(payload, dict):
+            raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+        missing = [k for k in keys + lists if k not in payload]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        for key in lists:
+            value = payload[key]
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{key!r} must be a non-empty list, got {value!r:.80}")
+            if len(value) > 1 and all(isinstance(v, str) and len(v) == 1 for v in value):
+                raise ValueError(f"{key!r} is a string split into characters: {value!r:.80}")
+    return check
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file with an error that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the notebook that writes it first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun the notebook that writes it "
+                         "with FORCE=True, or move the file away") from err
+
+
+def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
+                 check: Callable[[dict], Any] | None = None) -> dict | None:
+    """The one "is the stored result current" check: the JSON at ``path`` when it exists,
+    passes ``check`` (its schema check) and was written with the same value of every key of
+    ``parameters`` (compared with its ``provenance.parameters``, canonically) at this process's
+    torch thread count (results move with it at the last digits); else None.
+
+    ``force`` always gives None. A file that is not valid JSON or fails ``check`` is set aside
+    (:func:`set_aside`, with a warning naming it) so that it is recomputed.
+    """
+    path = Path(path)
+    if force or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        if check is not None:
+            check(data)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        set_aside(path, str(err)[:200])
+        return None
+    import torch
+
+    prov = data.get("provenance") or {}
+    stored = prov.get("parameters")
+    if not isinstance(stored, dict) or prov.get("torch_threads") != torch.get_num_threads():
+        return None
+    wanted = json.loads(dumps(parameters))
+    stored = json.loads(dumps(stored))
+    if any(k not in stored or stored[k] != v for k, v in wanted.items()):
+        return None
+    return data
+
+
+def inputs_current(data: dict, inputs: dict | None) -> bool:
+    """Whether a stored result was computed from the same input files: ``inputs`` maps each
+    input's name to a digest of what was read from it (:func:`digest`), compared with the
+    stored ``provenance.inputs``. No ``inputs`` asked: always current."""
+    if not inputs:
+        return True
+    stored = (data.get("provenance") or {}).get("inputs")
+    return isinstance(stored, dict) and all(stored.get(k) == v for k, v in inputs.items())
+
+
+def digest(value: Any) -> str:
+    """A stable sha256 (hex) of any JSON-ready value: what a result's input file held."""
+    return hashlib.sha256(dumps(value).encode()).hexdigest()
+
+
+def load_or_compute(path: str | os.PathLike, parameters: dict,
+                    compute: Callable[[], tuple[dict, dict]], *, force: bool = False,
+                    check: Callable[[dict], Any] | None = None, inputs: dict | None = None,
+                    quiet: bool = False) -> dict:
+    """The one "is this result current, else compute and write" step of every notebook.
+
+    The result at ``path`` is reused (read, checked, returned) when :func:`read_current` finds
+    it current for ``parameters`` and, when ``inputs`` is given, it was computed from the same
+    input files (:func:`inputs_current`). Otherwise ``compute()`` runs and returns
+    ``(payload, provenance)``: loading a model, units and every other cost belongs inside it,
+    so a current result costs one file read. The payload is written atomically with its
+    provenance (plus ``inputs``), checked by ``check``, and returned as read back from disk,
+    so a computed and a reused result are the same JSON values. ``force`` always computes.
+    """
+    path = Path(path)
+    found = read_current(path, parameters, force=force, check=check)
+    if found is not None and inputs_current(found, inputs):
+        if not quiet:
+            print(f"{_shown(path)} is current (same parameters and inputs); FORCE=True "
+                  "recomputes it")
+        return found
+    payload, prov = compute()
+    if inputs:
+        prov = {**prov, "inputs": dict(inputs)}
+    write_json(path, payload, prov, check=check)
+    if not quiet:
+        print(f"wrote {_shown(path)}")
+    return read_json(path)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (no machine paths printed)."""
+    try:
+        return str(path.resolve().relative_to(paths.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def params_key(params: dict) -> str:
+    """A short stable hash of parameters (which units of work they belong to): the first 16
+    characters of their :func:`digest`."""
+    return digest(params)[:16]
+
+
+class UnitStore:
+    """Finished units of one computation, one atomic JSON file each, keyed by name.
+
+    A unit stored under other parameters is treated as missing. ``force=True`` ignores what is
+    there (and overwrites it).
+    """
+
+    def __init__(self, folder: str | os.PathLike, params: dict, force: bool = False):
+        import torch
+
+        self.folder = Path(folder)
+        # units computed at another thread count differ in the last digits: not reused
+        self.key = params_key({**params, "torch_threads": torch.get_num_threads()})
+        self.force = force
+
+    def _path(self, name: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        return self.folder / f"{safe}.json"
+
+    def get(self, name: str) -> Any | None:
+        """The stored unit, or None when it is missing, of other parameters or forced. A unit
+        file that cannot be read (truncated, not a unit) is set aside with a warning naming
+        it, and counts as missing."""
+        path = self._path(name)
+        if self.force or not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "params_key" not in data or "value" not in data:
+                raise ValueError("not a unit file (needs 'params_key' and 'value')")
+        except (ValueError, UnicodeDecodeError) as err:
+            set_aside(path, str(err)[:200])
+            return None
+        return data["value"] if data.get("params_key") == self.key else None
+
+    def put(self, name: str, value: Any) -> Any:
+        atomic_write_text(self._path(name), dumps({"params_key": self.key, "value": value}))
+        return value
+
+    def get_or_compute(self, name: str, compute) -> Any:
+        """Return the stored unit, or compute, store and return it."""
+        found = self.get(name)
+        if found is not None:
+            return found
+        return self.put(name, _clean(compute()))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, config: dict,
+                 metadata: dict | None = None) -> Path:
+    """Tensors as safetensors (never pickles), written atomically; ``config`` and ``metadata``
+    go in the header as one canonical JSON string, and timings (:data:`TIMING_KEYS`) are left
+    out, so the same tensors give the same bytes. (safetensors keeps its header metadata in a
+    hash map: with two keys, their order, and so the file's bytes, changed from run to run.)"""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {k: v for k, v in (metadata or {}).items() if k not in TIMING_KEYS}
+    header = {HEADER_KEY: json.dumps({"config": config, "metadata": metadata}, sort_keys=True,
+                                     default=str)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dict, dict]:
+    """``(tensors, config, metadata)`` of a file written by :func:`save_tensors`; a clear
+    error naming the file when it is missing or has no config."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; train and save the {what} first")
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if HEADER_KEY in header:
+        both = json.loads(header[HEADER_KEY])
+        return tensors, both["config"], both.get("metadata", {})
+    if "config" not in header:  # files of earlier versions keep the two as separate keys
+        raise ValueError(f"{path} has no config in its header: not a {what} saved by this "
+                         "repository; train and save it again")
+    return tensors, json.loads(header["config"]), json.loads(header.get("metadata", "{}"))

@@ -1,0 +1,32 @@
+"""Every path the repository uses, derived from this file's location.
+
+Notebooks, papermill runs and pytest all import paths from here, so nothing depends on the
+working directory. Output folders can be redirected per run through notebook parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+PROMPT_SET = REPO_ROOT / "prompt_set"
+TOKEN_SETS = REPO_ROOT / "token_sets"
+SCORES = REPO_ROOT / "scores"
+FULL_COMPUTE = REPO_ROOT / "full_compute"
+GRAPHS = REPO_ROOT / "graphs"
+RUNS = REPO_ROOT / "runs"
+
+# Converted model weights (safetensors) live outside git; CAUSAL_MODEL_CACHE overrides.
+MODEL_CACHE = Path(os.environ.get("CAUSAL_MODEL_CACHE", REPO_ROOT / ".cache" / "models"))
+
+
+def resolve_dir(value: str | os.PathLike | None, default: Path) -> Path:
+    """Return ``value`` as a Path (relative paths are taken from the repository root), or
+    ``default`` when ``value`` is empty. Used for the ``*_DIR`` notebook parameters."""
+    if value is None or str(value) == "":
+        return default
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path

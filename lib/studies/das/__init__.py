@@ -1,0 +1,21 @@
+"""Distributed alignment search (Geiger, Wu et al. 2023): the rotations and their two studies.
+
+* :mod:`lib.studies.das.rotation`: rotated-subspace interchange interventions (full, low-rank,
+  boundless), their training, IIA, random controls and storage. Its names are importable from
+  this package (``from lib.studies import das; das.train_das(...)``).
+* :mod:`lib.studies.das.causal_model`: high-level causal models and their counterfactual data.
+* Notebook 08, small MLPs: :mod:`~lib.studies.das.mlp` (the networks),
+  :mod:`~lib.studies.das.mlp_das` (the experiment steps), :mod:`~lib.studies.das.mlp_study`
+  (the notebook's results).
+* Notebook 09, a fine-tuned language model on the thesis' ``X+Y+Z=`` task:
+  :mod:`~lib.studies.das.arithmetic` (task, causal models, the tuned model),
+  :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),
+  :mod:`~lib.studies.das.arithmetic_study` (the notebook's results).
+"""
+
+from lib.studies.das.rotation import (  # noqa: F401
+    KINDS, ORTHOGONAL_MAPS, SHUFFLES, BoundlessRotatedSpaceIntervention, DASError, InterchangeData,
+    LowRankRotatedSpaceIntervention, RotatedSpaceIntervention, _RotatedBase, build,
+    hooks_intervention, iia, load_intervention, orthogonality_error, random_control,
+    random_rotation, save_intervention, train_das,
+)
