@@ -5,8 +5,9 @@ import papermill as pm
 import pytest
 
 from lib.core import paths
-from lib.core.params import (CliText, ParameterError, check_value, parse_layers, parse_list,
-                        parse_positions, parse_sites, read_parameters)
+from lib.core.params import (CliText, ParameterError, check_value, notebook_values,
+                             parse_layers, parse_list, parse_positions, parse_sites,
+                             read_parameters)
 from lib.runner import list_notebooks
 
 
@@ -96,3 +97,18 @@ def test_graph_layers_must_be_among_the_trained_layers():
     with pytest.raises(ParameterError, match=r"\[29\] are not in LAYERS"):
         check_layers_within("-1", "14,22", n_layers=30)
     assert check_layers_within("-1", "14,29", n_layers=30) == [29]
+
+
+def test_notebook_values_are_the_checked_parameters_in_cell_order():
+    notebook = paths.NOTEBOOKS / "08_das_mlp.ipynb"
+    declared = read_parameters(notebook)
+    namespace = {name: p.default for name, p in declared.items()}
+    namespace["unrelated"] = 1
+    values = notebook_values(notebook, namespace)
+    assert list(values) == list(declared)
+    assert values["LAYERS"] == "0,1,2"
+    with pytest.raises(ParameterError, match="SEED"):
+        notebook_values(notebook, {**namespace, "SEED": -1})
+    del namespace["SEED"]
+    with pytest.raises(ParameterError, match="SEED"):
+        notebook_values(notebook, namespace)

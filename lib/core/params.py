@@ -443,6 +443,19 @@ def check_namespace(notebook: str | os.PathLike, namespace: dict) -> None:
         raise ParameterError("\n".join(problems))
 
 
+def notebook_values(notebook: str | os.PathLike, namespace: dict) -> dict[str, Any]:
+    """The values of ``notebook``'s parameters in ``namespace``, checked (:func:`check_namespace`)
+    and in the order of its parameters cell: what a study module receives instead of a retyped
+    dict. A parameter missing from ``namespace`` is an error naming it."""
+    check_namespace(notebook, namespace)
+    declared = read_parameters(notebook)
+    missing = [name for name in declared if name not in namespace]
+    if missing:
+        raise ParameterError(f"{Path(notebook).name}: parameters {missing} are not set; run the "
+                             "parameters cell first")
+    return {name: namespace[name] for name in declared}
+
+
 # --- parsers --------------------------------------------------------------------------------
 
 def _parse_indices(spec, n: int, what: str, unit: str) -> list[int]:

@@ -42,10 +42,10 @@ def plot_network_selection(rows: list[dict], chosen: int, references: dict[str, 
             + theme_bw())
 
 
-def plot_training_curves(rows: list[dict], title: str = "DAS training") -> ggplot:
-    """``rows``: dicts with ``run``, ``epoch``, ``eval_iia`` (held-out IIA after the epoch) and
-    ``train_accuracy``."""
-    df = pd.DataFrame(rows)
+def plot_training_curves(runs: dict[str, list[dict]], title: str = "DAS training") -> ggplot:
+    """``runs``: a label per run -> its curve, dicts with ``epoch``, ``eval_iia`` (held-out IIA
+    after the epoch) and ``train_accuracy``."""
+    df = pd.DataFrame([{**row, "run": label} for label, curve in runs.items() for row in curve])
     long = pd.concat([
         df.assign(metric="held-out IIA", value=df["eval_iia"]),
         df.assign(metric="training accuracy (epoch)", value=df["train_accuracy"])])
@@ -55,10 +55,13 @@ def plot_training_curves(rows: list[dict], title: str = "DAS training") -> ggplo
             + theme_bw())
 
 
-def plot_layer_iia(rows: list[dict], title: str = "IIA per layer") -> ggplot:
-    """``rows``: dicts with ``panel`` (facet), ``layer``, ``iia`` and ``rotation`` (learned or
-    random control); the dashed line is the majority-class rate 0.5."""
-    df = pd.DataFrame(rows)
+def plot_layer_iia(panels: dict[str, list[dict]], title: str = "IIA per layer") -> ggplot:
+    """``panels``: a facet title -> per-layer runs, dicts with ``layer``, ``iia`` (the learned
+    rotation) and ``control_iia`` (a random one); the dashed line is the majority-class rate
+    0.5."""
+    df = pd.DataFrame([{"panel": panel, "layer": run["layer"], "iia": run[key], "rotation": label}
+                       for panel, runs in panels.items() for run in runs
+                       for key, label in (("iia", "learned"), ("control_iia", "random control"))])
     df["layer"] = df["layer"].astype(str)
     return (ggplot(df, aes("layer", "iia", fill="rotation"))
             + geom_col(position=position_dodge(width=0.8), width=0.75)

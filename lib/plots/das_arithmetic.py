@@ -29,11 +29,14 @@ def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplo
             + theme_bw())
 
 
-def plot_iia_by_layer(rows: list[dict], title: str = "DAS IIA per layer") -> ggplot:
-    """``rows``: dicts with ``model`` (causal model), ``layer``, ``iia``, ``rotation``
-    ("learned", "random control" or "full swap") and ``site`` (facet row) and ``rank``
-    (facet column)."""
-    df = pd.DataFrame(rows)
+def plot_iia_by_layer(runs: list[dict], title: str = "DAS IIA per layer") -> ggplot:
+    """``runs``: the DAS runs of ``das_iia.json``, dicts with ``model`` (causal model number),
+    ``layer``, ``rank`` (facet column), ``site`` (facet row), ``iia`` (the learned rotation)
+    and ``control_iia`` (a random one)."""
+    df = pd.DataFrame([{"model": f"M{r['model']}", "layer": r["layer"], "rank": r["rank"],
+                        "site": r["site"], "rotation": label, "iia": r[key]}
+                       for r in runs
+                       for label, key in (("learned", "iia"), ("random control", "control_iia"))])
     df["rank"] = "rank " + df["rank"].astype(str)
     return (ggplot(df, aes("layer", "iia", color="model", linetype="rotation"))
             + geom_line() + geom_point(size=1.5)

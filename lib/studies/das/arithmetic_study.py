@@ -3,7 +3,7 @@ as shipped, tokenization, the tuned model's curve and fingerprint), the DAS runs
 causal model, layer, rank and site, resumable), their checks (sanity grid, full-dimension
 swap) and the pairwise-IIA graphs (maraPislar's DAS thesis on X+Y+Z=; Geiger, Wu et al. 2023).
 
-The notebook calls :func:`finetune`, :func:`checks` and :func:`graphs` through
+:class:`Notebook` calls :func:`finetune`, :func:`checks` and :func:`graphs` through
 :func:`lib.core.io.load_or_compute`. The DAS runs are assembled by :func:`das_runs` from what is
 stored: a run of a current ``das_iia.json`` (with its committed rotation) is read, one in the
 unit store is read, and only the others are trained. The building blocks live in
@@ -18,13 +18,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 
-from lib.studies.das import arithmetic as ar
+from lib.core import io, paths
+from lib.core.params import check_layers_within, parse_layers, parse_list
 from lib.studies import das
+from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
-from lib.core import io
+
+NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
+# each result's key: the parameters its numbers depend on (the DAS and graph keys add the tuned
+# weights' fingerprint, :func:`weights_key`)
+FT_KEY = ("MODEL", "FORMAT", "SPLIT_SEED", "N_VAL", "N_TEST", "N_SHIPPED", "SHOTS", "FT_EPOCHS",
+          "FT_BATCH", "FT_LR", "FT_VAL_TARGET", "FREEZE_EMBEDDINGS", "SEED", "DEVICE", "DTYPE")
+GRID_KEY = ("CAUSAL_MODELS", "LAYERS", "RANKS", "SITES")
+DAS_KEY = GRID_KEY + ("DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS", "DAS_BATCH", "DAS_LR",
+                      "SEMANTICS")
+GRAPH_KEY = ("GRAPH_ARRANGEMENTS", "GRAPH_LAYERS")
 
 FT_SCHEMA = io.require_keys("tokenization", "shipped", "split", "curve", "test_accuracy")
 DAS_SCHEMA = io.require_keys("runs", "sanity_grid", "full_swap", lists=("layers", "ranks"))
@@ -194,3 +207,157 @@ def graphs(lm, modules: dict, states, n_arrangements: int, rank: int, site: str,
     io.save_tensors(predictions_path, predictions,
                     {"params_key": io.params_key(key), "arrangements": pool})
     return payload, io.provenance(lm, key, seed)
+
+
+class Notebook:
+    """Notebook 09 from its parameter values (:func:`lib.core.params.notebook_values`): the
+    parsed lists, folders and keys, and one method per result, in the notebook's order (each
+    runs the ones before it if they have not run): :meth:`finetune`, :meth:`das`,
+    :meth:`checks`, :meth:`graphs`. A current result is read; the tuned model is loaded only
+    when a result needs it. Sets torch's seed (and threads, unless 0) as the parameters say."""
+
+    def __init__(self, values: dict[str, Any]):
+        v = self.values = values
+        torch.manual_seed(v["SEED"])
+        if v["THREADS"]:
+            torch.set_num_threads(v["THREADS"])
+        self.slug = io.slug(v["MODEL"])
+        self.out_dir = io.inside(paths.resolve_dir(v["FULL_COMPUTE_DIR"], paths.FULL_COMPUTE),
+                                 self.slug)
+        self.graphs_dir = paths.resolve_dir(v["GRAPHS_DIR"], paths.GRAPHS)
+        self.model_ids = sorted(int(m) for m in parse_list(v["CAUSAL_MODELS"], str,
+                                                           "CAUSAL_MODELS"))
+        self.sites = parse_list(v["SITES"], str, "SITES")
+        self.ranks = [int(r) for r in v["RANKS"]]
+        self.parsed = {**v, "CAUSAL_MODELS": self.model_ids, "RANKS": self.ranks,
+                       "SITES": self.sites}
+        if v["GRAPH_ARRANGEMENTS"]:  # a graph needs a rotation trained at its layer: refused first
+            check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"])
+        self.ft_args = dict(fmt=v["FORMAT"], split_seed=v["SPLIT_SEED"], n_val=v["N_VAL"],
+                            n_test=v["N_TEST"], epochs=v["FT_EPOCHS"], batch_size=v["FT_BATCH"],
+                            lr=v["FT_LR"], seed=v["SEED"], val_target=v["FT_VAL_TARGET"],
+                            freeze_embeddings=v["FREEZE_EMBEDDINGS"], device=v["DEVICE"],
+                            dtype=v["DTYPE"], force=v["FORCE"],
+                            cache_dir=paths.resolve_dir(v["CACHE_DIR"], ar.CACHE))
+        self.key_ft = {k: self.parsed[k] for k in FT_KEY}
+        self.ft: dict | None = None
+        self.runs: list[dict] | None = None
+
+    def _key(self, *names: str) -> dict:
+        assert self.ft is not None
+        return {**self.key_ft, **{k: self.parsed[k] for k in names}, **weights_key(self.ft)}
+
+    def finetune(self) -> dict:
+        """``das_finetune.json``: accuracy as shipped, tokenization, the fine-tuning curve."""
+        v = self.values
+        self.ft = io.load_or_compute(
+            self.out_dir / "das_finetune.json", self.key_ft, force=v["FORCE"], check=FT_SCHEMA,
+            compute=lambda: finetune(v["MODEL"], v["N_SHIPPED"], v["SHOTS"], v["LAYERS"],
+                                     self.ft_args, self.key_ft, v["SEED"]))
+        self.lm = tuned(v["MODEL"], self.ft, self.ft_args)   # loads only when a result needs it
+        self.split = self.ft["split"]
+        self.tokens = ar.task_tokens(self.lm.tokenizer, v["FORMAT"])
+        self.key_das = self._key(*DAS_KEY)
+        # one DAS run depends on these alone, so adding a causal model, layer, rank or site
+        # reuses the runs already stored
+        self.key_unit = {k: x for k, x in self.key_das.items() if k not in GRID_KEY}
+        return self.ft
+
+    def das(self) -> list[dict]:
+        """Every DAS run (causal model x layer x rank x site), read or trained."""
+        if self.ft is None:
+            self.finetune()
+        v, lm = self.values, self.lm
+        self.layers = parse_layers(v["LAYERS"], lm.n_layers)
+        self.graph_layers = (check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"], lm.n_layers)
+                             if v["GRAPH_ARRANGEMENTS"] else [])
+        self.site_positions = {s: (None if s == "all" else self.tokens.slots[s])
+                               for s in self.sites}
+        # residual streams: computed when a run, check or graph needs them
+        self.states = da.LazyStates(lm, self.tokens, self.layers)
+        self.grid_ids = [m for m in (1, 2, 3) if m in self.model_ids]
+        eval_ids = sorted(set(self.model_ids) | set(self.grid_ids) | {7})
+        test_models = ar.causal_models(self.split["test"])
+        self.test_pairs = {m: ar.counterfactual_pairs(test_models[m], v["DAS_N_TEST"],
+                                                      v["SEED"] * 1000 + 20 + m, v["SEMANTICS"])
+                           for m in eval_ids}
+        stored = io.read_current(self.out_dir / "das_iia.json", self.key_das, v["FORCE"],
+                                 check=DAS_SCHEMA)
+        self.runs, self.modules = das_runs(
+            lm, self.model_ids, self.layers, self.ranks, self.site_positions, self.states,
+            ar.causal_models(self.split["train"]), self.test_pairs, stored,
+            io.UnitStore(self.out_dir / "das_units", self.key_unit, v["FORCE"]),
+            self.out_dir / "das_rotations", v["DAS_N_TRAIN"], v["DAS_EPOCHS"], v["DAS_BATCH"],
+            v["DAS_LR"], v["SEMANTICS"], v["SEED"])
+        return self.runs
+
+    def checks(self) -> dict:
+        """``das_iia.json``: the runs, the sanity grid and the full-dimension swap check."""
+        if self.runs is None:
+            self.das()
+        v = self.values
+        return io.load_or_compute(
+            self.out_dir / "das_iia.json", self.key_das, force=v["FORCE"], check=DAS_SCHEMA,
+            compute=lambda: checks(self.lm, self.tokens, self.runs or [], self.modules,
+                                   self.states, self.test_pairs, self.grid_ids, self.layers,
+                                   self.ranks, self.site_positions, len(self.split["test"]),
+                                   self.key_das, v["SEED"]))
+
+    def graphs(self) -> dict | None:
+        """``das_graph.json``: the pairwise-IIA graphs; ``None`` when GRAPH_ARRANGEMENTS is 0."""
+        v = self.values
+        if not v["GRAPH_ARRANGEMENTS"]:
+            return None
+        if self.runs is None:
+            self.das()
+        key = self._key(*DAS_KEY, *GRAPH_KEY)
+        # a graph depends on its rotation (a DAS unit) and the pool alone
+        units = io.UnitStore(self.out_dir / "das_units" / "graphs",
+                             {**self.key_unit, "GRAPH_ARRANGEMENTS": v["GRAPH_ARRANGEMENTS"]},
+                             v["FORCE"])
+        return io.load_or_compute(
+            self.out_dir / "das_graph.json", key, force=v["FORCE"], check=GRAPH_SCHEMA,
+            compute=lambda: graphs(self.lm, self.modules, self.states, v["GRAPH_ARRANGEMENTS"],
+                                   self.ranks[0], self.sites[0], self.graph_layers, units,
+                                   self.out_dir / "das_graph_predictions.safetensors", key,
+                                   v["SEED"]))
+
+    def model_used(self) -> bool:
+        """Whether the tuned model was loaded (False when every result was stored and current)."""
+        return self.ft is not None and not (isinstance(self.lm, ar.LazyTuned)
+                                            and not self.lm.loaded)
+
+
+def tokenization_lines(ft: dict) -> list[str]:
+    """One line per prompt format: how the shipped tokenizer splits a prompt, or why the
+    format cannot be used."""
+    return [f"{fmt}: " + (t["error"] if "error" in t else
+                          f"{t['prompt']!r} -> {t['tokens']} (ids {t['ids']}), slots {t['slots']}")
+            for fmt, t in ft["tokenization"].items()]
+
+
+def shipped_table(ft: dict) -> pd.DataFrame:
+    return pd.DataFrame([{k: s[k] for k in ("format", "shots", "n", "accuracy")}
+                         for s in ft["shipped"]])
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia",
+                                             "control_iia")} for r in runs])
+
+
+def graphs_table(graphs_result: dict) -> pd.DataFrame:
+    """One row per graph: mean edge weight with its node-resampled interval, the weight-1
+    fraction, the thesis' number, degrees and clique sizes."""
+    return pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
+                          "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
+                              *g["mean_weight_ci"]),
+                          "weight-1 fraction": g["fraction"]["1.0"],
+                          **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
+                                               "mean_weight1_degree", "clique_sizes")}}
+                         for g in graphs_result["graphs"]])
+
+
+def sanity_cells(grid: list[dict], layer: int, rank: int, site: str) -> list[dict]:
+    """The sanity grid's cells at one layer, rank and site."""
+    return [g for g in grid if g["layer"] == layer and g["rank"] == rank and g["site"] == site]

@@ -1,8 +1,9 @@
 """Notebook 08's four results, each one function of the notebook's parameters: the hand-built
 network, the hierarchical-equality study (network selection, layer-0 runs, per-layer sweep),
 the ABAB tasks and the wrong-causal-model grid (Geiger, Wu et al. 2023; maraPislar's thesis
-experiments). The notebook calls each through :func:`lib.core.io.load_or_compute`, so a current
-result is read and nothing is trained. The building blocks live in :mod:`lib.studies.das.mlp_das`.
+experiments). :class:`Notebook` reads each through :func:`lib.core.io.load_or_compute`, so a
+current result is read and nothing is trained. The building blocks live in
+:mod:`lib.studies.das.mlp_das`.
 
 Every sampler is seeded from ``seed * 1000 + offset``; training and test sets take different
 offsets, so every IIA is measured on counterfactuals disjoint from those it was trained on.
@@ -11,14 +12,109 @@ offsets, so every IIA is measured on counterfactuals disjoint from those it was 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
+import pandas as pd
 import torch
 
+from lib.core import paths
+from lib.core.io import load_or_compute, params_key, provenance_without_lm
+from lib.core.params import parse_layers, parse_list
 from lib.studies import das
 from lib.studies.das import mlp_das
-from lib.studies.das.causal_model import (CausalModel, CounterfactualDataset, encode, hierarchical_equality,
-                              pair_equality_model)
+from lib.studies.das.causal_model import (CausalModel, CounterfactualDataset, encode,
+                                          hierarchical_equality, pair_equality_model)
 from lib.studies.das.mlp import accuracy, hand_built_equality_mlp, interchange_data
+
+NOTEBOOK = paths.NOTEBOOKS / "08_das_mlp.ipynb"
+SLUG = "das_mlp"
+# each result's key: the parameters its numbers depend on
+HAND_KEY = ("N_FACTUAL_HAND", "N_CF_HAND", "SEED")
+NETWORKS_KEY = ("MLP_N_TRAIN", "MLP_N_TEST", "MLP_EPOCHS", "MLP_BATCH", "MLP_LR", "MLP_INIT",
+                "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS", "DAS_BATCH", "DAS_LR",
+                "SWEEP_N_TRAIN", "LAYERS", "SEMANTICS", "SEED")
+EQUALITY_KEY = NETWORKS_KEY + ("N_NETWORKS", "SELECT_N_TRAIN")
+# what pyvene's DAS tutorial reports at layer 0, drawn beside the network selection
+PYVENE_REFERENCES = {"pyvene, conditioned (0.97)": 0.97, "pyvene, independent (0.99)": 0.99}
+
+
+class Notebook:
+    """Notebook 08 from its parameter values (:func:`lib.core.params.notebook_values`): the
+    parsed layers and semantics, the folders, each result's key, and one method per result that
+    reads it when current and else computes and writes it. Sets torch's threads and seed as
+    the parameters say."""
+
+    def __init__(self, values: dict[str, Any]):
+        v = self.values = values
+        self.layers = parse_layers(v["LAYERS"], 3)            # the MLPs have 3 blocks
+        self.semantics = parse_list(v["SEMANTICS"])
+        parsed = {**v, "LAYERS": self.layers, "SEMANTICS": self.semantics}
+        self.keys = {name: {k: parsed[k] for k in key} for name, key in
+                     (("hand", HAND_KEY), ("networks", NETWORKS_KEY), ("equality", EQUALITY_KEY))}
+        self.out_dir = paths.resolve_dir(v["FULL_COMPUTE_DIR"], paths.FULL_COMPUTE) / SLUG
+        self.graphs_dir = paths.resolve_dir(v["GRAPHS_DIR"], paths.GRAPHS)
+        self.mlp_args = dict(n_train=v["MLP_N_TRAIN"], n_test=v["MLP_N_TEST"],
+                             epochs=v["MLP_EPOCHS"], batch_size=v["MLP_BATCH"], lr=v["MLP_LR"],
+                             seed=v["SEED"], init=v["MLP_INIT"], force=v["FORCE"],
+                             cache_dir=paths.resolve_dir(v["CACHE_DIR"], mlp_das.CACHE))
+        self.das_args = dict(epochs=v["DAS_EPOCHS"], batch_size=v["DAS_BATCH"], lr=v["DAS_LR"],
+                             seed=v["SEED"])
+        torch.set_num_threads(v["THREADS"])
+        torch.manual_seed(v["SEED"])
+        self.description = {"name": SLUG, "kind": "MLPs of the DAS tutorial, built or trained "
+                            "here", "device": "cpu", "dtype": "float32",
+                            "torch_threads": torch.get_num_threads()}
+
+    def _result(self, name: str, key: str, compute: Callable[[], dict]) -> dict:
+        parameters = self.keys[key]
+        return load_or_compute(
+            self.out_dir / f"{name}.json", parameters, force=self.values["FORCE"],
+            compute=lambda: ({**compute(), "params_key": params_key(parameters)},
+                             provenance_without_lm(self.description, parameters,
+                                                   self.values["SEED"])))
+
+    def hand_built(self) -> dict:
+        v = self.values
+        return self._result("hand_built", "hand", lambda: hand_built(
+            v["N_FACTUAL_HAND"], v["N_CF_HAND"], self.semantics, v["SEED"]))
+
+    def equality(self) -> dict:
+        v = self.values
+        return self._result("equality", "equality", lambda: equality(
+            self.semantics, self.layers, self.mlp_args, self.das_args, v["N_NETWORKS"],
+            v["SELECT_N_TRAIN"], v["DAS_N_TRAIN"], v["DAS_N_TEST"], v["SWEEP_N_TRAIN"],
+            v["SEED"], self.out_dir / "rotations"))
+
+    def abab(self) -> dict | None:
+        """``None`` when the ABAB parameter is off."""
+        v = self.values
+        return self._result("abab", "networks", lambda: abab(
+            self.semantics[0], self.layers, self.mlp_args, self.das_args, v["DAS_N_TEST"],
+            v["SWEEP_N_TRAIN"], v["SEED"])) if v["ABAB"] else None
+
+    def wrong_model(self) -> dict | None:
+        """``None`` when the WRONG_MODEL parameter is off."""
+        v = self.values
+        return self._result("wrong_model", "networks", lambda: wrong_model(
+            self.semantics[0], self.mlp_args, self.das_args, v["DAS_N_TEST"],
+            v["SWEEP_N_TRAIN"], v["SEED"])) if v["WRONG_MODEL"] else None
+
+
+def main_table(equality_result: dict) -> pd.DataFrame:
+    """The layer-0 runs of the equality study, one row per semantics."""
+    return pd.DataFrame([{"semantics": s, "IIA": r["iia"], "random control": r["control_iia"],
+                          "n_train": r["n_train"], "n_test": r["n_test"],
+                          "‖RᵀR − I‖": r["orthogonality_error"]}
+                         for s, r in equality_result["main"].items()])
+
+
+def abab_table(abab_result: dict) -> pd.DataFrame:
+    """The ABAB tasks, one row per variant: the network's accuracy, IIA and control per layer."""
+    return pd.DataFrame([{"task": v["task"], "MLP test accuracy": v["mlp"]["test_accuracy"],
+                          **{f"IIA layer {r['layer']}": r["iia"] for r in v["per_layer"]},
+                          **{f"control layer {r['layer']}": r["control_iia"]
+                             for r in v["per_layer"]}}
+                         for k, v in abab_result.items() if k in ("equal", "and")])
 
 
 def counterfactuals(model: CausalModel, n: int, semantics: str, seed: int,
