@@ -128,7 +128,7 @@ def correlations(exact: Sequence[float], estimate: Sequence[float]) -> dict:
     y = np.asarray(estimate, dtype=float)
     if x.shape != y.shape:
         raise ValueError(f"lists differ in length: {x.shape} vs {y.shape}")
-    out = {"n": int(x.size), "pearson": None, "spearman": None}
+    out: dict[str, float | None] = {"n": int(x.size), "pearson": None, "spearman": None}
     if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
         out["pearson"] = float(stats.pearsonr(x, y)[0])
         out["spearman"] = float(stats.spearmanr(x, y)[0])

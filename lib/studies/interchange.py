@@ -134,9 +134,11 @@ def grid_contexts(base_ids: torch.Tensor, source_ids: torch.Tensor) -> list[Cont
 def interchange_rows(cells) -> list[Row]:
     """One engine row per cell: the base run with that component, layer and position replaced
     by the source run's activation there (a reference the engine resolves from one source run)."""
-    return [Row(BASE_CONTEXT, [Intervention(_site(k, l), positions=(p,),
-                                            value=Ref(SOURCE_CONTEXT, _site(k, l)),
-                                            source=f"run:source position {p}")])
+    # ignore[arg-type]: a Ref value, resolved by the engine (Intervention.value says Tensor)
+    return [Row(BASE_CONTEXT, [Intervention(
+                _site(k, l), positions=(p,),
+                value=Ref(SOURCE_CONTEXT, _site(k, l)),  # type: ignore[arg-type]
+                source=f"run:source position {p}")])
             for k, l, p in cells]
 
 
@@ -173,7 +175,8 @@ def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cell
 
 def _metrics(token_ids: Sequence[int], tokens: Sequence[str]) -> tuple[dict, dict]:
     """Metrics of the last-position logits used for attribution, and their definitions."""
-    fns, defs = {}, {}
+    fns: dict[str, Callable[..., torch.Tensor]] = {}  # p(tok) takes tid as a default
+    defs: dict[str, str] = {}
     for tok, tid in zip(tokens, token_ids):
         fns[f"p({tok})"] = lambda z, tid=tid: z.softmax(-1)[tid]
         defs[f"p({tok})"] = f"probability of {tok!r} (id {tid}) at the last position"

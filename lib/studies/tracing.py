@@ -347,12 +347,14 @@ class CausalTracer:
     def _rows(self, jobs: Sequence[Restoration]) -> list[Row]:
         """One engine row per (job, noise sample), job-major."""
         rows = []
+        # ignore[arg-type]: a Ref value, resolved by the engine (Intervention.value says Tensor)
         for job in jobs:
             for s in range(self.samples):
-                ivs = [Intervention(site_name(k, l), positions=(t,), value=Ref(0, site_name(k, l)),
+                ivs = [Intervention(site_name(k, l), positions=(t,),
+                                    value=Ref(0, site_name(k, l)),  # type: ignore[arg-type]
                                     source="clean run") for k, l, t in job.restore]
                 ivs += [Intervention(site_name(k, l), positions=(t,),
-                                     value=Ref(1 + s, site_name(k, l)),
+                                     value=Ref(1 + s, site_name(k, l)),  # type: ignore[arg-type]
                                      source="corrupted run, same noise") for k, l, t in job.freeze]
                 rows.append(Row(1 + s, ivs))
         return rows
@@ -497,7 +499,8 @@ def trace_fact(lm, fact: dict, noise: float, samples: int = 10, seed: int = 1,
     n_layers = lm.n_layers
     rows = {"last_subject": tracer.subject_range[1] - 1, "last": tracer.n_tokens - 1}
     layers = list(range(n_layers))
-    jobs, slices = [], {}
+    jobs: list[Restoration] = []
+    slices: dict[tuple[str, str], slice] = {}
     for kind in kinds:
         w = DEFAULT_WINDOW[kind] if kind == "hidden" else window
         for bucket, tok in rows.items():
@@ -558,7 +561,7 @@ def summarize_facts(results: Sequence[dict], effects=None) -> dict:
     effects = average_effects(correct) if effects is None else effects
     p_clean = np.array([r["p_clean"] for r in correct])
     p_corrupt = np.array([r["p_corrupt"] for r in correct])
-    peaks = {}
+    peaks: dict[str, dict[str, dict[str, float]]] = {}
     for (kind, bucket), grp in effects.groupby(["kind", "token"], sort=False):
         best = grp.loc[grp["mean"].idxmax()]
         peaks.setdefault(kind, {})[bucket] = {"aie": float(best["mean"]),

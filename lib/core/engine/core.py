@@ -118,16 +118,18 @@ class Engine:
         ``present[l]``: how many of the rows (the first ones) block l sees (rows joining
         later are not in the pass yet; needs the stored cache)."""
         lm = self.lm
-        if group.keys is not None:
-            counts = present or [len(slots)] * len(group.keys)
+        keys, values = group.keys, group.values
+        if keys is not None:
+            assert values is not None  # _ensure sets keys and values together
+            counts = present or [len(slots)] * len(keys)
             if bool((slots == slots[0]).all()):   # one context: a view, nothing copied
                 one = int(slots[0])
                 data = [(k[one:one + 1, :, :start].expand(n, -1, -1, -1),
                          v[one:one + 1, :, :start].expand(n, -1, -1, -1))
-                        for k, v, n in zip(group.keys, group.values, counts)]
+                        for k, v, n in zip(keys, values, counts)]
             else:
                 data = [(k[slots[:n], :, :start], v[slots[:n], :, :start])
-                        for k, v, n in zip(group.keys, group.values, counts)]
+                        for k, v, n in zip(keys, values, counts)]
             return _kv_cache(lm, data)
         ids = torch.cat([self.contexts[group.members[int(s)]].input_ids for s in slots])
         merged = merge_interventions([[iv for iv in (_clip_end(iv, start) for iv in
@@ -148,6 +150,7 @@ class Engine:
         if isinstance(readout, Capture):
             return {s: _positions(group.acts[s][slot:slot + 1], readout.positions)[0]
                     for s in readout.sites}
+        assert group.logits is not None  # set by _ensure
         logits = group.logits[slot:slot + 1]
         return (logits if readout in (None, "logits") else readout(logits))[0]
 
@@ -161,14 +164,14 @@ class Engine:
             return (ref.context, ref.site, tuple(_iv_key(iv) for iv in ref.interventions))
 
         def refs_in(ivs) -> list[Ref]:
-            found = []
+            found: list[Ref] = []
             for iv in ivs:
                 if isinstance(iv.value, Ref):
                     found.append(iv.value)
                     found.extend(refs_in(iv.value.interventions))
             return found
 
-        pending = {}
+        pending: dict[tuple, Ref] = {}
         for row in rows:
             for ref in refs_in(row.interventions):
                 pending.setdefault(key(ref), ref)
@@ -292,7 +295,7 @@ class Engine:
                 continue
             group = self._group(row.context)
             slot = group.slot[row.context]
-            current = {}
+            current: dict[str, torch.Tensor] = {}
             for iv in row_ivs:
                 x = current.get(iv.site, group.acts[iv.site][slot:slot + 1])
                 current[iv.site] = apply_ops(x, [iv.to_op()], iv.site, check=False)
@@ -365,8 +368,9 @@ class Engine:
             per_row.append(kept + list(ivs[i]))
         merged = merge_interventions(per_row, offset=p)
         names = [f"row {i}" for i in batch.rows]
-        inputs = {}
+        inputs: dict[str, object] = {}  # keyword arguments of the model call
         if layer > 0:
+            assert group.resid is not None  # set by _ensure
             inputs["inputs_embeds"] = group.resid[layer][slots, p:]
         else:
             ids = torch.cat([self.contexts[c].input_ids for c in ctxs]).to(lm.device)
@@ -382,6 +386,7 @@ class Engine:
             if not grad:
                 stack.enter_context(torch.no_grad())
             if entries:  # registered first: rows join before any hook of their block runs
+                assert present is not None  # computed above whenever entries is non-empty
                 stack.enter_context(_join_hooks(lm, group, slots, p, entries, present))
             stack.enter_context(apply_hooks(lm, merged, self.check_finite, names))
             if capture:
@@ -433,6 +438,7 @@ def layer_start_exact(lm, engine: Engine | None = None) -> bool:
     probe._ensure(group)
     batch = Batch(length, length // 2, lm.n_layers // 2, (0,))
     got = probe._run_batch(batch, [Row(0)], [[]], None, grad=False)[0]
+    assert group.logits is not None  # set by probe._ensure
     clean = group.logits[0]
     err = float((got - clean).abs().max())
     scale = max(1.0, float(clean.abs().max()))

@@ -67,18 +67,20 @@ def _full_positions(iv: Intervention, length: int) -> Intervention:
 def _restrict(iv: Intervention, keep_position) -> Intervention | None:
     """``iv`` at only the positions where ``keep_position(p)`` holds (its value sliced along
     the positions axis when it has one per position); None when no position is left."""
-    keep = [j for j, p in enumerate(iv.positions) if keep_position(p)]
+    positions = iv.positions
+    assert positions is not None  # the engine gives every intervention its positions first
+    keep = [j for j, p in enumerate(positions) if keep_position(p)]
     if not keep:
         return None
-    if len(keep) == len(iv.positions):
+    if len(keep) == len(positions):
         return iv
     value = iv.value
     if value is not None:
         pos_dim = -3 if parse_site(iv.site)[0] in HEAD_SITES else -2
-        if value.dim() >= -pos_dim and value.shape[pos_dim] == len(iv.positions):
+        if value.dim() >= -pos_dim and value.shape[pos_dim] == len(positions):
             value = value.index_select(value.dim() + pos_dim,
                                        torch.tensor(keep, device=value.device))
-    return replace(iv, positions=tuple(iv.positions[j] for j in keep), value=value)
+    return replace(iv, positions=tuple(positions[j] for j in keep), value=value)
 
 
 def _clip(iv: Intervention, start: int, layer: int) -> Intervention | None:

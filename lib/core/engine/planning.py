@@ -146,6 +146,7 @@ def merge_interventions(per_row: Sequence[Sequence[Intervention]], offset: int =
             op = stages[k].get(key)
             if op is None:
                 op = stages[k][key] = Op(iv.kind, [], pos, iv.heads, fn=iv.fn, offset=offset)
+            assert op.rows is not None  # every op here is built with a list of rows
             op.rows.append(r)
             if iv.kind in ("replace", "add"):
                 op.values.append(iv.value)

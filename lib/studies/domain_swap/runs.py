@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,12 +79,12 @@ def _token_stats(logits: torch.Tensor, p_clean: torch.Tensor, ids_a, ids_b,
     out = []
     for lo in range(0, logits.shape[0], chunk):
         z = logits[lo:lo + chunk].double()
-        parts = [None, z @ p_clean.T]
+        parts = [z @ p_clean.T]   # read before the log-sum-exp below changes z in place
         if ids_a is not None:
             parts += [z[:, ids_a], z[:, ids_b]]
         top = z.amax(dim=-1, keepdim=True)   # log-sum-exp in place on the float64 copy
-        parts[0] = z.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
-        out.append(torch.cat(parts, dim=1))
+        lse = z.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
+        out.append(torch.cat([lse, *parts], dim=1))
     return torch.cat(out)
 
 
@@ -201,7 +202,8 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
     ids_a = _ids_tensor(token_ids[0], lm.device) if token_ids else None
     ids_b = _ids_tensor(token_ids[1], lm.device) if token_ids else None
 
-    run = PairRun(pairs.name, tuple(pairs.domains), layers, components, n, alphas=alphas,
+    domains = cast(tuple[str, str], tuple(pairs.domains))  # PromptPairs has two domains
+    run = PairRun(pairs.name, domains, layers, components, n, alphas=alphas,
                   inject_layers={c: int(l) for c, l in inject.items()},
                   inject_norms={c: float(v["b_into_a"].norm()) for c, v in vectors.items()},
                   prob_floor=float(prob_floor))
@@ -234,15 +236,18 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
         for i in chunk:
             contexts += [Context(lm.tokenize(pairs.a[i]), name=f"{pairs.name}:{i}:a"),
                          Context(lm.tokenize(pairs.b[i]), name=f"{pairs.name}:{i}:b")]
-        rows, spans = [], []
+        rows: list[Row] = []
+        spans: list[tuple[int, str, int, int, int, list[tuple[int, int]]]] = []
         for k, i in enumerate(chunk):
             for side in SIDES:
                 d = _BASE_OF[side]
                 base_ctx, src_ctx = 2 * k + d, 2 * k + 1 - d
                 last = contexts[base_ctx].length - 1
                 src_last = contexts[src_ctx].length - 1
+                # ignore[arg-type]: a Ref value, resolved by the engine (typed Tensor there)
                 side_rows = [Row(base_ctx, [Intervention(
-                    site, positions=(last,), value=Ref(src_ctx, site, positions=(src_last,)),
+                    site, positions=(last,),
+                    value=Ref(src_ctx, site, positions=(src_last,)),  # type: ignore[arg-type]
                     source=f"{pairs.name}:{side}:{i}")]) for site in swap_sites]
                 if zero:
                     side_rows += [Row(base_ctx, [Intervention(site, positions=(last,), kind="zero")])
@@ -273,7 +278,8 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
 
         # the whole-vocabulary sums need every row's logits; the metrics alone do not
         readout = None if accumulate_dprob else stats_of
-        out_all = run_naive(lm, contexts, rows, readout) if naive else engine.run(rows, readout)
+        out_all = (run_naive(lm, contexts, rows, readout) if engine is None  # None: naive
+                   else engine.run(rows, readout))
         stats_all = stats_of(out_all) if accumulate_dprob else out_all
         clean, _, neg_entropy = clean_run()
         clean_stats = stats_of(clean)

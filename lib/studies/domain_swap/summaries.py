@@ -4,6 +4,8 @@ Spearman and the depth control; see :mod:`lib.studies.domain_swap`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lib.studies.domain_swap.common import SIDES
@@ -137,9 +139,10 @@ def summarize_pair(run: PairRun, layer_scores: dict[str, dict[int, float]], k: i
                    token_set_sizes: dict | None = None, store_per_prompt: bool = False) -> dict:
     """The JSON unit of one pair in ``full_compute/<model>.json`` (schema in the module
     docstring). ``layer_scores[component]`` = ``{layer: separability score}``."""
-    out = {"domains": list(run.domains), "n_prompts": run.n, "layers": list(run.layers),
-           "token_set_sizes": token_set_sizes or {}, "layer_ranking": {}, "top_layers": {},
-           "bottom_layers": {}, "swap": {}, "zero_ablation": {}, "injection": {}}
+    out: dict[str, Any] = {  # JSON payload
+        "domains": list(run.domains), "n_prompts": run.n, "layers": list(run.layers),
+        "token_set_sizes": token_set_sizes or {}, "layer_ranking": {}, "top_layers": {},
+        "bottom_layers": {}, "swap": {}, "zero_ablation": {}, "injection": {}}
     has_masses = bool(run.base[SIDES[0]])
     for ci, comp in enumerate(run.components):
         scores = layer_scores[comp]

@@ -60,8 +60,8 @@ def reference_scores(run: PairRun) -> tuple[torch.Tensor, torch.Tensor]:
 
 def jaccard(x: Sequence[int], y: Sequence[int]) -> float | None:
     """|X ∩ Y| / |X ∪ Y| of two id sets (None when both are empty)."""
-    x, y = set(x), set(y)
-    return len(x & y) / len(x | y) if x | y else None
+    xs, ys = set(x), set(y)
+    return len(xs & ys) / len(xs | ys) if xs | ys else None
 
 
 def split_pairs(pairs: PromptPairs, held_out_fraction: float = 0.5, seed: int = 0) -> dict:
@@ -204,7 +204,7 @@ def reference_agreement(unit: dict) -> dict:
     """Jaccard overlap of every (score, filing)'s sets with the reference sets, per domain and
     their mean: ``{score: {assignment: {domain: J, "mean": J}}}``."""
     ref = unit["reference"]["sets"]
-    out = {}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     for score in unit["scores"]:
         out[score] = {}
         for assignment in ASSIGNMENTS:
@@ -256,7 +256,7 @@ def token_set_table(token_sets: dict, pair: str, n: int = 15):
     import pandas as pd
 
     sets = token_sets["pairs"][pair]
-    cols = {}
+    cols: dict[str, list[object]] = {}   # token reprs, ids, scores; None pads
     for domain, entries in sets.items():
         cols[f"{domain} token"] = [repr(e["token"]) for e in entries[:n]]
         cols[f"{domain} id"] = [e["id"] for e in entries[:n]]

@@ -41,6 +41,7 @@ def _order(node: Node) -> float:
         return -1
     if node.kind == "logits":
         return 10 ** 9
+    assert node.layer is not None  # every node but emb and logits has a layer
     return node.layer + (0.5 if node.kind == "f" else 0.0)
 
 
@@ -67,7 +68,8 @@ class _EdgeRow:
     (this pass's ``current`` value) and adders at its receivers' input sites."""
 
     def __init__(self, lm, edges, source_out: dict):
-        self.lm, self.live = lm, {}
+        self.lm = lm
+        self.live: dict[str, torch.Tensor] = {}
         self.by_receiver: dict[str, list] = {}
         seen = set()
         for sender, receiver in edges:
@@ -83,6 +85,7 @@ class _EdgeRow:
         site = _sender_site(s, self.lm)
         cur, src = self.live[site], self.source_out[site].to(self.live[site].dtype)
         if s.kind == "head":
+            assert s.layer is not None and s.head is not None  # set by parse_node for heads
             w = _head_weight(self.lm, s.layer, s.head).to(cur.dtype)
             return (src[:, :, s.head] - cur[:, :, s.head]) @ w
         return src - cur
@@ -194,6 +197,7 @@ def eap(lm, base_ids, source_ids, edges, metric: Callable[[torch.Tensor], torch.
             site = _sender_site(s, lm)
             delta = src[site] - bas[site]
             if s.kind == "head":
+                assert s.layer is not None and s.head is not None  # set by parse_node
                 delta = delta[:, s.head] @ _head_weight(lm, s.layer, s.head)
             scores.append(float((delta * grad[_receiver_site(r, lm)[0]]).sum()))
     return scores, float(value.detach())

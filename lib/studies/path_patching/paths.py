@@ -24,6 +24,7 @@ def _receiver_site(node: Node, lm) -> tuple[str, tuple[int, ...] | None]:
     if node.kind == "f":
         return site_name("mlp_norm_in", node.layer), None
     if node.kind == "head" and node.qkv:
+        assert node.head is not None  # parse_node sets a head node's head
         head = node.head if node.qkv == "q" else node.head // (lm.n_heads // n_kv_heads(lm))
         return site_name(f"{node.qkv}_in", node.layer), (head,)
     raise ValueError(f"receiver {node.name!r}: use logits, a<l>, f<l> (the sub-layer's input) "
@@ -35,11 +36,15 @@ def _sender_groups(snodes: Sequence[Node], n_layers: int
     """Senders grouped: heads by layer, layers of whole attention and MLP sub-layers, and the
     lowest sender's layer (-1 for ``emb``); any other node is refused."""
     heads: dict[int, list[int]] = {}
-    attn, mlp, low = set(), set(), n_layers
+    attn: set[int] = set()
+    mlp: set[int] = set()
+    low = n_layers
     for s in snodes:
         if s.kind == "head" and s.qkv is None:
+            assert s.layer is not None and s.head is not None  # set by parse_node for heads
             heads.setdefault(s.layer, []).append(s.head)
         elif s.kind in ("a", "f"):
+            assert s.layer is not None  # set by parse_node for a<l> and f<l>
             (attn if s.kind == "a" else mlp).add(s.layer)
         elif s.kind == "emb":
             low = -1
@@ -75,26 +80,31 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
     if any(r.kind == "logits" for r in rnodes) and len(rnodes) > 1:
         raise ValueError("logits as a receiver stands alone")
     heads_by_layer, whole_attn, whole_mlp, low = _sender_groups(snodes, lm.n_layers)
-    stage1 = []
+    stage1: list[Intervention] = []
+    # ignore[arg-type]: a Ref value, resolved by the engine (Intervention.value says Tensor)
     for s in snodes:
         if s.kind in ("a", "f"):
             kind = "attn_out" if s.kind == "a" else "mlp_out"
-            stage1.append(Intervention(site_name(kind, s.layer), positions=pos,
-                                       value=Ref(source, site_name(kind, s.layer)),
+            site = site_name(kind, s.layer)
+            stage1.append(Intervention(site, positions=pos,
+                                       value=Ref(source, site),  # type: ignore[arg-type]
                                        source="sender"))
         elif s.kind == "emb":
-            stage1.append(Intervention(site_name("resid_pre", 0), positions=pos,
-                                       value=Ref(source, site_name("resid_pre", 0)),
+            site = site_name("resid_pre", 0)
+            stage1.append(Intervention(site, positions=pos,
+                                       value=Ref(source, site),  # type: ignore[arg-type]
                                        source="sender"))
     for layer, hs in heads_by_layer.items():
         site = site_name("head_out", layer)
         stage1.append(Intervention(site, positions=pos, heads=tuple(sorted(hs)),
-                                   value=Ref(source, site), source="sender"))
+                                   value=Ref(source, site),  # type: ignore[arg-type]
+                                   source="sender"))
     # receivers' layers: the receiver reads the residual stream entering its sub-layer
     top_attn = top_mlp = lm.n_layers - 1
     for r in rnodes:
         if r.kind == "logits":
             continue
+        assert r.layer is not None  # every receiver but logits has a layer
         if r.kind == "f":
             top_attn, top_mlp = min(top_attn, r.layer), min(top_mlp, r.layer - 1)
         else:
@@ -108,25 +118,30 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
         others = [h for h in range(lm.n_heads) if h not in heads_by_layer.get(layer, [])]
         if len(others) == lm.n_heads:
             site = site_name("attn_out", layer)
-            stage1.append(Intervention(site, positions=pos, value=Ref(base, site),
+            stage1.append(Intervention(site, positions=pos,
+                                       value=Ref(base, site),  # type: ignore[arg-type]
                                        source="frozen"))
         elif others:
             site = site_name("head_out", layer)
             stage1.append(Intervention(site, positions=pos, heads=tuple(others),
-                                       value=Ref(base, site), source="frozen"))
+                                       value=Ref(base, site),  # type: ignore[arg-type]
+                                       source="frozen"))
     if freeze == "all":
         for layer in range(max(0, low), top_mlp + 1):
             if layer not in whole_mlp:
                 site = site_name("mlp_out", layer)
-                stage1.append(Intervention(site, positions=pos, value=Ref(base, site),
+                stage1.append(Intervention(site, positions=pos,
+                                           value=Ref(base, site),  # type: ignore[arg-type]
                                            source="frozen"))
     if rnodes[0].kind == "logits":
         return Row(base, stage1)
-    ivs = []
+    ivs: list[Intervention] = []
     for r in rnodes:
         site, heads = _receiver_site(r, lm)
+        ref = Ref(base, site, None, tuple(stage1))
         ivs.append(Intervention(site, positions=pos, heads=heads,
-                                value=Ref(base, site, None, tuple(stage1)), source="receiver"))
+                                value=ref,  # type: ignore[arg-type]
+                                source="receiver"))
     return Row(base, ivs)
 
 
@@ -198,7 +213,8 @@ def local_logits(lm, engine: Engine, specs: Sequence[dict], batch_size: int = 25
     last = engine.contexts[0].length - 1
     kinds = ("resid_pre", "head_out", "attn_add", "mlp_add")
     sites = [site_name(k, l) for l in range(n_layers) for k in kinds]
-    base, source = (engine.clean_readout(c, Capture(sites, positions=(last,))) for c in (0, 1))
+    readout = Capture(tuple(sites), positions=(last,))
+    base, source = (engine.clean_readout(c, readout) for c in (0, 1))
     plans = []
     for spec in specs:
         freeze = spec.get("freeze", "attention")

@@ -5,6 +5,7 @@ exact edge patching.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -48,6 +49,13 @@ def capital_study(lm, base_ids, source_ids, tokens: Sequence[str], token_ids: Se
             "engine_stats": dict(engine.stats)}
 
 
+def _layer(name: str) -> int:
+    """The layer of node ``name`` (a head, its input or a sub-layer: one that has a layer)."""
+    layer = parse_node(name).layer
+    assert layer is not None, name
+    return layer
+
+
 def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
                    batch_size: int = 32, policies: Sequence[str] = FREEZE_POLICIES) -> dict:
     """Wang et al.'s path patching on IOI pairs (from :func:`lib.studies.ioi.aligned_pairs`): every
@@ -78,9 +86,10 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
     clean = list(run_specs(lambda pos: [((h, f, "logits"), dict(senders=[h], freeze=f,
                                                                  positions=pos))
                                         for h in heads for f in policies]))
-    to_logits = [{"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
-                  "policy": f, "receiver": "logits", "delta": sums[(h, f, "logits")]}
-                 for h in heads for f in policies]
+    to_logits: list[dict[str, Any]] = [  # JSON-ready rows
+        {"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
+         "policy": f, "receiver": "logits", "delta": sums[(h, f, "logits")]}
+        for h in heads for f in policies]
     first = [r for r in to_logits if r["policy"] == policies[0]]
     strongest = [r["sender"] for r in sorted(first, key=lambda r: -abs(r["delta"]))
                  if r["layer"] > 0][:receivers_of]
@@ -88,7 +97,7 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
     list(run_specs(lambda pos: [((h, f, r), dict(senders=[h], receivers=[r], freeze=f,
                                                  positions=pos))
                                 for r in receivers for h in heads
-                                if parse_node(h).layer < parse_node(r).layer
+                                if _layer(h) < _layer(r)
                                 for f in policies]))
     to_queries = [{"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
                    "policy": f, "receiver": r, "delta": sums[(h, f, r)]}

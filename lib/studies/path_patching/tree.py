@@ -37,7 +37,7 @@ class _TreeBuilder:
     def __init__(self, lm, n_inputs: int, length: int, which, branch):
         self.lm, self.n_inputs, self.length = lm, n_inputs, length
         self.which, self.branch = which, branch
-        self.clean = {}   # input index -> _Run
+        self.clean: dict[int, _Run] = {}   # input index -> _Run
         self.memo: dict[tuple, _Run] = {}
 
     def _clean(self, k: int) -> _Run:
@@ -46,6 +46,8 @@ class _TreeBuilder:
                              f"{self.n_inputs - 1}")
         return self.clean.setdefault(k, _Run(k))
 
+    # ignore[arg-type] where _ref gives an Intervention's value: a Ref, resolved by the engine
+    # (Intervention.value says Tensor)
     def _ref(self, run: _Run, site: str) -> Ref:
         return Ref(run.context, site, None, run.ivs)
 
@@ -74,7 +76,8 @@ class _TreeBuilder:
         elif how == "positions":
             site = site_name("attn_norm_in" if kind == "a" else "mlp_norm_in", layer)
             read = site_name("resid_pre", layer) if kind == "a" else site
-            children, groups = [], {}
+            children = []
+            groups: dict[int, tuple[_Run, list[int]]] = {}
             for p in range(self.length):
                 lin_p, run_p = self.request(below, hpath + [f"{head}.pos{p}"])
                 children.append(Lineage(f"{head}.pos{p}", (lin_p,)))
@@ -82,14 +85,17 @@ class _TreeBuilder:
             for run_p, ps in groups.values():
                 if run_p is not run_r:
                     ivs.append(Intervention(site, positions=tuple(ps),
-                                            value=self._ref(run_p, read), source="tree"))
+                                            value=self._ref(run_p, read),  # type: ignore[arg-type]
+                                            source="tree"))
         else:
             lin_s, run_s = self.request(below, hpath)
             children = [lin_s]
             if run_s is not run_r:
                 site = site_name("attn_norm_in" if kind == "a" else "mlp_norm_in", layer)
                 read = site_name("resid_pre", layer) if kind == "a" else site
-                ivs.append(Intervention(site, value=self._ref(run_s, read), source="tree"))
+                ivs.append(Intervention(site,
+                                        value=self._ref(run_s, read),  # type: ignore[arg-type]
+                                        source="tree"))
         lineage = Lineage(name, (Lineage(f"{name}.resid", (lin_r,)),
                                  Lineage(head, tuple(children))))
         if not ivs:
@@ -103,7 +109,8 @@ class _TreeBuilder:
         lm = self.lm
         n_kv = n_kv_heads(lm)
         group = lm.n_heads // n_kv
-        children, runs = [], {"q": [], "k": [], "v": []}
+        children = []
+        runs: dict[str, list[_Run]] = {"q": [], "k": [], "v": []}
         for h in range(lm.n_heads):
             hname = f"a{layer}.h{h}"
             if self.branch(hpath + [hname]):
@@ -134,12 +141,13 @@ class _TreeBuilder:
                             "lineage; branch q only, or give the group one input")
                     slots.append(members[0])
                 per = slots
-            groups = {}
+            groups: dict[int, tuple[_Run, list[int]]] = {}
             for h, run in enumerate(per):
                 if run is not run_r:
                     groups.setdefault(id(run), (run, []))[1].append(h)
             for run, hs in groups.values():
-                ivs.append(Intervention(site, heads=tuple(hs), value=self._ref(run, site),
+                ivs.append(Intervention(site, heads=tuple(hs),
+                                        value=self._ref(run, site),  # type: ignore[arg-type]
                                         source="tree"))
         return children, ivs
 
