@@ -12,6 +12,11 @@ batch holds prompts of similar lengths, pads each batch on the *right* with the 
 padding keeps every real token at the position it has in an unbatched run, and causal attention
 means a real token never attends to the padding after it, so the result equals unbatched runs
 up to float round-off (checked in ``tests/test_activations.py``).
+
+Why this is not engine rows: the engine batches contexts of one length (its stored prefixes and
+mid-stack starts need aligned positions), while reading one clean activation per prompt needs
+no intervention and no stored state, and padding prompts of every length into full batches
+needs fewer passes than batching prompts of one length at a time.
 """
 
 from __future__ import annotations

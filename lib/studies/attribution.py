@@ -32,8 +32,8 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 
 def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
-                         sites: Sequence[str], metrics: Mapping[str, Metric]
-                         ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor],
+                         sites: Sequence[str], metrics: Mapping[str, Metric],
+                         engine: Engine | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor],
                                     dict[str, float]]:
     """Estimate ``metric(patched) - metric(base)`` for patching each site at each position.
 
@@ -46,7 +46,8 @@ def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
     * ``clean[metric]``: the metric on the unpatched base run.
 
     One forward pass on the source (no grad), one on the base with grad, and one backward pass
-    per metric (the graph is kept between them).
+    per metric (the graph is kept between them). ``engine``: one whose contexts 0 and 1 are
+    this base and source (e.g. the interchange grid's), so their clean runs are not repeated.
     """
     if base_ids.dim() == 1:
         base_ids = base_ids[None]
@@ -58,14 +59,19 @@ def attribution_patching(lm, base_ids: torch.Tensor, source_ids: torch.Tensor,
     if not metrics:
         raise ValueError("give at least one metric")
     sites = list(dict.fromkeys(sites))
-    engine = Engine(lm, [Context(base_ids, name="base"), Context(source_ids, name="source")],
-                    skip_noops=False)
+    if engine is None:
+        engine = Engine(lm, [Context(base_ids, name="base"), Context(source_ids, name="source")],
+                        skip_noops=False)
+    elif not (len(engine.contexts) >= 2
+              and torch.equal(engine.contexts[0].input_ids.cpu(), base_ids.cpu())
+              and torch.equal(engine.contexts[1].input_ids.cpu(), source_ids.cpu())):
+        raise ValueError("engine: its contexts 0 and 1 must be base_ids and source_ids")
     base_cache, src_cache = ({s: v[None] for s, v in
                               engine.clean_readout(c, Capture(tuple(sites))).items()}
                              for c in (0, 1))
     # Where base and source agree on every token up to p, their activations at p are the same
     # (causal attention); batched runs may differ there in the last bits, so set them equal.
-    shared = int((base_ids[0] != source_ids[0]).to(torch.long).cumsum(0).eq(0).sum())
+    shared = engine.shared_prefix(0, 1)
     for site in sites:
         src_cache[site] = src_cache[site].clone()
         src_cache[site][:, :shared] = base_cache[site][:, :shared]

@@ -145,7 +145,8 @@ def interchange_rows(cells) -> list[Row]:
 def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cells,
                       batch_size: int = 16, engine: str = "batched",
                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      skip_noops: bool = True, progress: bool = False
+                      skip_noops: bool = True, progress: bool = False,
+                      runner: Engine | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(results, clean)``: the last-position readout of each cell (``reduce(logits)``,
     default the float32 logits), in the order of ``cells``, and the clean last-position logits
@@ -155,7 +156,8 @@ def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cell
     key/value prefix reused, blocks below a batch's lowest patched layer skipped where exact,
     cells that change nothing answered with the clean run, only the last position projected
     onto the vocabulary); ``"naive"`` is the reference loop, one full forward per cell
-    (pyvene's algorithm).
+    (pyvene's algorithm). ``runner``: an engine on :func:`grid_contexts` to use (and keep)
+    instead of a new one.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
@@ -163,8 +165,9 @@ def sweep_interchange(lm, base_ids: torch.Tensor, source_ids: torch.Tensor, cell
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     contexts = grid_contexts(base_ids, source_ids)
     rows = interchange_rows(cells)
-    runner = Engine(lm, contexts, batch_size=batch_size, skip_noops=skip_noops,
-                    progress=progress)
+    if runner is None:
+        runner = Engine(lm, contexts, batch_size=batch_size, skip_noops=skip_noops,
+                        progress=progress)
     out = run_naive(lm, contexts, rows, reduce) if engine == "naive" else runner.run(rows, reduce)
     clean = {"base": runner.clean_readout(BASE_CONTEXT),
              "source": runner.clean_readout(SOURCE_CONTEXT)}
@@ -215,8 +218,12 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
     def reduce(logits):
         return torch.stack([logits.softmax(-1)[:, ids_t], logits[:, ids_t]], dim=-1)
 
+    # one engine for the grid and attribution: base and source run clean once
+    runner = Engine(lm, grid_contexts(base_ids, source_ids), batch_size=batch_size,
+                    progress=progress)
     out, clean = sweep_interchange(lm, base_ids, source_ids, cells, batch_size=batch_size,
-                                   engine=engine, reduce=reduce, progress=progress)
+                                   engine=engine, reduce=reduce, progress=progress,
+                                   runner=runner)
     out = out.cpu()
     payload: dict = {"method": "interchange intervention (activation patching), pyvene tutorial "
                                "semantics: one component x layer x position patched per run"}
@@ -243,12 +250,12 @@ def run_interchange(lm, base: str = DEFAULT_BASE, source: str = DEFAULT_SOURCE,
 
     if attribution:
         payload["attribution"] = attribution_vs_exact(lm, base_ids, source_ids, cells, out,
-                                                      tokens, token_ids, clean["base"])
+                                                      tokens, token_ids, clean["base"], runner)
     return payload
 
 
 def attribution_vs_exact(lm, base_ids, source_ids, cells, exact_out, tokens, token_ids,
-                         clean_base_logits) -> dict:
+                         clean_base_logits, engine: Engine | None = None) -> dict:
     """Attribution-patching estimates next to the exact effects of the same cells.
 
     ``exact_out`` is (cells, tokens, 2): probability and logit of each answer token after the
@@ -256,7 +263,7 @@ def attribution_vs_exact(lm, base_ids, source_ids, cells, exact_out, tokens, tok
     """
     fns, defs = _metrics(token_ids, tokens)
     sites = list(dict.fromkeys(_site(k, l) for k, l, _ in cells))
-    est, delta_norm, clean = attribution_patching(lm, base_ids, source_ids, sites, fns)
+    est, delta_norm, clean = attribution_patching(lm, base_ids, source_ids, sites, fns, engine)
     exact = {}
     for t, tok in enumerate(tokens):
         exact[f"p({tok})"] = exact_out[:, t, 0] - float(clean_base_logits.softmax(-1)[token_ids[t]])

@@ -205,16 +205,14 @@ def capital_patches(lm, base_ids, source_ids, tokens: list[str], cum_positions: 
 def ioi_heads(lm, pairs: list[dict], n_patch: int, n_receivers: int, batch_size: int,
               parameters: dict, seed: int):
     """Notebook 07, part 3: clean IOI metrics over every pair, and head path patching."""
-    import torch
-
+    from lib.core.engine import Context, Engine
     from lib.studies import ioi
     from lib.studies import path_patching as pp
 
-    lds = []
-    for pair in pairs:   # one clean forward per pair: prompts differ in length
-        with torch.no_grad():
-            logits = lm.model(input_ids=pair["base_ids"]).logits[0, -1].float()
-        lds.append(float(ioi.logit_diff(logits, pair["io_id"], pair["s_id"])))
+    # every pair's clean run as an engine context (batched with the pairs of its length)
+    clean = Engine(lm, [Context(pair["base_ids"]) for pair in pairs])
+    lds = [float(ioi.logit_diff(clean.clean_readout(i), pair["io_id"], pair["s_id"]))
+           for i, pair in enumerate(pairs)]
     study = pp.ioi_head_study(lm, pairs[:n_patch], n_receivers, batch_size)
     result = {**study, "n_pairs": len(pairs), "n_pairs_patched": study["n_pairs"],
               "accuracy": sum(x > 0 for x in lds) / len(lds),

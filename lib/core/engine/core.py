@@ -239,6 +239,16 @@ class Engine:
             parse_site(iv.site) in {(k, last_layer) for k in _AFTER_ATTENTION}
             and iv.positions is not None and max(iv.positions) < length - 1 for iv in ivs)
 
+    def shared_prefix(self, a: int, b: int) -> int:
+        """How many leading tokens contexts ``a`` and ``b`` share: by causal attention their
+        clean activations agree at those positions (batched runs may differ in the last bits
+        there, so callers that compare the two set them equal). The one place prefix sharing
+        between contexts is detected."""
+        ids_a, ids_b = self.contexts[a].input_ids[0], self.contexts[b].input_ids[0]
+        n = min(len(ids_a), len(ids_b))
+        differs = (ids_a[:n] != ids_b[:n]).nonzero()
+        return int(differs[0]) if len(differs) else n
+
     def _reads_an_identical_prefix(self, row: Row) -> bool:
         """Whether every intervention of ``row`` replaces a site with the same site of another
         plain context whose tokens agree with the row's up to the patched positions: by causal
@@ -246,7 +256,6 @@ class Engine:
         runs differ in the last bits)."""
         if not row.interventions:
             return False
-        ids = self.contexts[row.context].input_ids[0]
         for iv in row.interventions:
             ref = iv.value
             if iv.kind != "replace" or not isinstance(ref, Ref) or ref.interventions \
@@ -255,12 +264,9 @@ class Engine:
                 return False
             if not 0 <= ref.context < len(self.contexts):
                 return False  # resolution names the bad context
-            other = self.contexts[ref.context]
             if self.ctx_ivs[row.context] or self.ctx_ivs[ref.context]:
                 return False
-            last = max(iv.positions)
-            if other.length <= last or not torch.equal(ids[:last + 1],
-                                                       other.input_ids[0, :last + 1]):
+            if self.shared_prefix(row.context, ref.context) <= max(iv.positions):
                 return False
         return True
 

@@ -206,7 +206,10 @@ def local_logits(lm, engine: Engine, specs: Sequence[dict], batch_size: int = 25
     attention outputs, with each MLP recomputed on it (``freeze="attention"``), frozen at the
     base (``"all"``) or from the source (a sender ``f{l}``); then the final norm and the
     unembedding. Cost: one clean capture of each run, then per row an MLP per layer on one
-    token. Equal to the engine's rows within float error (``tests/test_path_patching.py``)."""
+    token. Equal to the engine's rows within float error (``tests/test_path_patching.py``).
+
+    Why this is not engine rows: it runs no forward pass at all (one position, attention
+    replaced by stored outputs); the engine's rows are its reference."""
     spec_arch, model = lm.spec, lm.model
     blocks = spec_arch.blocks(model)
     n_layers = lm.n_layers
