@@ -53,7 +53,7 @@ def select_notebooks(selectors: list[str] | None, folder: Path = paths.NOTEBOOKS
     available = list_notebooks(folder)
     if not selectors or selectors == ["all"]:
         return available
-    chosen = []
+    chosen: list[Path] = []
     for sel in selectors:
         sel = Path(sel).stem
         match = [p for p in available if p.stem == sel or p.stem.split("_")[0] == sel]

@@ -215,7 +215,7 @@ def _set_output(output, value):
 class _Hooks:
     """Registers one hook per hook point and removes all of them on close."""
 
-    def __init__(self, lm):
+    def __init__(self, lm) -> None:
         self.lm = lm
         self.handles: list[Any] = []
 
@@ -250,6 +250,7 @@ class _Hooks:
         forward hook on the projection hands ``fn`` the per-head copies and, for the (row,
         head) pairs whose input ``fn`` changed, recomputes that head's slice of the projection
         from norm(new input). Unchanged heads keep the model's own output bit for bit."""
+        assert point.norm is not None  # _hook_point gives every head_in point its norm
         lm, spec = self.lm, self.lm.spec
         d_head = lm.d_head
         n_slots = lm.n_heads if point.part == 0 else n_kv_heads(lm)
@@ -400,6 +401,7 @@ def apply_ops(x: torch.Tensor, ops: Sequence[Op], site: str, check: bool = True,
             x[index] = 0
             continue
         if op.kind == "function":
+            assert op.fn is not None  # a function op always carries fn (Intervention checks)
             new = op.fn(x[index])
             name = getattr(op.fn, "__name__", repr(op.fn))
             if not isinstance(new, torch.Tensor) or new.shape != torch.Size(shape):

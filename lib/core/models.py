@@ -32,7 +32,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -301,7 +301,9 @@ def convert_gguf(name: str, cache_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
     # save_pretrained refuses a model that still carries its GGUF quantizer.
-    model.hf_quantizer = None
+    # hf_quantizer is an instance attribute from_pretrained sets; PreTrainedModel declares none,
+    # so mypy reads it through nn.Module.__getattr__ (Tensor | Module)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     for attr in ("is_quantized", "quantization_method"):
@@ -385,15 +387,25 @@ def byte_tokenizer():
                                    pad_token="<pad>")
 
 
+class _TinyIds(TypedDict):
+    """The vocabulary size and special-token ids every tiny config shares."""
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+
 def _build_tiny(name: str, seed: int, n_layers: int = 2):
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM)
+                              LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel)
 
     flavour = "llama" if name == "tiny-random" else name.removeprefix("tiny-random-")
     tokenizer = byte_tokenizer()
     vocab = len(tokenizer)
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = _TinyIds(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config: PretrainedConfig
+    model: PreTrainedModel
     if flavour == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                              num_attention_heads=4, num_key_value_heads=2,

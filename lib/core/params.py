@@ -128,13 +128,17 @@ def read_parameters(notebook: str | os.PathLike) -> dict[str, Param]:
             name, annotation, value = node.targets[0].id, None, node.value
         else:
             continue
-        try:
-            default = ast.literal_eval(value) if value is not None else None
-        except ValueError:
-            default = ast.unparse(value)
+        if value is None:
+            default = None
+        else:
+            try:
+                default = ast.literal_eval(value)
+            except ValueError:
+                default = ast.unparse(value)
         annotation = annotation or type(default).__name__
         if annotation not in TYPES:
             annotation = "any"  # e.g. dict: passed on unchecked (only the rule, if any, applies)
+        assert node.end_lineno is not None  # ast.parse sets it on every statement
         help_text = comments.get(node.end_lineno, "")
         rule = rule_of(help_text)
         param = Param(name, annotation, default, help_text, rule, notebook.stem)
@@ -266,8 +270,9 @@ def _check_rule(p: Param, value: Any) -> None:
         for v in items:
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 span = f"{'' if lo is None else _num(lo)} to {'' if hi is None else _num(hi)}"
-                where = (f"at least {_num(lo)}" if hi is None else
-                         f"at most {_num(hi)}" if lo is None else f"from {span}")
+                where = (f"at least {_num(lo)}" if hi is None and lo is not None else
+                         f"at most {_num(hi)}" if lo is None and hi is not None else
+                         f"from {span}")
                 raise _fail(p, value, f"out of range: must be {where}",
                             f"choose a value {where}")
         return

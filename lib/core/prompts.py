@@ -90,10 +90,10 @@ def load_pairs(path: str | os.PathLike) -> PromptPairs:
     if not all(isinstance(d, str) and d.strip() for d in domains) or domains[0] == domains[1]:
         raise PromptFileError(f"{path}: entry 0's keys {list(domains)} must be two different, "
                               "non-empty domain names")
-    seen = {d: {} for d in domains}
+    seen: dict[str, dict[str, int]] = {d: {} for d in domains}
     seen_pairs: dict[tuple[str, str], int] = {}
     repeats: list[str] = []
-    columns = {d: [] for d in domains}
+    columns: dict[str, list[str]] = {d: [] for d in domains}
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -81,7 +82,8 @@ class ArchSpec:
     fused_qkv: bool = False                       # GPT-2: one Conv1D gives q, k, v
 
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        return model.get_submodule(self.blocks_path)
+        # every supported architecture keeps its blocks in an nn.ModuleList at blocks_path
+        return cast(torch.nn.ModuleList, model.get_submodule(self.blocks_path))
 
 
 ARCH_SPECS: dict[str, ArchSpec] = {

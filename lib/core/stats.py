@@ -41,8 +41,8 @@ def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x.mean(axis=axis)
 
 
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, confidence: float = 0.95,
-                 seed: int = 0,
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0,
                  statistic: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
     """Percentile-bootstrap interval of ``statistic`` (default: the mean) of ``values``.
 

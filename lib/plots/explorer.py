@@ -78,6 +78,7 @@ def plot_masses(view: PromptView):
 
 
 def _sets_caption(view: PromptView) -> str:
+    assert view.sets is not None  # render asks for it only when the view has token sets
     has_ref = any(c.startswith("reference ") for c in view.sets.columns)
     text = (f"**Token sets of {view.pair}**: top {len(view.sets)} per domain, the sets the "
             "masses are summed over" + ("; `reference`: the sets from the contrast of the two "
@@ -140,8 +141,8 @@ def widget_frontend(interactive: bool = True) -> tuple[bool, str]:
     if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
         return False, "not running in a Jupyter kernel"
     try:
-        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
-        cmdline = cmdline.decode(errors="replace")
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmdline = raw.decode(errors="replace")
     except OSError:
         cmdline = ""
     for name in _HEADLESS_PARENTS:

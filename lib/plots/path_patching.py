@@ -7,6 +7,8 @@ notebook shows it and saves it with :func:`lib.plots.save_figure`.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 
 def sweep_heatmap(records: list[dict], nodes: list[str], positions: list[str], title: str = ""):
     """Node (rows, top layer first) x position heatmap of p(token), one facet per token."""
@@ -51,7 +53,7 @@ def draw_lineage(labels: dict, edges: list, title: str = ""):
     g = nx.DiGraph()
     g.add_nodes_from(labels)
     g.add_edges_from(edges)
-    depth = {}
+    depth: dict[Hashable, int] = {}
     for n in nx.topological_sort(g):
         preds = list(g.predecessors(n))
         depth[n] = 0 if not preds else max(depth[p] for p in preds) + 1

@@ -43,6 +43,7 @@ import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -136,7 +137,7 @@ def greedy_continuation(lm, ids: list[int], n_tokens: int,
     """``n_tokens`` greedy next tokens (stops early at EOS). Interventions use absolute
     positions, so each step reruns the whole sequence with them applied."""
     ids = list(ids)
-    out = []
+    out: list[int] = []
     eos = lm.tokenizer.eos_token_id
     for _ in range(n_tokens):
         nxt = int(_logits_last(lm, ids + out, interventions).argmax())
@@ -155,7 +156,7 @@ def last_token_activation(lm, ids: list[int], site: str) -> torch.Tensor:
     return cache[site][0, 0]
 
 
-def token_sets_or_message(model: str, token_sets_dir: str | os.PathLike | None = None):
+def token_sets_or_message(model: str, token_sets_dir: str | Path | None = None):
     """(token_sets dict, None) or (None, message saying why there are none and how to fix it)."""
     from lib.studies.domain_swap import TokenSetMissingError, load_token_sets
 

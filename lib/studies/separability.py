@@ -324,8 +324,9 @@ def score_layers(lm, comparisons: Sequence[Comparison], layers: Sequence[int],
     prompts = list(dict.fromkeys(p for c in comparisons for p in c.prompts_a + c.prompts_b))
     index = {p: i for i, p in enumerate(prompts)}
     sites = [site_name(comp, layer) for layer in layers for comp in components]
-    acts = collect_last_token(lm, prompts, sites, batch_size=batch_size, progress=progress)
-    acts = {s: v.double().numpy() for s, v in acts.items()}
+    acts = {s: v.double().numpy() for s, v in
+            collect_last_token(lm, prompts, sites, batch_size=batch_size,
+                               progress=progress).items()}
 
     units = [(c, comp, li) for c in comparisons for comp in components
              for li in range(len(layers))]

@@ -34,9 +34,10 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ from lib.core import paths
 from lib.studies.das.causal_model import CausalModel
 
 NUMBERS = tuple(range(1, 11))
-ARRANGEMENTS: tuple[tuple[int, int, int], ...] = tuple(itertools.product(NUMBERS, repeat=3))
+ARRANGEMENTS: tuple[tuple[int, int, int], ...] = tuple(
+    itertools.product(NUMBERS, NUMBERS, NUMBERS))
 SUMS = tuple(range(3, 31))
 N_CLASSES = len(SUMS)
 FORMATS = ("padded", "plain")
@@ -134,6 +136,7 @@ def task_tokens(tokenizer, fmt: str = "padded") -> TaskTokens:
                 f"slot in base and source. Use fmt='padded' (two digits per number) for "
                 "tokenizers that split numbers into digits")
         rows.append(full)
+    assert layout0 is not None  # ARRANGEMENTS is not empty: the loop set it
     offset, widths = layout0
     slots, pos = {}, offset
     for name, w in zip(SLOTS, widths):
@@ -163,7 +166,7 @@ def split_arrangements(seed: int, n_val: int = 100, n_test: int = 200
 # --- causal models M1-M7 -------------------------------------------------------------------
 
 # id -> (name, P as a function of X, Y, Z, the inputs P reads, O given P and the others)
-_MODELS = {
+_MODELS: dict[int, tuple[str, tuple[str, ...], Callable[..., Any], tuple[str, ...]]] = {
     1: ("(X+Y)+Z", ("X", "Y"), lambda x, y: x + y, ("P", "Z")),
     2: ("(X+Z)+Y", ("X", "Z"), lambda x, z: x + z, ("P", "Y")),
     3: ("X+(Y+Z)", ("Y", "Z"), lambda y, z: y + z, ("P", "X")),
@@ -266,10 +269,10 @@ def shipped_accuracy(lm, n: int = 100, shots: int = 0, fmt: str = "plain", seed:
     if not isinstance(n, int) or not 1 <= n <= len(ARRANGEMENTS):
         raise TaskError(f"n must be an int from 1 to {len(ARRANGEMENTS)}, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    picks = torch.randperm(len(ARRANGEMENTS), generator=gen)[:n].tolist()
+    picks: list[int] = torch.randperm(len(ARRANGEMENTS), generator=gen)[:n].tolist()
     texts = []
     for i in picks:
-        others = [j for j in torch.randperm(len(ARRANGEMENTS), generator=gen)[:shots + 1].tolist()
+        others: list[int] = [j for j in torch.randperm(len(ARRANGEMENTS), generator=gen)[:shots + 1].tolist()
                   if j != i][:shots]
         context = "".join(f"{prompt(*ARRANGEMENTS[j], fmt)}{sum(ARRANGEMENTS[j])}\n"
                           for j in others)

@@ -130,7 +130,9 @@ class CausalModel:
         """Class index of each output value (its position in the output's value set)."""
         output = output or self.outputs[0]
         labels = torch.full(values.shape[:1], -1, dtype=torch.long)
-        for k, v in enumerate(self.values[output]):
+        value_set = self.values[output]
+        assert value_set is not None  # __post_init__: every output has a finite value set
+        for k, v in enumerate(value_set):
             labels[values == v] = k
         if (labels < 0).any():
             raise CausalModelError(f"{self.name}: output values outside the value set of "
@@ -178,6 +180,7 @@ class CausalModel:
         for _ in range(max_rounds):
             need = int((~filled).sum())
             if need == 0:
+                assert chunks is not None  # n >= 1 (size is positive): the first round set it
                 return chunks
             cand = self.sample_inputs(max(2 * need, 64), generator)
             cand_val = self.run_forward(cand)[var]
@@ -218,6 +221,7 @@ class CausalModel:
                 src = self.sample_inputs(size, gen)
             else:
                 vals = self.values[var]
+                assert vals is not None  # __post_init__: intermediates have finite value sets
                 pick = torch.randint(0, len(vals), (size,), generator=gen)
                 wanted = torch.as_tensor(list(vals))[pick]
                 src = self._sample_conditioned(var, wanted, gen)
@@ -228,10 +232,10 @@ class CausalModel:
         labels = torch.empty(size, dtype=torch.long)
         for code in torch.unique(ids).tolist():
             rows = ids == code
-            pick = lambda d: {k: v[rows] for k, v in d.items()}  # noqa: E731
-            srcs = {var: pick(sources[self.intermediates.index(var)])
+            pick_rows = lambda d: {k: v[rows] for k, v in d.items()}  # noqa: E731
+            srcs = {var: pick_rows(sources[self.intermediates.index(var)])
                     for var in self.intervened_variables(code)}
-            labels[rows] = self.label(self.run_interchange(pick(base), srcs)[out])
+            labels[rows] = self.label(self.run_interchange(pick_rows(base), srcs)[out])
         base_labels = self.label(self.run_forward(base)[out])
         return CounterfactualDataset(self.name, list(self.intermediates), list(self.inputs), base,
                                      sources, ids, labels, base_labels, semantics, int(seed))
@@ -337,13 +341,14 @@ def _patterns_for(pairs: tuple[tuple[int, int], tuple[int, int]], output: str) -
 
     def build(first_equal: bool, second_equal: bool) -> str:
         letters = list(string.ascii_uppercase)
-        slots = [None] * 4
+        slots: list[str | None] = [None] * 4
         slots[a] = letters.pop(0)
         slots[b] = slots[a] if first_equal else letters.pop(0)
         slots[c] = letters.pop(0)
         slots[d] = slots[c] if second_equal else letters.pop(0)
         # rename letters by first appearance, so the pattern reads like "ABAB"
-        names, out = {}, ""
+        names: dict[str | None, str] = {}
+        out = ""
         for s in slots:
             names.setdefault(s, string.ascii_uppercase[len(names)])
             out += names[s]

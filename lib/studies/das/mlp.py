@@ -113,10 +113,12 @@ def hand_built_equality_mlp(object_dim: int = 2) -> MLP:
         head = torch.zeros(2, d)
         head[0, :2] = 1
         head[0, 2:4] = -0.999999
-        net.blocks[0].weight.copy_(w0)
-        net.blocks[0].bias.zero_()
-        net.blocks[1].weight.copy_(w1)
-        net.blocks[1].bias.zero_()
+        block0, block1 = net.blocks[0], net.blocks[1]
+        assert isinstance(block0, nn.Linear) and isinstance(block1, nn.Linear)  # MLP's blocks
+        block0.weight.copy_(w0)
+        block0.bias.zero_()
+        block1.weight.copy_(w1)
+        block1.bias.zero_()
         net.head.weight.copy_(head)
         net.head.bias.copy_(torch.tensor([0.0, 1e-14]))
     for p in net.parameters():

@@ -75,11 +75,11 @@ def task_networks(model: CausalModel, seeds: list[int], n_train: int, n_test: in
         chunk = todo[first:first + group]
         nets, xs, ys, tests = [], [], [], []
         for seed, _ in chunk:
-            x_test, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
+            test_setting, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
             x, y = model.factual_dataset(n_train, seed=seed * 1000 + 1)
             xs.append(encode(x, model.inputs))
             ys.append(y)
-            tests.append((encode(x_test, model.inputs), y_test))
+            tests.append((encode(test_setting, model.inputs), y_test))
             nets.append(MLP(d_in=xs[-1].shape[1], h_dim=h_dim, n_layers=n_layers, seed=seed,
                             init=init))
         curves = train_mlps(nets, xs, ys, epochs, batch_size, lr, [s for s, _ in chunk], tests)
@@ -143,7 +143,7 @@ def das_at_layer(net: MLP, layer: int, train: CounterfactualDataset,
     return module, result
 
 
-def iia_on(net: MLP, layer: int, module: das.RotatedSpaceIntervention,
+def iia_on(net: MLP, layer: int, module: das._RotatedBase,
            test: CounterfactualDataset) -> float:
     """IIA of a trained ``module`` on counterfactuals ``test`` (possibly of another model)."""
     return das.iia(module, lambda h: net.forward_from(layer, h), interchange_data(net, layer, test))

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ class _Rotation(nn.Module):
         super().__init__()
         weight = torch.empty(d, cols)
         nn.init.orthogonal_(weight, generator=torch.Generator().manual_seed(int(seed)))
-        self.weight = nn.Parameter(weight)
+        # a Parameter, or after parametrizations.orthogonal the materialised (orthogonal) tensor
+        self.weight: torch.Tensor = nn.Parameter(weight)
         if orthogonal_map is not None:
             # For a d × cols matrix with cols < d, PyTorch completes the start into a d × d
             # orthogonal base with torch.randn from the global generator. The base does not
@@ -95,6 +97,7 @@ class _RotatedBase(nn.Module):
     """Shared forward: ``h_b + Σ_j row_j · ((h_sj − h_b) R ⊙ m_j) Rᵀ``."""
 
     kind = "rotated"
+    _coord: torch.Tensor  # fixed masks, a buffer that subclasses with fixed subspaces register
 
     def __init__(self, d: int, cols: int, seed: int, orthogonal_map: str | None):
         super().__init__()
@@ -273,6 +276,7 @@ def random_control(module: _RotatedBase, seed: int) -> _RotatedBase:
     random-subspace control. Nothing in it is trainable."""
     control = build(module.config())
     if isinstance(module, BoundlessRotatedSpaceIntervention):
+        assert isinstance(control, BoundlessRotatedSpaceIntervention)  # built from its config
         with torch.no_grad():
             control.fractions.copy_(module.fractions)
         control.temperature = module.temperature
@@ -308,14 +312,24 @@ class InterchangeData:
         return self.base[idx], list(self.sources[:, idx]), self.masks[idx], self.labels[idx]
 
 
-def _logits(module, head, data: InterchangeData, idx):
+class InterchangeBatches(Protocol):
+    """What :func:`train_das` and :func:`iia` read of their data: the number of examples and
+    ``batch(idx)`` = (base, sources, masks, labels) of rows ``idx`` (:class:`InterchangeData`,
+    or a duck type that builds its batches another way)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx) -> tuple: ...
+
+
+def _logits(module, head, data: InterchangeBatches, idx):
     base, sources, masks, labels = data.batch(idx)
     return head(module(base, sources, masks)), labels
 
 
 @torch.no_grad()
-def iia(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], data: InterchangeData,
-        batch_size: int = 6400) -> float:
+def iia(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+        data: InterchangeBatches, batch_size: int = 6400) -> float:
     """Interchange-intervention accuracy: argmax of the intervened output equals the causal
     model's counterfactual label."""
     correct = 0
@@ -326,9 +340,9 @@ def iia(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], data: I
     return correct / len(data)
 
 
-def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor],
-              train: InterchangeData, epochs: int = 10, batch_size: int = 6400,
-              lr: float = 1e-3, seed: int = 0, eval_data: InterchangeData | None = None,
+def train_das(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+              train: InterchangeBatches, epochs: int = 10, batch_size: int = 6400,
+              lr: float = 1e-3, seed: int = 0, eval_data: InterchangeBatches | None = None,
               temperature: tuple[float, float] = (10.0, 0.1), boundary_penalty: float = 0.0,
               progress: bool = False, shuffle: str = "examples") -> dict:
     """Train ``module`` (only its parameters) with Adam on cross-entropy of ``head``'s output
@@ -359,7 +373,7 @@ def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor]
     gen = torch.Generator().manual_seed(int(seed))
     n = len(train)
     steps = epochs * math.ceil(n / batch_size)
-    boundless = isinstance(module, BoundlessRotatedSpaceIntervention)
+    boundless = module if isinstance(module, BoundlessRotatedSpaceIntervention) else None
     curve, step = [], 0
     for epoch in range(epochs):
         started = time.perf_counter()
@@ -372,13 +386,13 @@ def train_das(module: _RotatedBase, head: Callable[[torch.Tensor], torch.Tensor]
         module.train()
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            if boundless:
+            if boundless is not None:
                 t0, t1 = temperature
-                module.temperature = t0 + (t1 - t0) * step / max(steps - 1, 1)
+                boundless.temperature = t0 + (t1 - t0) * step / max(steps - 1, 1)
             logits, labels = _logits(module, head, train, idx)
             loss = nn.functional.cross_entropy(logits, labels)
-            if boundless and boundary_penalty:
-                loss = loss + boundary_penalty * module.fractions.clamp(0, 1).sum()
+            if boundless is not None and boundary_penalty:
+                loss = loss + boundary_penalty * boundless.fractions.clamp(0, 1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -421,6 +435,8 @@ def load_intervention(path: str | os.PathLike) -> tuple[_RotatedBase, dict]:
     module = build(config)
     module.set_rotation(tensors["rotation"])
     if "fractions" in tensors:
+        # save_intervention writes fractions for a boundless module only
+        assert isinstance(module, BoundlessRotatedSpaceIntervention)
         with torch.no_grad():
             module.fractions.copy_(tensors["fractions"])
     return module, metadata
@@ -442,5 +458,6 @@ def hooks_intervention(module: _RotatedBase, site: str, sources, masks: torch.Te
     def das_interchange(selected: torch.Tensor) -> torch.Tensor:
         return module(selected, sources, masks)
 
-    return Intervention(site=site, positions=positions, kind="function", rows=rows,
+    return Intervention(site=site, positions=None if positions is None else tuple(positions),
+                        kind="function", rows=None if rows is None else tuple(rows),
                         source=source, fn=das_interchange)
