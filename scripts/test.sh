@@ -16,6 +16,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 WORKERS=${TEST_WORKERS:-$("$PYBIN" -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 # lint first (pyproject.toml's [tool.ruff]): seconds, and a failure names the file and line
 "$PYBIN" -m ruff check --quiet lib tests scripts benchmarks notebooks
+# and a type check of lib/ (pyproject.toml's [tool.mypy], basic level)
+"$PYBIN" -m mypy --no-error-summary
 set +e
 "$PYBIN" -m pytest tests -n "$WORKERS" --dist loadfile "$@"
 rc=$?

@@ -27,11 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lib.core.sites import HEAD_SITES, KNOWN_LAYER_SITES, parse_site
+
+if TYPE_CHECKING:   # a value may name another run; the engine resolves it before any hook
+    from lib.core.engine.data import Ref
 
 KINDS = ("replace", "add", "zero", "function")
 
@@ -85,7 +88,7 @@ class Intervention:
     rows: tuple[int, ...] | None = None       # batch rows it applies to; None = all rows
     heads: tuple[int, ...] | None = None      # head_out, q_in, k_in, v_in; None = all heads
     source: str = ""
-    value: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    value: torch.Tensor | Ref | None = field(default=None, repr=False, compare=False)
     fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False,
                                                               compare=False)
 

@@ -137,7 +137,7 @@ def interchange_rows(cells) -> list[Row]:
     # ignore[arg-type]: a Ref value, resolved by the engine (Intervention.value says Tensor)
     return [Row(BASE_CONTEXT, [Intervention(
                 _site(k, l), positions=(p,),
-                value=Ref(SOURCE_CONTEXT, _site(k, l)),  # type: ignore[arg-type]
+                value=Ref(SOURCE_CONTEXT, _site(k, l)),
                 source=f"run:source position {p}")])
             for k, l, p in cells]
 

@@ -351,10 +351,10 @@ class CausalTracer:
         for job in jobs:
             for s in range(self.samples):
                 ivs = [Intervention(site_name(k, l), positions=(t,),
-                                    value=Ref(0, site_name(k, l)),  # type: ignore[arg-type]
+                                    value=Ref(0, site_name(k, l)),
                                     source="clean run") for k, l, t in job.restore]
                 ivs += [Intervention(site_name(k, l), positions=(t,),
-                                     value=Ref(1 + s, site_name(k, l)),  # type: ignore[arg-type]
+                                     value=Ref(1 + s, site_name(k, l)),
                                      source="corrupted run, same noise") for k, l, t in job.freeze]
                 rows.append(Row(1 + s, ivs))
         return rows

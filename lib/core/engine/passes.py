@@ -76,6 +76,7 @@ def _restrict(iv: Intervention, keep_position) -> Intervention | None:
         return iv
     value = iv.value
     if value is not None:
+        assert isinstance(value, torch.Tensor), "references are resolved before any pass"
         pos_dim = -3 if parse_site(iv.site)[0] in HEAD_SITES else -2
         if value.dim() >= -pos_dim and value.shape[pos_dim] == len(positions):
             value = value.index_select(value.dim() + pos_dim,

@@ -275,7 +275,7 @@ class Notebook:
                                for s in self.sites}
         # residual streams: computed when a run, check or graph needs them
         self.states = da.LazyStates(lm, self.tokens, self.layers)
-        self.grid_ids = [m for m in (1, 2, 3) if m in self.model_ids]
+        self.grid_ids: list[int] = [m for m in (1, 2, 3) if m in self.model_ids]
         eval_ids = sorted(set(self.model_ids) | set(self.grid_ids) | {7})
         test_models = ar.causal_models(self.split["test"])
         self.test_pairs = {m: ar.counterfactual_pairs(test_models[m], v["DAS_N_TEST"],
@@ -318,7 +318,7 @@ class Notebook:
         return io.load_or_compute(
             self.out_dir / "das_graph.json", key, force=v["FORCE"], check=GRAPH_SCHEMA,
             compute=lambda: graphs(self.lm, self.modules, self.states, v["GRAPH_ARRANGEMENTS"],
-                                   self.ranks[0], self.sites[0], self.graph_layers, units,
+                                   self.ranks[0], self.sites[0], self.graph_layers or [], units,
                                    self.out_dir / "das_graph_predictions.safetensors", key,
                                    v["SEED"]))
 

@@ -131,12 +131,12 @@ def hand_built(n_factual: int, n_cf: int, semantics: list[str], seed: int) -> di
     x, y = model2.factual_dataset(n_factual, seed=seed * 1000 + 11)
     vanilla = das.RotatedSpaceIntervention(8, [(0, 4), (4, 8)])
     vanilla.set_rotation(torch.eye(8))
-    hand = {"factual_accuracy": accuracy(net, encode(x, model2.inputs), y),
-            "factual_label_counts": torch.bincount(y, minlength=2).tolist(), "iia": {}}
+    iia: dict[str, float] = {}
     for sem in semantics:
         data = interchange_data(net, 0, counterfactuals(model2, n_cf, sem, seed, 12))
-        hand["iia"][sem] = das.iia(vanilla, lambda h: net.forward_from(0, h), data)
-    return hand
+        iia[sem] = das.iia(vanilla, lambda h: net.forward_from(0, h), data)
+    return {"factual_accuracy": accuracy(net, encode(x, model2.inputs), y),
+            "factual_label_counts": torch.bincount(y, minlength=2).tolist(), "iia": iia}
 
 
 def equality(semantics: list[str], layers: list[int], mlp_args: dict, das_args: dict,
@@ -149,7 +149,7 @@ def equality(semantics: list[str], layers: list[int], mlp_args: dict, das_args: 
     seeds = list(range(seed, seed + n_networks))
     networks = mlp_das.task_networks(model4, seeds,
                                      **{k: v for k, v in mlp_args.items() if k != "seed"})
-    chosen, candidates = seed, []
+    chosen, candidates = seed, list[dict]()
     if n_networks > 1:
         chosen, candidates = mlp_das.select_network(
             [(s, net) for s, (net, _) in zip(seeds, networks)], 0,

@@ -247,7 +247,7 @@ def run_pair(lm, pairs: PromptPairs, layers: Sequence[int],
                 # ignore[arg-type]: a Ref value, resolved by the engine (typed Tensor there)
                 side_rows = [Row(base_ctx, [Intervention(
                     site, positions=(last,),
-                    value=Ref(src_ctx, site, positions=(src_last,)),  # type: ignore[arg-type]
+                    value=Ref(src_ctx, site, positions=(src_last,)),
                     source=f"{pairs.name}:{side}:{i}")]) for site in swap_sites]
                 if zero:
                     side_rows += [Row(base_ctx, [Intervention(site, positions=(last,), kind="zero")])

@@ -87,17 +87,17 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
             kind = "attn_out" if s.kind == "a" else "mlp_out"
             site = site_name(kind, s.layer)
             stage1.append(Intervention(site, positions=pos,
-                                       value=Ref(source, site),  # type: ignore[arg-type]
+                                       value=Ref(source, site),
                                        source="sender"))
         elif s.kind == "emb":
             site = site_name("resid_pre", 0)
             stage1.append(Intervention(site, positions=pos,
-                                       value=Ref(source, site),  # type: ignore[arg-type]
+                                       value=Ref(source, site),
                                        source="sender"))
     for layer, hs in heads_by_layer.items():
         site = site_name("head_out", layer)
         stage1.append(Intervention(site, positions=pos, heads=tuple(sorted(hs)),
-                                   value=Ref(source, site),  # type: ignore[arg-type]
+                                   value=Ref(source, site),
                                    source="sender"))
     # receivers' layers: the receiver reads the residual stream entering its sub-layer
     top_attn = top_mlp = lm.n_layers - 1
@@ -119,19 +119,19 @@ def path_patch_row(lm, senders: Sequence[str], receivers: Sequence[str] = ("logi
         if len(others) == lm.n_heads:
             site = site_name("attn_out", layer)
             stage1.append(Intervention(site, positions=pos,
-                                       value=Ref(base, site),  # type: ignore[arg-type]
+                                       value=Ref(base, site),
                                        source="frozen"))
         elif others:
             site = site_name("head_out", layer)
             stage1.append(Intervention(site, positions=pos, heads=tuple(others),
-                                       value=Ref(base, site),  # type: ignore[arg-type]
+                                       value=Ref(base, site),
                                        source="frozen"))
     if freeze == "all":
         for layer in range(max(0, low), top_mlp + 1):
             if layer not in whole_mlp:
                 site = site_name("mlp_out", layer)
                 stage1.append(Intervention(site, positions=pos,
-                                           value=Ref(base, site),  # type: ignore[arg-type]
+                                           value=Ref(base, site),
                                            source="frozen"))
     if rnodes[0].kind == "logits":
         return Row(base, stage1)
