@@ -11,6 +11,7 @@ from conftest import F32_ATOL
 from lib.studies.das import arithmetic as ar
 from lib.studies import das
 from lib.studies.das import arithmetic_das as da
+from lib.core import engine
 from lib.core.engine import Context, Row, run_naive
 from lib.core.hooks import run_with_cache
 from lib.core.models import load_model
@@ -236,13 +237,13 @@ def test_shared_prefix_split_of_the_full_graph():
               torch.zeros(n, dtype=torch.long) for s in range(ids.shape[1])]
     a, b = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     off = a != b
-    split, shared = da.shared_prefix_split(groups, a[off], b[off])
+    split, shared = engine.shared_prefix_split(groups, a[off], b[off])
     assert split == ids.shape[1] - 2 and int(shared.max()) + 1 == 39_900
     for k in torch.randint(0, len(shared), (200,), generator=torch.Generator().manual_seed(0)):
         same = shared == shared[k]   # one label pair: base and source prefixes agree
         assert torch.all(ids[a[off][same], :split] == ids[a[off][k], :split])
         assert torch.all(ids[b[off][same], :split] == ids[b[off][k], :split])
-    split, _ = da.shared_prefix_split(groups, a[off], b[off], limit=4)
+    split, _ = engine.shared_prefix_split(groups, a[off], b[off], limit=4)
     assert split <= 4
 
 
@@ -254,12 +255,13 @@ def test_pair_predictions_with_shared_prefixes_equal_one_run_per_pair(tuned, mon
     pool = list(range(60))
     module = da.AtPositions(das.LowRankRotatedSpaceIntervention(lm.d_model, 8, seed=2))
     calls = []
-    real_split = da.shared_prefix_split
-    monkeypatch.setattr(da, "shared_prefix_split",
+    from lib.core.engine import stream
+    real_split = stream.shared_prefix_split
+    monkeypatch.setattr(stream, "shared_prefix_split",
                         lambda *a, **k: calls.append(real_split(*a, **k)) or calls[-1])
     shared = da.pair_predictions(lm, 0, module, states, pool, batch_size=128)
     assert calls[0][0] >= 5                               # a real split was used
-    monkeypatch.setattr(da, "shared_prefix_split",
+    monkeypatch.setattr(stream, "shared_prefix_split",
                         lambda g, a, b, limit=None: (0, torch.arange(len(a))))
     whole = da.pair_predictions(lm, 0, module, states, pool, batch_size=128)
     assert torch.equal(shared, whole)

@@ -4,8 +4,13 @@ Every study in this repository (activation patching / interchange intervention, 
 and Geiger et al. 2021; causal tracing, Meng et al. 2022; the domain swaps of the seed study;
 path patching, Wang et al. 2022; distributed alignment search, Geiger, Wu et al. 2023) is the
 same computation: a list of *rows*, each one run of the model on some input with some
-interventions, read out at the end. This module runs them all; no other module calls the
-model with a key/value cache or batches rows by hand.
+interventions, read out at the end. This module runs them all, and is the one place that
+calls the model with a key/value cache or detects the prefixes runs share. A few other
+forward passes say in one line why they are not rows: fine-tuning and its evaluation
+(:mod:`lib.studies.das.arithmetic`; gradients through changing weights), greedy generation
+(growing inputs), last-token activations of prompts of many lengths
+(:mod:`lib.core.activations`; right padding, no interventions) and path patching's one-token
+head -> logits path (:func:`lib.studies.path_patching.paths.local_logits`; no forward pass).
 
 Vocabulary
 ----------
@@ -54,4 +59,6 @@ from lib.core.engine.passes import (  # noqa: F401
     _ref_slice,
 )
 from lib.core.engine.core import Engine, _LAYER_START_OK, layer_start_exact, run, run_naive  # noqa: F401
-from lib.core.engine.stream import StreamPrefix, prefix_limit, run_stream  # noqa: F401
+from lib.core.engine.stream import (  # noqa: F401
+    StreamPrefix, prefix_groups, prefix_limit, run_stream, run_stream_pairs, shared_prefix_split,
+)

@@ -1,9 +1,11 @@
 """The blocks above a layer on a residual stream the caller gives, continuing shared key/value
-prefixes (used by DAS on a language model); see :mod:`lib.core.engine`.
+prefixes (used by DAS on a language model), and many (base, source) runs on such streams with
+the positions their prompts share run once; see :mod:`lib.core.engine`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +86,77 @@ def run_stream(lm, layer: int, h: torch.Tensor, prefix: StreamPrefix | None = No
                          f"positions, not all {start + h.shape[1]}; run without keep_prefix")
     return logits, StreamPrefix(layer, start + h.shape[1], [l.keys for l in layers],
                                 [l.values for l in layers])
+
+
+# --- many (base, source) runs whose prompts share their first positions -----------------------
+
+def prefix_groups(states: torch.Tensor) -> list[torch.Tensor]:
+    """``groups[s]`` labels each prompt of ``states`` ``(prompts, positions, ...)`` by its
+    stored values at positions ``[0, s)``: equal labels, bitwise equal prefixes (``s = 0``:
+    one label)."""
+    n = len(states)
+    return [torch.zeros(n, dtype=torch.long)] + [
+        torch.unique(states[:, :s].reshape(n, -1), dim=0, return_inverse=True)[1].cpu()
+        for s in range(1, states.shape[1])]
+
+
+def shared_prefix_split(groups: Sequence[torch.Tensor], base: torch.Tensor,
+                        source: torch.Tensor, limit: int | None = None
+                        ) -> tuple[int, torch.Tensor]:
+    """Where to split the counterfactual runs (base, source) of a graph into a part shared
+    between runs and a part of their own. ``groups[s]`` labels each arrangement by its
+    stored residual stream at positions ``[0, s)`` (equal labels: bitwise equal states), so
+    for a position-wise intervention the intervened stream at those positions, and with it
+    every block's keys and values there, is the same for all runs whose base and source
+    carry the same labels. Returns ``(s, shared)``: ``shared[i]`` numbers run i's pair of
+    labels, and ``s`` minimises the positions run through the blocks (each distinct pair's
+    ``s`` once, plus each run's ``T - s``), ``s <= limit``; ``s = 0`` shares nothing."""
+    n_runs, length = len(base), len(groups)
+    best = (n_runs * length, 0, torch.arange(n_runs))
+    for s in range(1, length if limit is None else min(length, limit + 1)):
+        code = groups[s][base] * (int(groups[s].max()) + 1) + groups[s][source]
+        _, shared = torch.unique(code, return_inverse=True)
+        cost = (int(shared.max()) + 1) * s + n_runs * (length - s)
+        if cost < best[0]:
+            best = (cost, s, shared)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def run_stream_pairs(lm, layer: int, streams: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     base: torch.Tensor, source: torch.Tensor, groups: Sequence[torch.Tensor],
+                     batch_size: int = 1000,
+                     readout: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
+                     progress: bool = False, desc: str = "runs") -> torch.Tensor:
+    """``readout`` of the last-position output of each run i, whose residual stream after block
+    ``layer`` is ``streams(base_idx, source_idx)`` (a batch of runs, ``(n, T, d)``, position
+    by position: its value at a position depends only on the two prompts' values there and
+    before). Runs whose base and source prompts carry the same ``groups`` labels at positions
+    ``[0, s)`` share those positions' keys and values in every block above ``layer``: they are
+    computed once per distinct pair (:func:`shared_prefix_split` picks ``s``) and each run
+    continues from them (:func:`run_stream`). Rows come back in the order of ``base``."""
+    split, shared = shared_prefix_split(groups, base, source, prefix_limit(lm))
+    order = torch.argsort(shared, stable=True)             # runs of one prefix pair together
+    a_idx, b_idx, shared = base[order], source[order], shared[order]
+    it = range(0, len(a_idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=desc, unit="batch")
+    outs = []
+    for start in it:
+        h = streams(a_idx[start:start + batch_size], b_idx[start:start + batch_size])
+        if split == 0:
+            logits = run_stream(lm, layer, h)
+        else:   # each distinct prefix pair of the batch once, then every run from there
+            _, local, counts = torch.unique_consecutive(    # sorted: each pair's runs adjoin
+                shared[start:start + batch_size], return_inverse=True, return_counts=True)
+            first = torch.cumsum(counts, 0) - counts
+            _, kept = run_stream(lm, layer, h[first, :split], keep_prefix=True)
+            logits = run_stream(lm, layer, h[:, split:], kept, local)
+        outs.append(readout(logits).cpu())
+    if not outs:   # no runs (e.g. a graph of one node)
+        return torch.empty(0, dtype=torch.long)
+    ordered = torch.cat(outs)
+    result = torch.empty_like(ordered)
+    result[order] = ordered
+    return result

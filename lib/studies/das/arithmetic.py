@@ -233,7 +233,8 @@ def counterfactual_pairs(model: CausalModel, size: int, seed: int,
 def _greedy(lm, texts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations, one full forward per new token (no key/value cache: prompts are
     short, and only lib.core.engine uses caches). Prompts of the same token length run as one
-    batch, without padding, so each row computes what it would alone."""
+    batch, without padding, so each row computes what it would alone. Not engine rows: the
+    engine runs fixed inputs, generation appends to them."""
     ids = [lm.tokenize(t)[0] for t in texts]
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(ids):
@@ -306,6 +307,9 @@ def attach_classifier(lm, seed: int = 0) -> nn.Linear:
 
 @torch.no_grad()
 def class_logits(lm, input_ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Last-position class logits of prompts of one length. Not engine rows: it is evaluated
+    between fine-tuning steps, on weights that change, and needs none of the engine's stored
+    state."""
     out = []
     for a in range(0, len(input_ids), batch_size):
         ids = input_ids[a:a + batch_size].to(lm.device)
@@ -335,7 +339,8 @@ def finetune(lm, tokens: TaskTokens, split: dict[str, list[int]], epochs: int = 
     gradient clipping. Stops after the first epoch whose validation accuracy reaches
     ``val_target``. Returns the curve per epoch (mean training loss, training accuracy of the
     epoch's batches, validation loss and accuracy) and ``seconds_per_step`` (timing, not for
-    result files). Leaves the model in eval mode with no gradients."""
+    result files). Leaves the model in eval mode with no gradients. Its own loop: training
+    needs gradients through the model's weights, which the engine treats as constants."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise TaskError(f"{name} must be a positive int, got {v!r}")

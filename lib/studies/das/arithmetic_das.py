@@ -32,8 +32,8 @@ from torch import nn
 
 from lib.studies.das import arithmetic as ar
 from lib.studies import das
-from lib.core.engine import (Capture, Context, Engine, Row, layer_start_exact, prefix_limit,
-                        run_stream)
+from lib.core.engine import (Capture, Context, Engine, Row, layer_start_exact, prefix_groups,
+                             run_stream, run_stream_pairs)
 from lib.core.stats import bootstrap_ci
 
 
@@ -213,28 +213,6 @@ def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict)
 
 # --- pairwise-IIA graphs (thesis: construct_graph.py) ---------------------------------------
 
-def shared_prefix_split(groups: Sequence[torch.Tensor], base: torch.Tensor,
-                        source: torch.Tensor, limit: int | None = None
-                        ) -> tuple[int, torch.Tensor]:
-    """Where to split the counterfactual runs (base, source) of a graph into a part shared
-    between runs and a part of their own. ``groups[s]`` labels each arrangement by its
-    stored residual stream at positions ``[0, s)`` (equal labels: bitwise equal states), so
-    for a position-wise intervention the intervened stream at those positions, and with it
-    every block's keys and values there, is the same for all runs whose base and source
-    carry the same labels. Returns ``(s, shared)``: ``shared[i]`` numbers run i's pair of
-    labels, and ``s`` minimises the positions run through the blocks (each distinct pair's
-    ``s`` once, plus each run's ``T - s``), ``s <= limit``; ``s = 0`` shares nothing."""
-    n_runs, length = len(base), len(groups)
-    best = (n_runs * length, 0, torch.arange(n_runs))
-    for s in range(1, length if limit is None else min(length, limit + 1)):
-        code = groups[s][base] * (int(groups[s].max()) + 1) + groups[s][source]
-        _, shared = torch.unique(code, return_inverse=True)
-        cost = (int(shared.max()) + 1) * s + n_runs * (length - s)
-        if cost < best[0]:
-            best = (cost, s, shared)
-    return best[1], best[2]
-
-
 @torch.no_grad()
 def counterfactual_predictions(lm, layer: int, module: nn.Module, states: torch.Tensor,
                                base: torch.Tensor, source: torch.Tensor,
@@ -246,11 +224,11 @@ def counterfactual_predictions(lm, layer: int, module: nn.Module, states: torch.
     positions, or at some positions only), and the residual stream at the first positions of
     a prompt depends only on its first tokens, so runs whose base and source agree there
     (``10+03+0`` of ``10+03+07=`` and ``10+03+09=``) share those positions' keys and values
-    in every block above ``layer``; they are computed once per distinct pair of prefixes and
-    each run continues from them (:func:`shared_prefix_split`, :func:`lib.core.engine.run_stream`).
-    On the padded prompts of all 1,000 arrangements' ordered pairs that is 40,000 prefixes
-    of 7 positions and two positions per run instead of nine; on 1,000 random test
-    counterfactuals about 100 prefixes of 3 positions and six per run.
+    in every block above ``layer``; the engine runs them once per distinct pair of prefixes
+    and each run continues from them (:func:`lib.core.engine.run_stream_pairs`). On the padded
+    prompts of all 1,000 arrangements' ordered pairs that is 40,000 prefixes of 7 positions and
+    two positions per run instead of nine; on 1,000 random test counterfactuals about 100
+    prefixes of 3 positions and six per run.
     """
     check_layer_start(lm)
     _check_layer(lm, layer)
@@ -259,33 +237,15 @@ def counterfactual_predictions(lm, layer: int, module: nn.Module, states: torch.
     if base.shape != source.shape or base.dim() != 1:
         raise ValueError(f"base {tuple(base.shape)} and source {tuple(source.shape)} must be "
                          "1-d index tensors of one length")
-    n = len(states)
-    groups = [torch.zeros(n, dtype=torch.long)] + [
-        torch.unique(states[:, :s].reshape(n, -1), dim=0, return_inverse=True)[1].cpu()
-        for s in range(1, states.shape[1])]
-    split, shared = shared_prefix_split(groups, base, source, prefix_limit(lm))
-    order = torch.argsort(shared, stable=True)             # runs of one prefix pair together
-    a_idx, b_idx, shared = base[order], source[order], shared[order]
-    predicted = torch.empty(len(base), dtype=torch.long)
     dev = states.device
-    it = range(0, len(a_idx), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"counterfactuals, layer {layer}", unit="batch")
-    for start in it:
-        a, b = a_idx[start:start + batch_size], b_idx[start:start + batch_size]
+
+    def streams(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ones = torch.ones(len(a), 1, dtype=torch.bool, device=dev)
-        h = module(states[a.to(dev)], [states[b.to(dev)]], ones)
-        if split == 0:
-            logits = run_stream(lm, layer, h)
-        else:   # each distinct prefix pair of the batch once, then every run from there
-            _, local, counts = torch.unique_consecutive(    # sorted: each pair's runs adjoin
-                shared[start:start + batch_size], return_inverse=True, return_counts=True)
-            first = torch.cumsum(counts, 0) - counts
-            _, kept = run_stream(lm, layer, h[first, :split], keep_prefix=True)
-            logits = run_stream(lm, layer, h[:, split:], kept, local)
-        predicted[order[start:start + batch_size]] = logits.argmax(-1).cpu()
-    return predicted
+        return module(states[a.to(dev)], [states[b.to(dev)]], ones)
+
+    return run_stream_pairs(lm, layer, streams, base, source, prefix_groups(states),
+                            batch_size=batch_size, readout=lambda z: z.argmax(-1),
+                            progress=progress, desc=f"counterfactuals, layer {layer}")
 
 
 def shared_iia(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:
