@@ -35,10 +35,16 @@ RESULT_FOLDERS = ("scores", "token_sets", "full_compute")
 
 
 def regenerate(scratch: Path, notebooks: list[str], models: list[str]) -> None:
+    from lib.core.params import read_parameters
+    from lib.runner import select_notebooks
+
     cmd = [sys.executable, "-m", "lib.runner", "--force", "--notebooks", *notebooks,
            "--models", *models, "--runs-dir", str(scratch / "runs")]
+    # only the folders the chosen notebooks have (the runner refuses a parameter none declares)
+    declared = {name for nb in select_notebooks(notebooks) for name in read_parameters(nb)}
     for param, folder in FOLDERS.items():
-        cmd += ["-p", f"{param}={scratch / folder}"]
+        if param in declared:
+            cmd += ["-p", f"{param}={scratch / folder}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 

@@ -9,6 +9,7 @@ import torch
 from conftest import F32_ATOL
 from lib.studies import explorer as E
 from lib.plots import explorer as ep
+from lib.ui import explorer as ui_explorer
 from lib.core.hooks import count_hooks
 from lib.core.prompts import PromptPairs, load_pairs
 
@@ -216,11 +217,11 @@ def test_render_shows_sets_and_split(llama, monkeypatch):
 # --- widgets ----------------------------------------------------------------------------------
 
 def test_no_widgets_outside_a_front_end(llama, monkeypatch):
-    ok, why = ep.widget_frontend(True)
+    ok, why = ui_explorer.widget_frontend(True)
     assert not ok and why
-    assert ep.widget_frontend(False) == (False, "INTERACTIVE is False")
+    assert ui_explorer.widget_frontend(False) == (False, "INTERACTIVE is False")
     monkeypatch.setenv("CAUSAL_HEADLESS", "1")
-    assert ep.widget_frontend(True)[0] is False
+    assert ui_explorer.widget_frontend(True)[0] is False
 
 
 def spy_on_view(ui, monkeypatch):
@@ -230,7 +231,7 @@ def spy_on_view(ui, monkeypatch):
 
     def view(*args):
         seen.append({"choice": args, "state": ui.state, "status": ui.status.value,
-                     "stale": ep.STALE_CLASS in ui.out._dom_classes,
+                     "stale": ui_explorer.STALE_CLASS in ui.out._dom_classes,
                      "disabled": all(c.disabled for c in ui.controls)})
         return original(*args)
 
@@ -242,7 +243,7 @@ def test_widgets_show_busy_then_the_new_view(llama, monkeypatch):
     pytest.importorskip("ipywidgets")
     ex = E.Explorer(llama, [PAIRS], new_style_token_sets(llama), top_k=3, n_continuation=1)
     rendered = []
-    ui = ep.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=rendered.append)
+    ui = ui_explorer.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=rendered.append)
     assert ui.state == "idle"
     seen = spy_on_view(ui, monkeypatch)
     ui.refresh()
@@ -256,7 +257,7 @@ def test_widgets_show_busy_then_the_new_view(llama, monkeypatch):
     # afterwards: the new view, status done, nothing greyed or disabled
     assert ui.state == "done" and rendered[-1].layer == 1
     assert "computing" not in ui.status.value and "layer 1" in ui.status.value
-    assert ep.STALE_CLASS not in ui.out._dom_classes
+    assert ui_explorer.STALE_CLASS not in ui.out._dom_classes
     assert not any(c.disabled for c in ui.controls)
     # the prompt line follows the index and says which half of the split it is in
     assert "held-out half" in ui.prompt_w.value
@@ -274,7 +275,7 @@ def test_widgets_report_an_out_of_range_index_with_its_range(llama, monkeypatch)
                         ("d", "e", "f"))
     ex = E.Explorer(llama, [PAIRS, other], top_k=2, n_continuation=1)
     rendered = []
-    ui = ep.ExplorerUI(ex, "finance_medical", 2, 0, "mlp_out", render_view=rendered.append)
+    ui = ui_explorer.ExplorerUI(ex, "finance_medical", 2, 0, "mlp_out", render_view=rendered.append)
     ui.refresh()
     assert ui.state == "done" and ui.range_w.value == "of 0..2" and ui.index_slider.max == 2
     n_views = len(rendered)
@@ -283,7 +284,7 @@ def test_widgets_report_an_out_of_range_index_with_its_range(llama, monkeypatch)
     assert ui.state == "error" and isinstance(ui.last_error, E.PromptIndexError)
     assert "error" in ui.status.value and "0..1" in ui.status.value
     assert len(rendered) == n_views           # no view drawn for it
-    assert ep.STALE_CLASS not in ui.out._dom_classes
+    assert ui_explorer.STALE_CLASS not in ui.out._dom_classes
     assert not any(c.disabled for c in ui.controls)
     ui.index_w.value = 1                      # a valid index again: back to a view
     assert ui.state == "done" and rendered[-1].index == 1 and ui.index_slider.value == 1
@@ -295,7 +296,7 @@ def test_widgets_report_an_out_of_range_index_with_its_range(llama, monkeypatch)
 def test_widgets_show_compute_errors(llama, monkeypatch):
     pytest.importorskip("ipywidgets")
     ex = E.Explorer(llama, [PAIRS], top_k=2, n_continuation=1)
-    ui = ep.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=lambda v: None)
+    ui = ui_explorer.ExplorerUI(ex, "cpp_python", 0, 0, "mlp_out", render_view=lambda v: None)
 
     def broken(*args):
         raise RuntimeError("the model fell over")
@@ -310,7 +311,7 @@ def test_widgets_show_compute_errors(llama, monkeypatch):
 def test_build_widgets_renders_the_first_view(llama):
     pytest.importorskip("ipywidgets")
     ex = E.Explorer(llama, [PAIRS], top_k=3, n_continuation=1)
-    ui = ep.build_widgets(ex, "cpp_python", 0, 0, "mlp_out", show=False)
+    ui = ui_explorer.build_widgets(ex, "cpp_python", 0, 0, "mlp_out", show=False)
     assert ("cpp_python", 0, 0, "mlp_out") in ex._cache and ui.state == "done"
     assert ui.box.children[-1] is ui.out and ui.status in ui.box.children
 

@@ -54,7 +54,9 @@ def test_hygiene_check_catches_a_dirty_notebook(tmp_path):
 
 PLOTTING_PACKAGES = ("plotnine", "matplotlib")
 LIB = paths.REPO_ROOT / "lib"
-COMPUTE_MODULES = sorted(p for p in LIB.rglob("*.py") if (LIB / "plots") not in p.parents)
+# everything but the figures (lib/plots) and the widgets that show them (lib/ui)
+COMPUTE_MODULES = sorted(p for p in LIB.rglob("*.py")
+                         if (LIB / "plots") not in p.parents and (LIB / "ui") not in p.parents)
 
 
 def imported_modules(source: str) -> list[str]:
@@ -83,7 +85,7 @@ def plotting_imports(source: str) -> list[str]:
 
 def test_there_are_compute_modules_to_check():
     assert LIB / "core" / "hooks.py" in COMPUTE_MODULES
-    assert not any("plots" in p.parts for p in COMPUTE_MODULES)
+    assert not any("plots" in p.parts or "ui" in p.parts for p in COMPUTE_MODULES)
 
 
 @pytest.mark.parametrize("path", COMPUTE_MODULES, ids=lambda p: str(p.relative_to(LIB)))
@@ -105,12 +107,13 @@ def test_plotting_import_check_can_fail():
     assert plotting_imports((LIB / "plots" / "domain.py").read_text(encoding="utf-8"))
 
 
-# --- layout: lib/core <- lib/studies <- lib/plots, modules small -----------------------------
+# --- layout: lib/core <- lib/studies <- lib/plots <- lib/ui, modules small -----------------------------
 
 LIB_MODULES = sorted(LIB.rglob("*.py"))
 # what each layer may not import: the core knows no study and no figure; a study no figure
-FORBIDDEN = {"core": ("lib.studies", "lib.plots", "lib.runner"),
-             "studies": ("lib.plots", "lib.runner")}
+FORBIDDEN = {"core": ("lib.studies", "lib.plots", "lib.ui", "lib.runner"),
+             "studies": ("lib.plots", "lib.ui", "lib.runner"),
+             "plots": ("lib.ui", "lib.runner")}
 MAX_MODULE_LINES = 600
 
 
@@ -123,8 +126,8 @@ def layer_violations(layer: str, source: str) -> list[str]:
 def test_module_imports_only_downward(path):
     layer = path.relative_to(LIB).parts[0]
     found = layer_violations(layer, path.read_text(encoding="utf-8"))
-    assert not found, (f"lib/{path.relative_to(LIB)} imports {found}: lib/core may not import "
-                       "lib/studies or lib/plots, and lib/studies may not import lib/plots")
+    assert not found, (f"lib/{path.relative_to(LIB)} imports {found}: each layer imports only "
+                       "the ones below it (core <- studies <- plots <- ui)")
 
 
 def test_layer_check_can_fail():
@@ -132,6 +135,7 @@ def test_layer_check_can_fail():
     assert layer_violations("studies", "def f():\n    from lib.plots import das\n")
     assert layer_violations("studies", "from lib.core import io\n") == []
     assert layer_violations("plots", "from lib.studies import das\n") == []
+    assert layer_violations("plots", "from lib.ui import explorer\n")
 
 
 @pytest.mark.parametrize("path", LIB_MODULES, ids=lambda p: str(p.relative_to(LIB)))

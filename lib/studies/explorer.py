@@ -34,7 +34,8 @@ load:
 
 A prompt index outside its pair file is an error that states the file's range
 (:func:`check_prompt_index`, :class:`PromptIndexError`); nothing clamps it.
-The charts, the static rendering and the widgets live in :mod:`lib.plots.explorer`.
+The charts and the static rendering live in :mod:`lib.plots.explorer`, the widgets in
+:mod:`lib.ui.explorer`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def show_token(text: str) -> str:
 
 @torch.no_grad()
 def _logits_last(lm, ids: list[int], interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+    """One run through :func:`lib.core.hooks.patch`. Not engine rows: one interactive prompt
+    at a time, and generation grows its input."""
     x = torch.tensor([ids], device=lm.device)
     with patch(lm, interventions):
         return lm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[0, -1].float()
