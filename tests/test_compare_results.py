@@ -48,3 +48,12 @@ def test_token_lists_may_trade_places_only_at_a_tie():
     tie = {"sets": _tokens((1, 0.5), (2, 0.5 + 1e-7), (3, 0.1))}
     tie_swapped = {"sets": _tokens((2, 0.5 + 1e-7), (1, 0.5), (3, 0.1))}
     assert not compare(tie, tie_swapped)["other"]
+
+
+def test_edge_effects_get_the_logit_rule_and_engine_stats_are_no_result():
+    old = {"records": [{"exact": 0.04, "estimate": 4.7}], "engine_stats": {"forwards": 12}}
+    new = {"records": [{"exact": 0.04 + 5e-5, "estimate": 4.7 + 5e-5}],
+           "engine_stats": {"forwards": 13, "joined": 2}}
+    out = compare(old, new)
+    assert not out["over"] and not out["other"] and out["widened"] == 2
+    assert compare(old, {**new, "records": [{"exact": 0.04 + 2e-4, "estimate": 4.7}]})["over"]

@@ -143,3 +143,40 @@ def test_module_is_small(path):
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_MODULE_LINES, (f"lib/{path.relative_to(LIB)} has {n} lines (at most "
                                    f"{MAX_MODULE_LINES}): split it into modules with one job each")
+
+
+# --- thin notebooks: no functions or classes, at most 120 lines of code ------------------------
+
+MAX_NOTEBOOK_CODE_LINES = 120
+REPO_NOTEBOOKS = sorted(paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def code_lines(nb: dict) -> int:
+    """Lines of code of a notebook's code cells, blank lines and comments not counted."""
+    return sum(1 for c in nb["cells"] if c["cell_type"] == "code"
+               for line in "".join(c["source"]).splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def definitions(source: str) -> list[str]:
+    """Names of the functions and classes a cell defines (anything used twice lives in lib)."""
+    return [n.name for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+
+
+@pytest.mark.parametrize("path", REPO_NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_thin(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    defined = [d for c in nb["cells"] if c["cell_type"] == "code"
+               for d in definitions("".join(c["source"]))]
+    assert not defined, f"{path.name} defines {defined}: move them into lib/ with a test"
+    n = code_lines(nb)
+    assert n <= MAX_NOTEBOOK_CODE_LINES, (f"{path.name} has {n} lines of code (at most "
+                                          f"{MAX_NOTEBOOK_CODE_LINES}): move the work into lib/")
+
+
+def test_thin_check_can_fail():
+    assert definitions("x = 1\ndef f():\n    pass\nclass C: ...\n") == ["f", "C"]
+    assert definitions("f = lambda x: x\n") == []
+    assert code_lines({"cells": [{"cell_type": "code", "source": ["# c\n", "\n", "x = 1\n"]},
+                                 {"cell_type": "markdown", "source": ["text"]}]}) == 1

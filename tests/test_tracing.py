@@ -14,6 +14,7 @@ from lib.studies import tracing as tr
 from lib.core.hooks import count_hooks
 from lib.core.io import UnitStore, dumps
 from lib.core.models import load_model
+from lib.core.prompts import load_facts
 from lib.plots import tracing as tp
 
 # Byte-level tokenizer: 1 token per byte plus <bos> (12 tokens). Short enough that the tiny
@@ -308,17 +309,17 @@ def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
 
 
 def test_load_facts_checks_shape(tmp_path):
-    facts = tr.load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"))
+    facts = load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"))
     assert len(facts) >= 20 and all(f["subject"] in f["prompt"] for f in facts)
-    assert len(tr.load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"),
+    assert len(load_facts(tr.__file__.replace("lib/studies/tracing.py", "prompt_set/facts.json"),
                              n=3)) == 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"prompt": "a b", "subject": "c", "answer": " d"}]))
     with pytest.raises(ValueError, match="is not in its prompt"):
-        tr.load_facts(bad)
+        load_facts(bad)
     bad.write_text(json.dumps([{"prompt": "a b"}]))
     with pytest.raises(ValueError, match="lacks"):
-        tr.load_facts(bad)
+        load_facts(bad)
 
 
 def test_plots_build(tracer):

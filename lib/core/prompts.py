@@ -1,4 +1,5 @@
-"""Paired prompt files: loading with shape checks that name the file and the entry.
+"""Prompt files: loading with shape checks that name the file and the entry (paired prompts;
+:func:`load_facts` reads the fact files of causal tracing).
 
 A pair file is a JSON list of objects, each with exactly two keys, the two domain names, each
 mapping to a non-empty prompt string, e.g. ``{"cpp": "Write a C++ ...", "python": "Write a
@@ -143,3 +144,22 @@ def load_pair_files(files: list[str] | tuple[str, ...] = DEFAULT_PAIR_FILES,
     if len(set(names)) != len(names):
         raise PromptFileError(f"two prompt files share a name: {names}")
     return loaded
+
+
+def load_facts(path, n: int = 0) -> list[dict]:
+    """A fact file: JSON list of {"prompt", "subject", "answer"}; the first ``n`` (0 = all)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"fact file {path} does not exist")
+    facts = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(facts, list) or not facts:
+        raise ValueError(f"{path}: expected a non-empty JSON list of facts")
+    for i, fact in enumerate(facts):
+        missing = {"prompt", "subject", "answer"} - set(fact if isinstance(fact, dict) else {})
+        if missing:
+            raise ValueError(f"{path}: fact {i} lacks {sorted(missing)}; each fact needs "
+                             "'prompt', 'subject' and 'answer'")
+        if fact["subject"] not in fact["prompt"]:
+            raise ValueError(f"{path}: fact {i}: subject {fact['subject']!r} is not in its "
+                             f"prompt {fact['prompt']!r}")
+    return facts[:n] if n and n > 0 else facts

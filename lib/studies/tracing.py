@@ -37,11 +37,9 @@ Figures of the traces: :mod:`lib.plots.tracing`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -245,6 +243,13 @@ class TraceResult:
     layers: list[int] = field(default_factory=list)       # centre layers that were run
     token_rows: list[int] = field(default_factory=list)   # token rows that were run
     prefix_rows: list[int] = field(default_factory=list)  # rows before the subject: = p_corrupt
+
+    def peak(self) -> dict:
+        """The cell where restoring helps most: p_restored, indirect effect, token, layer."""
+        t, l = divmod(int(np.nanargmax(self.scores)), self.scores.shape[1])
+        return {"kind": self.kind, "window": self.window, "peak p_restored": self.scores[t, l],
+                "peak IE": self.scores[t, l] - self.p_corrupt, "token": t,
+                "token_str": self.tokens[t], "layer": l}
 
     def to_dict(self) -> dict:
         return {
@@ -459,25 +464,6 @@ class CausalTracer:
 
 
 # --- averages over a fact set ------------------------------------------------------------------
-
-def load_facts(path, n: int = 0) -> list[dict]:
-    """A fact file: JSON list of {"prompt", "subject", "answer"}; the first ``n`` (0 = all)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"fact file {path} does not exist")
-    facts = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(facts, list) or not facts:
-        raise ValueError(f"{path}: expected a non-empty JSON list of facts")
-    for i, fact in enumerate(facts):
-        missing = {"prompt", "subject", "answer"} - set(fact if isinstance(fact, dict) else {})
-        if missing:
-            raise ValueError(f"{path}: fact {i} lacks {sorted(missing)}; each fact needs "
-                             "'prompt', 'subject' and 'answer'")
-        if fact["subject"] not in fact["prompt"]:
-            raise ValueError(f"{path}: fact {i}: subject {fact['subject']!r} is not in its "
-                             f"prompt {fact['prompt']!r}")
-    return facts[:n] if n and n > 0 else facts
-
 
 TOKEN_BUCKETS = ("last_subject", "last")
 
