@@ -245,6 +245,37 @@ def test_09_refuses_layers_the_model_lacks_before_fine_tuning(tmp_path, capsys):
     assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("param, value, fragment", [
+    ("CUMULATIVE_POSITIONS", "[99]", "CUMULATIVE_POSITIONS [99] out of range"),
+    ("CUMULATIVE_POSITIONS", "[-99, 5]", "CUMULATIVE_POSITIONS [-99] out of range"),
+    ("LINEAGE_NODE", "bogus", "unknown node 'bogus'"),
+    ("LINEAGE_NODE", "a99", "layer 99 out of range"),
+    ("LINEAGE_NODE", "logits", "LINEAGE_NODE: logits is no node"),
+    ("IOI_FILE", "nope.json", "IOI file"),
+])
+def test_07_refuses_meaningless_inputs_before_any_study(param, value, fragment, tmp_path,
+                                                         capsys):
+    """Positions beyond the prompt no longer wrap around, an unknown lineage node no longer
+    draws a trivial tree, a missing IOI file is named: all before the first study runs."""
+    fc = tmp_path / "fc"
+    rc = runner.main(["--notebooks", "07", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", f"{param}={value}",
+                      "-p", f"FULL_COMPUTE_DIR={fc}", "-p", f"GRAPHS_DIR={tmp_path / 'g'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED: 07_path_patching.ipynb" in err, err
+    assert fragment in err, err
+    assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_a_truncated_ioi_file_is_named(tmp_path):
+    from lib.studies import ioi
+
+    bad = tmp_path / "ioi.json"
+    bad.write_text('[{"base": "When Mary', encoding="utf-8")
+    with pytest.raises(ValueError, match="IOI file .*ioi.json is not valid JSON"):
+        ioi.load_ioi(bad)
+
+
 # --- through the library ---------------------------------------------------------------------
 
 def test_parameter_values_are_checked_inside_the_notebook_too():

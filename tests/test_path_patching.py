@@ -34,9 +34,24 @@ def test_which_constant_gives_base_and_source(lm, pair):
     patches = [(lambda p: 0, lambda p: False), (lambda p: 1, lambda p: False),
                (lambda p: 0, lambda p: True),
                (lambda p: 1, lambda p: "heads" if p[-1].endswith(".head") else True)]
-    out = pp.tree_patch(lm, [b, s, b], patches, engine=engine)
+    out = pp.tree_patch(lm, [b, s, b], patches, engine=engine, allow_noop=True)
     for row, want in zip(out, (base, source, base, source)):
         assert_f32_close(row.readout, want)
+
+
+def test_a_patch_that_changes_nothing_is_refused_and_numpy_indices_are_accepted(lm, pair):
+    """A which written for nano-causal-interventions names heads a1.head2 (here a1.h2): it
+    never matches, so the patch is the base run; that is refused, naming the spelling."""
+    import numpy as np
+
+    b, s, engine = pair
+    nano_spelling = (lambda p: 1 if "a1.head2" in p else 0, lambda p: True)
+    with pytest.raises(ValueError, match=r"changes nothing.*a<l>\.h<h>"):
+        pp.tree_patch(lm, [b, s], nano_spelling, engine=engine)
+    [out] = pp.tree_patch(lm, [b, s], (lambda p: np.int64(1), lambda p: False), engine=engine)
+    assert_f32_close(out.readout, engine.clean_readout(1))
+    with pytest.raises(ValueError, match="must be an input index"):
+        pp.tree_patch(lm, [b, s], (lambda p: True, lambda p: False), engine=engine)
 
 
 @pytest.mark.parametrize("how", [True, "positions", "heads"])

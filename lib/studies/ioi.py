@@ -28,7 +28,15 @@ def load_ioi(path: str | Path = "ioi.json") -> list[dict]:
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = paths.PROMPT_SET / path
-    data = json.loads(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise FileNotFoundError(f"IOI file {path} does not exist; give a file in prompt_set/ "
+                                "(e.g. ioi.json) or a path, or write one with "
+                                "scripts/make_ioi.py")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"IOI file {path} is not valid JSON ({err}); restore it "
+                         "(git checkout prompt_set/) or write it again") from None
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of IOI pairs")
     for i, entry in enumerate(data):

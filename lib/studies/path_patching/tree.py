@@ -5,6 +5,7 @@ sub-trees, each distinct lineage computed once; see :mod:`lib.studies.path_patch
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,14 +41,14 @@ class _TreeBuilder:
         self.clean: dict[int, _Run] = {}   # input index -> _Run
         self.memo: dict[tuple, _Run] = {}
 
-    def _clean(self, k: int) -> _Run:
-        if not isinstance(k, int) or not 0 <= k < self.n_inputs:
+    def _clean(self, k) -> _Run:
+        # any integer type (numpy's too), never a bool
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+                or not 0 <= int(k) < self.n_inputs:
             raise ValueError(f"which(path) returned {k!r}; it must be an input index 0 to "
                              f"{self.n_inputs - 1}")
-        return self.clean.setdefault(k, _Run(k))
+        return self.clean.setdefault(int(k), _Run(int(k)))
 
-    # ignore[arg-type] where _ref gives an Intervention's value: a Ref, resolved by the engine
-    # (Intervention.value says Tensor)
     def _ref(self, run: _Run, site: str) -> Ref:
         return Ref(run.context, site, None, run.ivs)
 
@@ -85,7 +86,7 @@ class _TreeBuilder:
             for run_p, ps in groups.values():
                 if run_p is not run_r:
                     ivs.append(Intervention(site, positions=tuple(ps),
-                                            value=self._ref(run_p, read),  # type: ignore[arg-type]
+                                            value=self._ref(run_p, read),
                                             source="tree"))
         else:
             lin_s, run_s = self.request(below, hpath)
@@ -94,7 +95,7 @@ class _TreeBuilder:
                 site = site_name("attn_norm_in" if kind == "a" else "mlp_norm_in", layer)
                 read = site_name("resid_pre", layer) if kind == "a" else site
                 ivs.append(Intervention(site,
-                                        value=self._ref(run_s, read),  # type: ignore[arg-type]
+                                        value=self._ref(run_s, read),
                                         source="tree"))
         lineage = Lineage(name, (Lineage(f"{name}.resid", (lin_r,)),
                                  Lineage(head, tuple(children))))
@@ -147,7 +148,7 @@ class _TreeBuilder:
                     groups.setdefault(id(run), (run, []))[1].append(h)
             for run, hs in groups.values():
                 ivs.append(Intervention(site, heads=tuple(hs),
-                                        value=self._ref(run, site),  # type: ignore[arg-type]
+                                        value=self._ref(run, site),
                                         source="tree"))
         return children, ivs
 
@@ -156,24 +157,33 @@ class _TreeBuilder:
         return Lineage("ln_final", (lin,)), run
 
 
-def tree_rows(lm, n_inputs: int, length: int, patches: Sequence[tuple[Callable, Callable]]
-              ) -> tuple[list[Row], list[Lineage]]:
-    """Engine rows and lineage trees of ``patches``, a list of ``(which, branch)`` pairs."""
+def tree_rows(lm, n_inputs: int, length: int, patches: Sequence[tuple[Callable, Callable]],
+              allow_noop: bool = False) -> tuple[list[Row], list[Lineage]]:
+    """Engine rows and lineage trees of ``patches``, a list of ``(which, branch)`` pairs. A
+    patch that is the plain base run (``which`` chose input 0 on every path) is refused unless
+    ``allow_noop``: it is almost always a node name spelled otherwise than here."""
     rows, lineages = [], []
-    for which, branch in patches:
+    for i, (which, branch) in enumerate(patches):
         lin, run = _TreeBuilder(lm, n_inputs, length, which, branch).build()
+        if run.context == 0 and not run.ivs and not allow_noop:
+            raise ValueError(
+                f"tree patch {i} changes nothing: which(path) chose input 0 (the base) on every "
+                "path. Paths name nodes emb, a<l>, f<l>, a<l>.head, a<l>.h<h>, "
+                "a<l>.h<h>.q/.k/.v and a<l>.head.pos<p> (nano-causal-interventions' a<l>.head<h> "
+                "is a<l>.h<h> here); check the names your which and branch compare with")
         rows.append(Row(run.context, run.ivs))
         lineages.append(lin)
     return rows, lineages
 
 
 def tree_patch(lm, inputs: Sequence[torch.Tensor], patches, readout=None, *,
-               engine: Engine | None = None, batch_size: int = 32, naive: bool = False
-               ) -> list[TreePatch]:
+               engine: Engine | None = None, batch_size: int = 32, naive: bool = False,
+               allow_noop: bool = False) -> list[TreePatch]:
     """Run tree patches on ``inputs`` (token ids, all of one length): ``patches`` is one
     ``(which, branch)`` pair or a list of them, run batched on one engine (distinct lineages
     computed once over all of them). ``readout`` as :meth:`lib.core.engine.Engine.run` (last-position
-    logits by default). ``naive=True`` runs the engine's reference loop instead."""
+    logits by default). ``naive=True`` runs the engine's reference loop instead; a patch that
+    changes nothing is refused unless ``allow_noop`` (:func:`tree_rows`)."""
     if isinstance(patches, tuple) and len(patches) == 2 and callable(patches[0]):
         patches = [patches]
     inputs = [torch.as_tensor(x).reshape(1, -1) for x in inputs]
@@ -181,7 +191,7 @@ def tree_patch(lm, inputs: Sequence[torch.Tensor], patches, readout=None, *,
     if len(lengths) != 1:
         raise ValueError(f"tree patching needs inputs of one length (positions are aligned); "
                          f"got lengths {[x.shape[1] for x in inputs]}")
-    rows, lineages = tree_rows(lm, len(inputs), lengths.pop(), patches)
+    rows, lineages = tree_rows(lm, len(inputs), lengths.pop(), patches, allow_noop)
     contexts = [Context(x.to(lm.device), name=f"input {i}") for i, x in enumerate(inputs)]
     if naive:
         out = run_naive(lm, contexts, rows, readout)
