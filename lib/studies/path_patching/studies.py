@@ -37,12 +37,15 @@ def capital_study(lm, base_ids, source_ids, tokens: Sequence[str], token_ids: Se
     cells = [(n, p) for n in nodes for p in range(T)]
     patches = [(lambda path: 0, lambda path: False) if n == "none" else
                node_position_patch(n, p) for n, p in cells]
-    out = tree_patch(lm, [base_ids, source_ids], patches, readout, engine=engine)
+    # the "none" row and the first cumulative step are the base run by design
+    out = tree_patch(lm, [base_ids, source_ids], patches, readout, engine=engine,
+                     allow_noop=True)
     records = [{"node": n, "position": p, "token": t, "prob": float(r.readout[j])}
                for (n, p), r in zip(cells, out) for j, t in enumerate(tokens)]
     cum_cells = [(i, p) for p in cumulative_positions for i in range(len(nodes))]
     patches = [cumulative_patch(nodes[1:i + 1], p) for i, p in cum_cells]
-    out = tree_patch(lm, [base_ids, source_ids], patches, readout, engine=engine)
+    out = tree_patch(lm, [base_ids, source_ids], patches, readout, engine=engine,
+                     allow_noop=True)
     cumulative = [{"node": nodes[i], "position": p, "token": t, "prob": float(r.readout[j])}
                   for (i, p), r in zip(cum_cells, out) for j, t in enumerate(tokens)]
     return {"nodes": nodes, "records": records, "cumulative": cumulative,
