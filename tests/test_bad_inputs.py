@@ -8,6 +8,7 @@ changes (the autouse fixture compares every committed result file before and aft
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -86,8 +87,10 @@ RUNNER_CASES = [
     ("int-is-float", ["00"], ["N_PROMPTS=2.5"], ["N_PROMPTS", "expected an integer"]),
     ("layers-not-indices", ["05"], ["LAYERS=first"], ["LAYERS", "comma-separated integers"]),
     ("positions-not-indices", ["05"], ["POSITIONS=last"], ["POSITIONS", "comma-separated"]),
-    ("negative-count", ["00"], ["N_PROMPTS=-3"], ["N_PROMPTS", "at least 0"]),
-    ("zero-batch", ["05"], ["BATCH_SIZE=0"], ["BATCH_SIZE", "at least 1"]),
+    ("negative-count", ["00"], ["N_PROMPTS=-3"], ["N_PROMPTS", "from 0 to 100000"]),
+    ("zero-batch", ["05"], ["BATCH_SIZE=0"], ["BATCH_SIZE", "from 1 to 4096"]),
+    ("size-above-its-bound", ["09"], ["DAS_N_TEST=1000000000"], ["DAS_N_TEST", "1 to 1000000"]),
+    ("count-above-its-bound", ["08"], ["MLP_N_TRAIN=100000000"], ["MLP_N_TRAIN", "to 10000000"]),
     ("bool-word", ["00"], ["FORCE=maybe"], ["FORCE", "true or false"]),
     ("bool-number", ["00"], ["FORCE=1"], ["FORCE", "true or false"]),
     ("choice-typo", ["02"], ["METRIC=fishr"], ["METRIC", "did you mean 'fisher'"]),
@@ -274,6 +277,28 @@ def test_a_truncated_ioi_file_is_named(tmp_path):
     bad.write_text('[{"base": "When Mary', encoding="utf-8")
     with pytest.raises(ValueError, match="IOI file .*ioi.json is not valid JSON"):
         ioi.load_ioi(bad)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"CAUSAL_MODELS": "7,7"}, "CAUSAL_MODELS names [7, 7]"),
+    ({"RANKS": [4, 4]}, "RANKS names [4, 4]"),
+    ({"GRAPH_ARRANGEMENTS": 1}, "GRAPH_ARRANGEMENTS = 1"),
+    ({"N_VAL": 500, "N_TEST": 500}, "N_VAL + N_TEST = 1000"),
+    ({"RANKS": [4, 4000], "GRAPH_ARRANGEMENTS": 0}, "exceed tiny-random's width"),
+])
+def test_09_refuses_before_the_shipped_accuracy_and_the_fine_tune(params, fragment, tmp_path):
+    """Values that would run twice, a graph of one node, no training arrangement, a rank
+    wider than the model: refused before anything is measured or trained."""
+    from lib.studies.das import arithmetic_study as study
+    from lib.core.params import ParameterError, read_parameters
+
+    values = {name: p.default for name, p in read_parameters(study.NOTEBOOK).items()}
+    values.update(MODEL="tiny-random", LAYERS="0,1", GRAPH_LAYERS="1",
+                  FULL_COMPUTE_DIR=str(tmp_path / "fc"), CACHE_DIR=str(tmp_path / "cache"),
+                  **params)
+    with pytest.raises(ParameterError, match=re.escape(fragment)):
+        study.Notebook(values).finetune()
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
 
 # --- through the library ---------------------------------------------------------------------

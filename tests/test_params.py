@@ -112,3 +112,21 @@ def test_notebook_values_are_the_checked_parameters_in_cell_order():
     del namespace["SEED"]
     with pytest.raises(ParameterError, match="SEED"):
         notebook_values(notebook, namespace)
+
+
+# seeds and indices (checked against the model or prompt once it is known) have no upper bound
+UNBOUNDED = {"SEED", "SPLIT_SEED", "PROMPT_INDEX", "LAYER", "INJECT_LAYER", "SEVERED_TOKEN",
+             "BAR_POSITION", "CUMULATIVE_POSITIONS"}
+
+
+def test_every_size_parameter_has_an_upper_bound():
+    """A count, size or batch without a bound could ask for more memory than any machine has
+    (09's DAS_N_TEST=1e9 took 21.7 GB before the kernel was killed): every one is bounded."""
+    missing = []
+    for nb in list_notebooks():
+        for name, p in read_parameters(nb).items():
+            if p.type not in ("int", "list[int]") or name in UNBOUNDED:
+                continue
+            if not (p.rule and "..".join(p.rule.split("..")[1:]).strip()):
+                missing.append(f"{nb.stem}:{name} [{p.rule}]")
+    assert not missing, f"size parameters without an upper bound: {missing}"

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from lib.core import io, paths
-from lib.core.params import check_layers_within, parse_layers, parse_list
+from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
@@ -47,16 +47,21 @@ THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415
 
 
 def finetune(model: str, n_shipped: int, shots: int, layers_spec: str, ft_args: dict,
-             key: dict, seed: int):
+             key: dict, seed: int, ranks: list[int] | None = None):
     """The model as shipped (accuracy in three formats, tokenization of each format), then
     fine-tuned on the training arrangements (or loaded from the cache). Returns
-    ``(payload, provenance)``."""
+    ``(payload, provenance)``. Layers and ranks the model cannot have, and an architecture DAS
+    here cannot run on, are refused once the model is loaded, before any measurement."""
     from lib.core.models import load_model
-    from lib.core.params import parse_layers
 
     started = time.perf_counter()
     shipped_lm = load_model(model, device=ft_args["device"], dtype=ft_args["dtype"], seed=seed)
     parse_layers(layers_spec, shipped_lm.n_layers)   # a layer the model lacks: refused first
+    too_big = [r for r in ranks or [] if r > shipped_lm.d_model]
+    if too_big:
+        raise ParameterError(f"RANKS {too_big} exceed {model}'s width d_model = "
+                             f"{shipped_lm.d_model}; choose ranks from 1 to {shipped_lm.d_model}")
+    da.check_layer_start(shipped_lm)                  # GPT-2: refused before any measurement
     tokenization = {}
     for fmt in ar.FORMATS:
         try:
@@ -231,6 +236,16 @@ class Notebook:
         self.ranks = [int(r) for r in v["RANKS"]]
         self.parsed = {**v, "CAUSAL_MODELS": self.model_ids, "RANKS": self.ranks,
                        "SITES": self.sites}
+        for name, given in (("CAUSAL_MODELS", self.model_ids), ("RANKS", self.ranks),
+                            ("SITES", self.sites)):
+            if len(set(given)) != len(given):   # each would run twice
+                raise ParameterError(f"{name} names {given}: a value twice; name each once")
+        if v["GRAPH_ARRANGEMENTS"] == 1:
+            raise ParameterError("GRAPH_ARRANGEMENTS = 1: a graph needs two arrangements or "
+                                 "more (0 skips the graphs)")
+        if v["N_VAL"] + v["N_TEST"] >= len(ar.ARRANGEMENTS):   # before any model call
+            raise ParameterError(f"N_VAL + N_TEST = {v['N_VAL'] + v['N_TEST']} leaves no training "
+                                 f"arrangement of the {len(ar.ARRANGEMENTS)}; lower them")
         if v["GRAPH_ARRANGEMENTS"]:  # a graph needs a rotation trained at its layer: refused first
             check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"])
         self.ft_args = dict(fmt=v["FORMAT"], split_seed=v["SPLIT_SEED"], n_val=v["N_VAL"],
@@ -253,7 +268,7 @@ class Notebook:
         self.ft = io.load_or_compute(
             self.out_dir / "das_finetune.json", self.key_ft, force=v["FORCE"], check=FT_SCHEMA,
             compute=lambda: finetune(v["MODEL"], v["N_SHIPPED"], v["SHOTS"], v["LAYERS"],
-                                     self.ft_args, self.key_ft, v["SEED"]))
+                                     self.ft_args, self.key_ft, v["SEED"], self.ranks))
         self.lm = tuned(v["MODEL"], self.ft, self.ft_args)   # loads only when a result needs it
         self.split = self.ft["split"]
         self.tokens = ar.task_tokens(self.lm.tokenizer, v["FORMAT"])

@@ -59,7 +59,8 @@ class Notebook:
                              cache_dir=paths.resolve_dir(v["CACHE_DIR"], mlp_das.CACHE))
         self.das_args = dict(epochs=v["DAS_EPOCHS"], batch_size=v["DAS_BATCH"], lr=v["DAS_LR"],
                              seed=v["SEED"])
-        torch.set_num_threads(v["THREADS"])
+        if v["THREADS"]:   # 0 keeps the current count, as in every notebook
+            torch.set_num_threads(v["THREADS"])
         torch.manual_seed(v["SEED"])
         self.description = {"name": SLUG, "kind": "MLPs of the DAS tutorial, built or trained "
                             "here", "device": "cpu", "dtype": "float32",
