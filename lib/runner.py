@@ -212,6 +212,10 @@ def check_run(notebooks: list[Path], models: list[str], params: dict | None,
     :class:`lib.core.models.ModelNotFoundError`) naming the problem and the fix."""
     if not models:
         raise ParameterError("no model given; use e.g. --models smollm2-135m")
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and not epoch.strip().isdigit():   # every kernel would fail to start
+        raise ParameterError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds "
+                             "since 1970; set it to one (e.g. 1700000000) or unset it")
     for model in models:
         if not isinstance(model, str) or not model.strip():
             raise ParameterError(f"model name {model!r} is empty; use e.g. --models smollm2-135m")

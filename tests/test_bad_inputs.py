@@ -301,6 +301,35 @@ def test_09_refuses_before_the_shipped_accuracy_and_the_fine_tune(params, fragme
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_name_with_a_trailing_newline_is_refused(tmp_path, capsys):
+    expect_cli_error(tmp_path, capsys, ["05"], ["NAME=run\n"], "NAME", "plain file-name part")
+
+
+def test_a_gpu_this_machine_lacks_is_refused_before_any_kernel(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    expect_cli_error(tmp_path, capsys, ["05"], ["DEVICE=cuda:3"], "DEVICE", "not on this machine",
+                     "use auto")
+
+
+def test_a_malformed_source_date_epoch_is_refused_before_any_kernel(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "abc")
+    expect_cli_error(tmp_path, capsys, ["05"], [], "SOURCE_DATE_EPOCH='abc'", "unset it")
+
+
+def test_an_unwritable_model_cache_is_named(tmp_path, monkeypatch):
+    from lib.core import models
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setattr(models.paths, "MODEL_CACHE", blocker / "models")
+    with pytest.raises(OSError, match="CAUSAL_MODEL_CACHE"):
+        models._load_embedded("smollm2-135m")
+
+
 # --- through the library ---------------------------------------------------------------------
 
 def test_parameter_values_are_checked_inside_the_notebook_too():

@@ -280,12 +280,17 @@ def _load_embedded(name: str):
     if not marker.exists():
         from filelock import FileLock   # transformers' own dependency
 
-        paths.MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-        # one converter at a time (parallel test workers, two notebooks): the others wait for
-        # it, then load its copy instead of replacing the folder while it is being read
-        with FileLock(str(paths.MODEL_CACHE / f".{name}.lock")):
-            if not marker.exists():
-                convert_gguf(name, cache_dir)
+        try:
+            paths.MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+            # one converter at a time (parallel test workers, two notebooks): the others wait
+            # for it, then load its copy instead of replacing the folder while it is being read
+            with FileLock(str(paths.MODEL_CACHE / f".{name}.lock")):
+                if not marker.exists():
+                    convert_gguf(name, cache_dir)
+        except OSError as err:
+            raise OSError(f"the model cache {paths.MODEL_CACHE} (CAUSAL_MODEL_CACHE) cannot hold "
+                          f"the converted {name}: {err.strerror or err}; point "
+                          "CAUSAL_MODEL_CACHE at a writable folder, or unset it") from err
     # Caches written before conversion times were dropped still hold one: never pass it on.
     source = {k: v for k, v in json.loads(marker.read_text()).items() if k != "converted_in_s"}
     model, tokenizer, _ = _load_pretrained(str(cache_dir), torch.device("cpu"), {})

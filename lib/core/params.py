@@ -330,7 +330,7 @@ def _sites_rule(p: Param, value) -> None:
 
 
 def _name_rule(p: Param, value) -> None:
-    if not _NAME_RE.match(value) or ".." in value:
+    if not _NAME_RE.fullmatch(value) or ".." in value:   # fullmatch: no trailing newline
         raise _fail(p, value, "is not a plain file-name part (it could leave its folder)",
                     "use only letters, digits, '.', '_' and '-', not starting with '.' "
                     "and without '..' or '/'")
@@ -347,8 +347,18 @@ def _model_rule(p: Param, value) -> None:
 
 
 def _device_rule(p: Param, value) -> None:
-    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", value):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise _fail(p, value, "is not a device", "use auto, cpu, cuda, cuda:N or mps")
+    if value.startswith("cuda") or value == "mps":   # this machine runs the kernels
+        import torch
+
+        count = torch.cuda.device_count() if value.startswith("cuda") else \
+            int(torch.backends.mps.is_available())
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= count:
+            raise _fail(p, value, f"is not on this machine ({count} such device"
+                        f"{'' if count == 1 else 's'})", "use auto (the GPU when there is one, "
+                        "else the CPU) or cpu")
 
 
 def _dtype_rule(p: Param, value) -> None:
