@@ -18,7 +18,8 @@ TEMPLATES = [
     "While {A} and {B} were at the park, {C} threw the ball to",
     "Then, {A} and {B} had lunch at the cafe. {C} passed the salt to",
     "When {A} and {B} got to the office, {C} sent an email to",
-    "{A} and {B} went to the beach. {C} gave a towel to",
+    # a name never opens the sentence: " Paul" (with its space) must be a token of the prompt
+    "Later, {A} and {B} went to the beach. {C} gave a towel to",
     "Yesterday {A} and {B} visited the museum, and {C} showed a painting to",
     "At the school, {A} and {B} sat together. {C} lent a pencil to",
     "After the game, {A} and {B} walked home, and {C} told a story to",

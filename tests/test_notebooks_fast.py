@@ -37,7 +37,7 @@ FAST_PARAMETERS = {
     "05": {"TOKENS": ["M", "R"], "NAME": "fast"},
     "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
     # IOI names are several bytes: the metric reads each name's first byte (lib.studies.ioi.name_token)
-    "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 1, "N_RECEIVERS": 1},
+    "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 2, "N_RECEIVERS": 1},
     # no language model: the sizes of its MLPs' data and training runs
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
@@ -219,6 +219,10 @@ def check_07(ws, executed):
     assert data["n_pairs"] >= 50 and 0 <= data["accuracy"] <= 1
     assert len(data["to_logits"]) == 2 * 4 * 2                 # layers x heads x policies
     assert len(data["strongest"]) == 1 and data["to_queries"]
+    assert data["n_pairs_patched"] == 2 and data["provenance"]["inputs"]["ioi"]
+    for row in data["to_logits"] + data["to_queries"]:   # intervals over the patched pairs
+        assert row["ci_low"] - 1e-9 <= row["delta"] <= row["ci_high"] + 1e-9
+        assert 0 <= row["share_negative"] <= 1
     eap = json.loads((out / "path_patching_eap.json").read_text())
     assert len(eap["records"]) == 15                             # node-level edges, 2 layers
     figures(ws, *(f"path_patching_{n}" for n in

@@ -375,3 +375,20 @@ def test_ioi_prompt_set_schema_and_alignment(tmp_path):
     (tmp_path / "missing.json").write_text(json.dumps([{"base": "x"}]))
     with pytest.raises(ValueError, match="missing key"):
         ioi.load_ioi(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_every_ioi_answer_name_is_a_token_of_its_prompt_on_the_real_tokenizer():
+    """A name opening the sentence has no leading space, so " Paul" never occurred in the old
+    template 5's prompts: refused, naming the pair; the committed prompt set aligns whole."""
+    from lib.core.models import load_model
+    from lib.studies import ioi
+
+    lm = load_model("smollm2-135m")
+    pairs = ioi.load_ioi()
+    assert len(ioi.aligned_pairs(lm, pairs)) >= 55
+    opening = dict(pairs[0], base="Paul and Grace went to the beach. Grace gave a towel to",
+                   source="Anna and Sarah went to the beach. Alice gave a towel to",
+                   io="Paul", s="Grace")
+    with pytest.raises(ValueError, match="IOI pair 0: the io name 'Paul'"):
+        ioi.aligned_pairs(lm, [opening])

@@ -68,13 +68,22 @@ def aligned_pairs(lm, pairs: list[dict]) -> list[dict]:
     """Pairs whose base and source have the same token length, with token ids and the
     metric's token ids added (``first_diff``: the first position where they differ)."""
     out = []
-    for p in pairs:
+    for i, p in enumerate(pairs):
         b, s = lm.tokenize(p["base"]), lm.tokenize(p["source"])
         if b.shape != s.shape:
             continue
+        io_id, s_id = name_token(lm, p["io"]), name_token(lm, p["s"])
+        # the metric compares the names' tokens as the prompt spells them: a name opening a
+        # sentence has no leading space, so its answer token would never occur in the prompt
+        for role, tid in (("io", io_id), ("s", s_id)):
+            if tid not in b[0].tolist():
+                raise ValueError(
+                    f"IOI pair {i}: the {role} name {p[role]!r} (token {tid}, "
+                    f"{lm.tokenizer.decode([tid])!r}) is not a token of its base prompt "
+                    f"{p['base']!r}; write the prompt so that the name follows a space (e.g. "
+                    "not at the start), as scripts/make_ioi.py does")
         diff = torch.nonzero(b[0] != s[0]).flatten()
-        out.append({**p, "base_ids": b, "source_ids": s, "io_id": name_token(lm, p["io"]),
-                    "s_id": name_token(lm, p["s"]),
+        out.append({**p, "base_ids": b, "source_ids": s, "io_id": io_id, "s_id": s_id,
                     "first_diff": int(diff[0]) if len(diff) else b.shape[1] - 1})
     return out
 

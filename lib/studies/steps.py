@@ -213,7 +213,7 @@ def ioi_heads(lm, pairs: list[dict], n_patch: int, n_receivers: int, batch_size:
     clean = Engine(lm, [Context(pair["base_ids"]) for pair in pairs])
     lds = [float(ioi.logit_diff(clean.clean_readout(i), pair["io_id"], pair["s_id"]))
            for i, pair in enumerate(pairs)]
-    study = pp.ioi_head_study(lm, pairs[:n_patch], n_receivers, batch_size)
+    study = pp.ioi_head_study(lm, pairs[:n_patch or None], n_receivers, batch_size)  # 0: all
     result = {**study, "n_pairs": len(pairs), "n_pairs_patched": study["n_pairs"],
               "accuracy": sum(x > 0 for x in lds) / len(lds),
               "mean_logit_diff": sum(lds) / len(lds), "logit_diff": lds}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lib.core.engine import Context, Engine
+from lib.core.stats import bootstrap_ci
 from lib.studies.path_patching.edges import eap, edge_patch, node_edges
 from lib.studies.path_patching.nodes import FREEZE_POLICIES, all_heads, parse_node
 from lib.studies.path_patching.paths import path_patch
@@ -62,14 +63,15 @@ def _layer(name: str) -> int:
 def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
                    batch_size: int = 32, policies: Sequence[str] = FREEZE_POLICIES) -> dict:
     """Wang et al.'s path patching on IOI pairs (from :func:`lib.studies.ioi.aligned_pairs`): every
-    head -> logits under each freeze policy (mean change of the logit difference over pairs),
+    head -> logits under each freeze policy (mean change of the logit difference over pairs,
+    with its 95 % bootstrap interval over pairs and the share of pairs where it is negative),
     then every earlier head -> the queries of the ``receivers_of`` heads with the largest
     |change| under the first policy. Patches cover positions from the first one where base and
     source differ (exact: nothing earlier differs)."""
     from lib.studies.ioi import logit_diff
 
     heads = all_heads(lm)
-    sums: dict[tuple, float] = {}
+    per_pair: dict[tuple, list[float]] = {}   # each spec's change of the logit difference
     clean = []
 
     def run_specs(specs_for):
@@ -83,15 +85,23 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
             got = path_patch(lm, pair["base_ids"], pair["source_ids"],
                              [s for _, s in specs], ld, engine=engine)
             for (key, _), v in zip(specs, got.tolist()):
-                sums[key] = sums.get(key, 0.0) + (v - base_ld) / len(pairs)
+                per_pair.setdefault(key, []).append(v - base_ld)
             yield base_ld
+
+    def summary(key: tuple) -> dict[str, Any]:
+        """Mean change over pairs, its 95 % bootstrap interval (pairs resampled) and the
+        share of pairs where the change is negative."""
+        values = per_pair[key]
+        low, high = bootstrap_ci(values, seed=0)
+        return {"delta": sum(values) / len(values), "ci_low": low, "ci_high": high,
+                "share_negative": sum(v < 0 for v in values) / len(values)}
 
     clean = list(run_specs(lambda pos: [((h, f, "logits"), dict(senders=[h], freeze=f,
                                                                  positions=pos))
                                         for h in heads for f in policies]))
     to_logits: list[dict[str, Any]] = [  # JSON-ready rows
         {"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
-         "policy": f, "receiver": "logits", "delta": sums[(h, f, "logits")]}
+         "policy": f, "receiver": "logits", **summary((h, f, "logits"))}
         for h in heads for f in policies]
     first = [r for r in to_logits if r["policy"] == policies[0]]
     strongest = [r["sender"] for r in sorted(first, key=lambda r: -abs(r["delta"]))
@@ -103,8 +113,8 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
                                 if _layer(h) < _layer(r)
                                 for f in policies]))
     to_queries = [{"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
-                   "policy": f, "receiver": r, "delta": sums[(h, f, r)]}
-                  for r in receivers for h in heads for f in policies if (h, f, r) in sums]
+                   "policy": f, "receiver": r, **summary((h, f, r))}
+                  for r in receivers for h in heads for f in policies if (h, f, r) in per_pair]
     diffs = {}
     for f in policies[1:]:
         a = torch.tensor([r["delta"] for r in to_logits if r["policy"] == policies[0]])
