@@ -203,8 +203,9 @@ def capital_patches(lm, base_ids, source_ids, tokens: list[str], cum_positions: 
 
 
 def ioi_heads(lm, pairs: list[dict], n_patch: int, n_receivers: int, batch_size: int,
-              parameters: dict, seed: int):
-    """Notebook 07, part 3: clean IOI metrics over every pair, and head path patching."""
+              parameters: dict, seed: int, n_query: int = 0):
+    """Notebook 07, part 3: clean IOI metrics over every pair, and head path patching (head ->
+    logits on the first ``n_patch`` pairs, head -> queries on the first ``n_query``; 0: all)."""
     from lib.core.engine import Context, Engine
     from lib.studies import ioi
     from lib.studies import path_patching as pp
@@ -213,7 +214,9 @@ def ioi_heads(lm, pairs: list[dict], n_patch: int, n_receivers: int, batch_size:
     clean = Engine(lm, [Context(pair["base_ids"]) for pair in pairs])
     lds = [float(ioi.logit_diff(clean.clean_readout(i), pair["io_id"], pair["s_id"]))
            for i, pair in enumerate(pairs)]
-    study = pp.ioi_head_study(lm, pairs[:n_patch or None], n_receivers, batch_size)  # 0: all
+    # 0: all pairs
+    study = pp.ioi_head_study(lm, pairs[:n_patch or None], n_receivers, batch_size,
+                              query_pairs=n_query or None)
     result = {**study, "n_pairs": len(pairs), "n_pairs_patched": study["n_pairs"],
               "accuracy": sum(x > 0 for x in lds) / len(lds),
               "mean_logit_diff": sum(lds) / len(lds), "logit_diff": lds}

@@ -61,20 +61,23 @@ def _layer(name: str) -> int:
 
 
 def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
-                   batch_size: int = 32, policies: Sequence[str] = FREEZE_POLICIES) -> dict:
+                   batch_size: int = 32, policies: Sequence[str] = FREEZE_POLICIES,
+                   query_pairs: int | None = None) -> dict:
     """Wang et al.'s path patching on IOI pairs (from :func:`lib.studies.ioi.aligned_pairs`): every
     head -> logits under each freeze policy (mean change of the logit difference over pairs,
     with its 95 % bootstrap interval over pairs and the share of pairs where it is negative),
     then every earlier head -> the queries of the ``receivers_of`` heads with the largest
-    |change| under the first policy. Patches cover positions from the first one where base and
-    source differ (exact: nothing earlier differs)."""
+    |change| under the first policy, on the first ``query_pairs`` pairs (None: all; these cost
+    one sender -> receiver patch per earlier head, receiver and policy per pair). Patches cover
+    positions from the first one where base and source differ (exact: nothing earlier
+    differs)."""
     from lib.studies.ioi import logit_diff
 
     heads = all_heads(lm)
     per_pair: dict[tuple, list[float]] = {}   # each spec's change of the logit difference
     clean = []
 
-    def run_specs(specs_for):
+    def run_specs(specs_for, pairs=pairs):
         for pair in pairs:
             pos = tuple(range(pair["first_diff"], pair["base_ids"].shape[1]))
             specs = specs_for(pos)
@@ -107,11 +110,12 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
     strongest = [r["sender"] for r in sorted(first, key=lambda r: -abs(r["delta"]))
                  if r["layer"] > 0][:receivers_of]
     receivers = [f"{h}.q" for h in strongest]
+    query_set = list(pairs)[:query_pairs]
     list(run_specs(lambda pos: [((h, f, r), dict(senders=[h], receivers=[r], freeze=f,
                                                  positions=pos))
                                 for r in receivers for h in heads
                                 if _layer(h) < _layer(r)
-                                for f in policies]))
+                                for f in policies], query_set))
     to_queries = [{"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
                    "policy": f, "receiver": r, **summary((h, f, r))}
                   for r in receivers for h in heads for f in policies if (h, f, r) in per_pair]
@@ -121,7 +125,8 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
         b = torch.tensor([r["delta"] for r in to_logits if r["policy"] == f])
         diffs[f"{policies[0]}_vs_{f}"] = {"max_abs": float((a - b).abs().max()),
                                           "pearson": _corr(a, b)}
-    return {"n_pairs": len(pairs), "clean_logit_diff": clean, "to_logits": to_logits,
+    return {"n_pairs": len(pairs), "n_query_pairs": len(query_set),
+            "clean_logit_diff": clean, "to_logits": to_logits,
             "strongest": strongest, "to_queries": to_queries, "policy_difference": diffs}
 
 
