@@ -14,6 +14,9 @@ compared with the one tolerance below. Bitwise equality (``torch.equal``) is kep
 computation run twice (determinism, resume, files read back) and for values copied rather than
 computed (a no-op row that gets the clean readout, an unpatched position).
 
+:func:`damage` damages a stored tensor file one of the ways of :data:`DAMAGE` (tests of what is
+read back).
+
 Tiny models are module-scoped: building one takes about 10 ms, and a test module cannot leak a
 changed model into another. A test that changes its model (dtype, modules) loads its own.
 """
@@ -45,6 +48,40 @@ def assert_f32_close(actual, expected, msg: str | None = None) -> None:
     torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
                                torch.as_tensor(expected, dtype=torch.float64),
                                atol=F32_ATOL, rtol=F32_RTOL, msg=msg)
+
+
+#: the four ways :func:`damage` damages a stored tensor file
+DAMAGE = ("truncated", "nan", "shape", "key")
+
+
+def damage(path, how: str, name: str | None = None) -> None:
+    """Damage the tensor file at ``path`` one way: cut it in half, put a NaN into a tensor,
+    drop the last row of a tensor, or write it again under another parameters key (its
+    tensors untouched)."""
+    if how == "truncated":
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2])
+        return
+    from safetensors import safe_open
+
+    from lib.core.tensorfiles import read_header, save_tensors
+
+    config, meta, key = read_header(path)
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    name = name or sorted(tensors)[0]
+    t = tensors[name].clone()
+    if how == "nan":
+        t = t.float()
+        t.view(-1)[t.numel() // 2] = float("nan")
+    elif how == "shape":
+        t = t[:-1]
+    elif how == "key":
+        key = "0" * 16
+    else:
+        raise ValueError(how)
+    tensors[name] = t
+    save_tensors(path, tensors, config, meta, key=key)
 
 
 @pytest.fixture(scope="module", params=TINY_FLAVOURS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib.studies.das import arithmetic as ar
+from lib.studies.das import tuning as tu
 
 torch.set_num_threads(1)
 
@@ -145,7 +146,7 @@ def test_greedy_batches_prompts_of_one_length_as_they_would_run_alone(llama):
 
 def test_finetune_learns_and_the_cache_round_trips(tmp_path):
     kwargs = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, cache_dir=tmp_path)
-    lm, tokens, split, info = ar.tuned_model("tiny-random-llama", **kwargs)
+    lm, tokens, split, info = tu.tuned_model("tiny-random-llama", **kwargs)
     assert not info["cached"] and len(info["curve"]) == 3
     assert info["curve"][-1]["train_loss"] < info["curve"][0]["train_loss"]
     files = list(tmp_path.glob("*.safetensors"))
@@ -153,18 +154,18 @@ def test_finetune_learns_and_the_cache_round_trips(tmp_path):
     logits = ar.class_logits(lm, tokens.input_ids[:20])
     assert logits.shape == (20, 28)
     assert not any(p.requires_grad for p in lm.model.parameters())
-    lm2, _, _, info2 = ar.tuned_model("tiny-random-llama", **kwargs)
+    lm2, _, _, info2 = tu.tuned_model("tiny-random-llama", **kwargs)
     assert info2["cached"] and info2["test_accuracy"] == info["test_accuracy"]
     assert info2["weights_sha256"] == info["weights_sha256"] and len(info["weights_sha256"]) == 64
     assert torch.equal(ar.class_logits(lm2, tokens.input_ids[:20]), logits)
     # other settings: another file
-    ar.tuned_model("tiny-random-llama", **{**kwargs, "epochs": 1})
+    tu.tuned_model("tiny-random-llama", **{**kwargs, "epochs": 1})
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_lazy_tuned_model_loads_on_first_real_use(tmp_path):
     kwargs = dict(epochs=1, batch_size=64, lr=3e-3, seed=0, cache_dir=tmp_path)
-    lazy = ar.LazyTuned("tiny-random-llama", **kwargs)
+    lazy = tu.LazyTuned("tiny-random-llama", **kwargs)
     assert lazy.n_layers == 2 and lazy.tokenizer is not None and lazy.spec.family == "llama"
     assert not lazy.loaded and not list(tmp_path.glob("*.safetensors"))   # nothing trained
     tokens = ar.task_tokens(lazy.tokenizer, "padded")
@@ -172,25 +173,25 @@ def test_lazy_tuned_model_loads_on_first_real_use(tmp_path):
         logits = ar.class_logits(lazy, tokens.input_ids[:4])   # lazy.model: now it trains
     assert lazy.loaded and logits.shape == (4, 28)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    eager, _, _, info = ar.tuned_model("tiny-random-llama", **kwargs)
+    eager, _, _, info = tu.tuned_model("tiny-random-llama", **kwargs)
     assert torch.equal(ar.class_logits(eager, tokens.input_ids[:4]), logits)
     # the weights the stored results were computed with load; other weights are refused
-    same = ar.LazyTuned("tiny-random-llama", expected_sha256=info["weights_sha256"], **kwargs)
+    same = tu.LazyTuned("tiny-random-llama", expected_sha256=info["weights_sha256"], **kwargs)
     assert same.n_layers == 2 and same.model is not None and same.loaded
-    other = ar.LazyTuned("tiny-random-llama", expected_sha256="0" * 64, **kwargs)
+    other = tu.LazyTuned("tiny-random-llama", expected_sha256="0" * 64, **kwargs)
     with pytest.raises(ar.TaskError, match="not the ones the stored results"):
         _ = other.model
 
 
 def test_weights_fingerprint_sees_every_name_shape_and_bit():
     a = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
-    fp = ar.weights_fingerprint(a)
-    assert fp == ar.weights_fingerprint({"b": torch.zeros(3), "w": torch.ones(2, 3)})
+    fp = tu.weights_fingerprint(a)
+    assert fp == tu.weights_fingerprint({"b": torch.zeros(3), "w": torch.ones(2, 3)})
     bumped = a["w"].clone()
     bumped[1, 2] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
     for changed in ({**a, "w": bumped}, {**a, "w": torch.ones(3, 2)}, {"w2": a["w"], "b": a["b"]},
                     {**a, "b": torch.zeros(3, dtype=torch.float64)}):
-        assert ar.weights_fingerprint(changed) != fp
+        assert tu.weights_fingerprint(changed) != fp
 
 
 def test_notebook_09_parameters_are_checked_before_running():

@@ -211,3 +211,80 @@ def test_load_or_compute_reuses_a_current_result_and_computes_otherwise(tmp_path
 def test_digest_is_stable_and_order_free_for_mappings():
     assert io.digest({"a": 1, "b": [1, 2]}) == io.digest({"b": [1, 2], "a": 1})
     assert io.digest({"a": 1}) != io.digest({"a": 2}) and len(io.digest([])) == 64
+
+
+def test_concurrent_writers_of_one_tensor_file_never_collide(tmp_path):
+    """Each writer has its own temporary file (a fixed name made two writers replace or
+    remove each other's: 3 of 600 concurrent saves failed); the last rename wins, whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from lib.core.io import save_tensors
+
+    target = tmp_path / "t.safetensors"
+    tensors = {"w": torch.arange(4096.0)}
+
+    def save(i):
+        return save_tensors(target, tensors, {"i": i % 2})
+
+    with ThreadPoolExecutor(8) as pool:
+        assert len(list(pool.map(save, range(400)))) == 400
+    got, config, _ = load_tensors(target)
+    assert torch.equal(got["w"], tensors["w"]) and config["i"] in (0, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]   # no temporaries left
+
+
+def test_every_result_file_gets_the_same_mode_under_the_umask(tmp_path):
+    """JSON, tensors and figures: 0644 less the umask (temporary files are created 0600)."""
+    import pandas as pd
+    import torch
+    from plotnine import aes, geom_point, ggplot
+
+    from lib.plots import save_figure
+
+    old = os.umask(0o027)
+    try:
+        assert paths.file_mode() == 0o640
+        files = [io.write_json(tmp_path / "r.json", {"a": 1}),
+                 io.save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)}, {}),
+                 *save_figure(ggplot(pd.DataFrame({"x": [1], "y": [2]}), aes("x", "y"))
+                              + geom_point(), "f", graphs_dir=tmp_path)]
+    finally:
+        os.umask(old)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in files} == {oct(0o640)}
+    assert paths.file_mode() == 0o644 & ~old
+
+
+def test_tensor_files_carry_their_key_and_refuse_another(tmp_path):
+    import torch
+
+    from lib.core.tensorfiles import OtherParametersError, read_header
+
+    path = io.save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)}, {"c": 1},
+                           {"m": 2}, key="k1")
+    assert read_header(path) == ({"c": 1}, {"m": 2}, "k1")
+    assert load_tensors(path, key="k1")[1] == {"c": 1}
+    with pytest.raises(OtherParametersError, match=r"t.safetensors: .*key k1, this run's k2"):
+        load_tensors(path, key="k2")
+    io.save_tensors(path, {"w": torch.ones(2)}, {"c": 1})   # no key: an earlier version's file
+    with pytest.raises(OtherParametersError, match="names no parameters key"):
+        load_tensors(path, key="k1")
+    assert load_tensors(path, key="k1", unkeyed_ok=True)[1] == {"c": 1}   # a cache named by it
+
+
+def test_a_tensor_file_that_is_not_one_is_named(tmp_path):
+    path = tmp_path / "x.safetensors"
+    for raw in (b"", b"\x00" * 7, b"not a safetensors file at all", b"{" * 64):
+        path.write_bytes(raw)
+        with pytest.raises(io.TensorFileError, match=r"x.safetensors: cannot be read"):
+            load_tensors(path)
+
+
+def test_a_unit_holding_nan_is_set_aside(tmp_path):
+    store = io.UnitStore(tmp_path, {"k": 1})
+    store.put("u", {"x": float("nan")})   # written as null
+    assert store.get("u") == {"x": None}
+    (tmp_path / "u.json").write_text('{"params_key": "%s", "value": {"x": NaN}}' % store.key)
+    with pytest.warns(io.ResultFileWarning, match="u.json could not be read.*NaN"):
+        assert store.get("u") is None

@@ -235,6 +235,21 @@ def check_08(ws, executed):
     hand = json.loads((out / "hand_built.json").read_text())
     assert hand["factual_accuracy"] == 1.0 and hand["iia"] == {"independent": 1.0}
     assert len(list(out.glob("*.json"))) >= 3
+    # the equality study's rotations carry its result's key; its networks' cache files carry
+    # theirs and the checksum of the tensors their stored accuracy was measured on
+    from lib.core.tensorfiles import read_header, tensors_sha256
+
+    key = json.loads((out / "equality.json").read_text())["params_key"]
+    rotations = sorted((out / "rotations").glob("*.safetensors"))
+    assert rotations and {read_header(p)[2] for p in rotations} == {key}
+    nets = [p for p in sorted(ws["CACHE_DIR"].glob("*.safetensors"))
+            if not p.name.startswith(MODEL)]   # 09 caches its tuned weights there too
+    assert nets and all(read_header(p)[2] in p.name for p in nets)
+    from lib.core.io import load_tensors
+
+    for p in nets:
+        tensors, _, meta = load_tensors(p)
+        assert meta["weights_sha256"] == tensors_sha256(tensors)
 
 
 def check_09(ws, executed):
@@ -313,7 +328,7 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
     or trains the tuned model; (b) where a result must be computed and the cache holds other
     weights than the stored results name, the run stops with the fix and changes nothing;
     (c) FORCE=True fine-tunes again and recomputes every result, each naming the new weights."""
-    from lib.studies.das.arithmetic import weights_fingerprint
+    from lib.studies.das.tuning import weights_fingerprint
     from lib.core.io import load_tensors, same_apart_from_time, save_tensors
     from lib.runner import NotebookFailed
 
@@ -360,3 +375,40 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
     assert tuned == stored["das_finetune.json"]["weights_sha256"]
     for n in names:
         assert same_apart_from_time(json.loads((out / n).read_text()), stored[n]), n
+
+
+def test_09_trains_a_damaged_or_foreign_rotation_again_and_keeps_its_results(workspace):
+    """A NaN in a stored rotation, or a rotation of other parameters under a run's name (left by
+    an interrupted run with another DAS_LR in the same folder), is set aside with a warning
+    naming it and trained again, and what was computed from it (das_iia.json; das_graph.json
+    for a graph's rotation) is computed again: never reported beside the foreign file. Training
+    is repeatable, so every file keeps its bytes."""
+    from conftest import damage
+    from lib.core.io import same_apart_from_time
+    from lib.core.tensorfiles import read_header
+
+    nb = next(n for n in NOTEBOOKS if number(n) == "09")
+    out = workspace["FULL_COMPUTE_DIR"] / MODEL
+    if not (out / "das_iia.json").exists():
+        pytest.skip("notebook 09 did not run in this session (filtered out)")
+    rotations = out / "das_rotations"
+    files = sorted(rotations.glob("*.safetensors"))
+    keys = {read_header(p)[2] for p in files}
+    assert len(keys) == 1 and None not in keys   # every rotation carries its unit store's key
+    before = {p: p.read_bytes() for p in files}
+    names = ("das_iia.json", "das_graph.json")
+    stored = {n: json.loads((out / n).read_text()) for n in names}
+    damage(rotations / "M1_L1_k4_all.safetensors", "nan")      # a graph's rotation
+    damage(rotations / "M7_L0_k4_eq.safetensors", "key")
+    [again] = run_notebooks([nb], [MODEL], parameters_for(nb, workspace),
+                            runs_dir=workspace["runs"], timeout=300, progress=False)
+    text, _, errors = executed_outputs(again)
+    assert not errors
+    assert "M1_L1_k4_all.safetensors: holds NaN or infinite values" in text
+    assert "M7_L0_k4_eq.safetensors: was written with other parameters" in text
+    assert "M1_L1_k4_all: IIA" in text and "M1_L1_k4_all: 132 ordered pairs in" in text
+    assert {p: p.read_bytes() for p in files} == before
+    for n in names:
+        assert same_apart_from_time(json.loads((out / n).read_text()), stored[n]), n
+    assert sorted(p.name for p in rotations.glob("*.set-aside")) == [
+        "M1_L1_k4_all.safetensors.set-aside", "M7_L0_k4_eq.safetensors.set-aside"]

@@ -14,8 +14,11 @@ Every JSON the notebooks write goes through :func:`write_json`, which
 :func:`read_current` is the one "is the stored result current" check; a stored file that
 cannot be read is named, set aside (renamed to ``<name>.corrupt``) and treated as missing, so
 it is recomputed. :class:`UnitStore` keeps finished units of a long computation (one JSON each,
-also atomic) so that a rerun resumes where an interrupted one stopped. :func:`slug` is the one
-file-system name of a model.
+also atomic) so that a rerun resumes where an interrupted one stopped; a unit of other
+parameters counts as missing, and one its reader's check refuses is set aside. :func:`slug` is
+the one file-system name of a model. Tensor files (safetensors with the key of the parameters
+that made them, read back checked) are :mod:`lib.core.tensorfiles`; :func:`save_tensors` and
+:func:`load_tensors` are importable from here too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from lib.core import paths
+# tensor files live in their own module; their names stay importable from here
+from lib.core.tensorfiles import (HEADER_KEY, TIMING_KEYS, OtherParametersError,  # noqa: F401
+                                  TensorFileError, load_tensors, save_tensors, tensors_sha256)
 
 
 class ResultFileWarning(UserWarning):
@@ -109,7 +115,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.chmod(tmp, paths.file_mode())  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -167,10 +173,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-TIMING_KEYS = ("converted_in_s", "elapsed_s", "seconds", "wall_s", "seconds_per_step")
-HEADER_KEY = "causal_interventions"   # the one safetensors metadata key of lib.core.io.save_tensors
 
 
 def provenance(lm=None, parameters: dict | None = None, seed: int | None = None) -> dict:
@@ -371,6 +373,12 @@ def params_key(params: dict) -> str:
     return digest(params)[:16]
 
 
+def _no_constant(name: str):
+    """``json.loads``' hook for NaN and Infinity, which this repository never writes (they
+    are stored as null): a file holding one was not written here."""
+    raise ValueError(f"holds {name}, which no unit is written with")
+
+
 class UnitStore:
     """Finished units of one computation, one atomic JSON file each, keyed by name.
 
@@ -390,73 +398,36 @@ class UnitStore:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         return self.folder / f"{safe}.json"
 
-    def get(self, name: str) -> Any | None:
+    def get(self, name: str, check: Callable[[Any], Any] | None = None) -> Any | None:
         """The stored unit, or None when it is missing, of other parameters or forced. A unit
-        file that cannot be read (truncated, not a unit) is set aside with a warning naming
-        it, and counts as missing."""
+        file that cannot be read (truncated, not a unit, a NaN or infinity written into it:
+        units store those as null) or whose value fails ``check`` (the reader's own check of
+        its shape and range, raising ValueError) is set aside with a warning naming it, and
+        counts as missing."""
         path = self._path(name)
         if self.force or not path.exists():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
             if not isinstance(data, dict) or "params_key" not in data or "value" not in data:
                 raise ValueError("not a unit file (needs 'params_key' and 'value')")
-        except (ValueError, UnicodeDecodeError) as err:
+            if data.get("params_key") != self.key:
+                return None
+            if check is not None:
+                check(data["value"])
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
             set_aside(path, str(err)[:200])
             return None
-        return data["value"] if data.get("params_key") == self.key else None
+        return data["value"]
 
     def put(self, name: str, value: Any) -> Any:
         atomic_write_text(self._path(name), dumps({"params_key": self.key, "value": value}))
         return value
 
-    def get_or_compute(self, name: str, compute) -> Any:
-        """Return the stored unit, or compute, store and return it."""
-        found = self.get(name)
+    def get_or_compute(self, name: str, compute, check: Callable[[Any], Any] | None = None) -> Any:
+        """Return the stored unit (:meth:`get`, with ``check``), or compute, store and return
+        it."""
+        found = self.get(name, check)
         if found is not None:
             return found
         return self.put(name, _clean(compute()))
-
-
-def save_tensors(path: str | os.PathLike, tensors: dict, config: dict,
-                 metadata: dict | None = None) -> Path:
-    """Tensors as safetensors (never pickles), written atomically; ``config`` and ``metadata``
-    go in the header as one canonical JSON string, and timings (:data:`TIMING_KEYS`) are left
-    out, so the same tensors give the same bytes. (safetensors keeps its header metadata in a
-    hash map: with two keys, their order, and so the file's bytes, changed from run to run.)"""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {k: v for k, v in (metadata or {}).items() if k not in TIMING_KEYS}
-    header = {HEADER_KEY: json.dumps({"config": config, "metadata": metadata}, sort_keys=True,
-                                     default=str)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dict, dict]:
-    """``(tensors, config, metadata)`` of a file written by :func:`save_tensors`; a clear
-    error naming the file when it is missing or has no config."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; train and save the {what} first")
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    if HEADER_KEY in header:
-        both = json.loads(header[HEADER_KEY])
-        return tensors, both["config"], both.get("metadata", {})
-    if "config" not in header:  # files of earlier versions keep the two as separate keys
-        raise ValueError(f"{path} has no config in its header: not a {what} saved by this "
-                         "repository; train and save it again")
-    return tensors, json.loads(header["config"]), json.loads(header.get("metadata", "{}"))

@@ -30,3 +30,18 @@ def resolve_dir(value: str | os.PathLike | None, default: Path) -> Path:
         return default
     path = Path(value)
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def file_mode() -> int:
+    """The mode of a new result file (JSON, tensors, figures): 0644 less this process's umask,
+    what ``open()`` would give a plain file meant to be shared (temporary files are created
+    0600, so each writer sets this before its rename)."""
+    try:   # Linux names the umask without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o644 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o644 & ~mask

@@ -46,7 +46,8 @@ def save_figure(fig, name: str, model_slug: str | None = None,
                 fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight", metadata=meta)
             if target.exists() and filecmp.cmp(tmp, target, shallow=False):
                 Path(tmp).unlink()   # same bytes: the file (and git status) stays untouched
-            else:
+            else:   # mkstemp creates 0600: the mode of every other result file
+                os.chmod(tmp, paths.file_mode())
                 os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

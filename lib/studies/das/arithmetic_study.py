@@ -11,12 +11,13 @@ unit store is read, and only the others are trained. The building blocks live in
 
 Fine-tuning from the same parameters on another kind of CPU rounds differently, so every result
 after the fine-tune names the tuned weights' fingerprint (``TUNED_WEIGHTS_SHA256`` in its key;
-:func:`weights_key`), and :class:`lib.studies.das.arithmetic.LazyTuned` refuses other weights.
+:func:`weights_key`), and :class:`lib.studies.das.tuning.LazyTuned` refuses other weights.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ import torch
 
 from lib.core import io, paths
 from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
+from lib.core.tensorfiles import TensorFileError, set_aside
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
+from lib.studies.das import tuning as tu
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
 # each result's key: the parameters its numbers depend on (the DAS and graph keys add the tuned
@@ -74,7 +77,7 @@ def finetune(model: str, n_shipped: int, shots: int, layers_spec: str, ft_args: 
     del shipped_lm
     print(f"shipped accuracy measured in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    lm, _, split, info = ar.tuned_model(model, progress=True, **ft_args)
+    lm, _, split, info = tu.tuned_model(model, progress=True, **ft_args)
     print(f"tuned model ready in {time.perf_counter() - started:.0f} s "
           f"({'from the cache' if info['cached'] else 'trained'})")
     if "seconds_per_step" in info:
@@ -91,10 +94,10 @@ def finetune(model: str, n_shipped: int, shots: int, layers_spec: str, ft_args: 
     return payload, io.provenance(lm, key, seed)
 
 
-def tuned(model: str, ft: dict, ft_args: dict) -> ar.LazyTuned:
+def tuned(model: str, ft: dict, ft_args: dict) -> tu.LazyTuned:
     """The tuned model of a fine-tune result, loaded (from the cache, or trained) only when a
     run, check or graph needs it, and refused unless its weights are the ones ``ft`` names."""
-    return ar.LazyTuned(model, expected_sha256=ft.get("weights_sha256"),
+    return tu.LazyTuned(model, expected_sha256=ft.get("weights_sha256"),
                         **{**ft_args, "force": False})
 
 
@@ -104,18 +107,56 @@ def weights_key(ft: dict) -> dict:
     return {"TUNED_WEIGHTS_SHA256": ft["weights_sha256"]} if "weights_sha256" in ft else {}
 
 
+def check_run(res: Any) -> None:
+    """A DAS run's stored result (a unit) as :func:`das_runs` reads it: its IIAs are numbers in
+    [0, 1] (a NaN is stored as null); raises ValueError otherwise."""
+    if not isinstance(res, dict):
+        raise ValueError(f"a DAS run is a JSON object, got {type(res).__name__}")
+    for k in ("model", "layer", "rank", "site", "iia", "control_iia"):
+        if k not in res:
+            raise ValueError(f"a DAS run needs {k!r}")
+    for k in ("iia", "control_iia"):
+        if isinstance(res[k], bool) or not isinstance(res[k], (int, float)) \
+                or not 0 <= res[k] <= 1:
+            raise ValueError(f"{k} must be a number in [0, 1], got {res[k]!r}")
+
+
+def stored_rotation(path: Path, key: str, name: str, d_model: int, rank: int,
+                    positions) -> da.AtPositions | None:
+    """The rotation of run ``name`` stored at ``path`` for a stored result of that run, or
+    None when it must be trained again: missing, or (set aside with a warning naming it,
+    :func:`lib.core.tensorfiles.set_aside`) unreadable, not finite, of another shape, not orthonormal,
+    of another run, or written with other parameters than ``key`` (the DAS unit store's key,
+    the one the stored result was computed under)."""
+    if not path.exists():
+        return None
+    try:
+        inner, meta = das.load_intervention(path, key=key, expect={"kind": "low_rank",
+                                                                   "d": d_model, "rank": rank})
+        if meta.get("unit", name) != name:
+            raise TensorFileError(path, f"holds the rotation of run {meta['unit']}, not "
+                                     f"of {name}")
+    except TensorFileError as err:
+        set_aside(err, "training it again")
+        return None
+    return da.AtPositions(inner, positions)
+
+
 def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
              site_positions: dict, states, train_models: dict, test_pairs: dict,
              stored: dict | None, units: io.UnitStore, rotations_dir: Path, n_train: int,
              epochs: int, batch_size: int, lr: float, semantics: str, seed: int):
     """Every DAS run of the grid (causal model x layer x rank x site): read from a current
-    ``das_iia.json`` (``stored``) or the unit store when its rotation file is there, else
-    trained on the training arrangements, evaluated on the test arrangements, its rotation
-    saved and its result stored as a unit. Returns ``(runs, modules)``; ``modules`` maps each
-    run's name to ``(model, layer, rank, site, module)``."""
+    ``das_iia.json`` (``stored``) or the unit store when its rotation file is there and
+    carries the unit store's key (:func:`stored_rotation`), else trained on the training
+    arrangements, evaluated on the test arrangements, its rotation saved with that key and its
+    result stored as a unit. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
+    name to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained here,
+    whose results then replace any stored ones (what was computed from their old rotations,
+    checks and graphs, is computed again)."""
     stored_runs = {da.run_name(r["model"], r["layer"], r["rank"], r["site"]): r
                    for r in (stored or {}).get("runs", [])}
-    runs, modules = [], {}
+    runs, modules, trained = [], {}, set()
     for m in model_ids:
         train_pairs = ar.counterfactual_pairs(train_models[m], n_train, seed * 1000 + 10 + m,
                                               semantics)
@@ -124,25 +165,26 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
                 for site, positions in site_positions.items():
                     name = da.run_name(m, layer, rank, site)
                     rot_path = Path(rotations_dir) / f"{name}.safetensors"
-                    res = stored_runs.get(name) or units.get(name)
-                    if res is not None and rot_path.exists():
-                        inner, _ = das.load_intervention(rot_path)
-                        module = da.AtPositions(inner, positions)
-                    else:
+                    res = stored_runs.get(name) or units.get(name, check_run)
+                    module = None if res is None else stored_rotation(
+                        rot_path, units.key, name, lm.d_model, rank, positions)
+                    if module is None:
                         t0 = time.perf_counter()
                         module, res = da.das_run(lm, layer, rank, states[layer], train_pairs,
                                                  test_pairs[m], positions, epochs, batch_size,
                                                  lr, seed)
                         sec = [row.pop("seconds") for row in res["curve"]]
                         res = {"model": m, "site": site, **res}
-                        das.save_intervention(module.inner, rot_path, {"unit": name})
+                        das.save_intervention(module.inner, rot_path, {"unit": name},
+                                              key=units.key)
                         units.put(name, res)
+                        trained.add(name)
                         print(f"{name}: IIA {res['iia']:.3f} (control {res['control_iia']:.3f}), "
                               f"{res['steps']} steps, {sum(sec) / res['steps']:.2f} s per step, "
                               f"{time.perf_counter() - t0:.0f} s")
                     runs.append(res)
                     modules[name] = (m, layer, rank, site, module)
-    return runs, modules
+    return runs, modules, trained
 
 
 def checks(lm, tokens: ar.TaskTokens, runs: list[dict], modules: dict, states,
@@ -173,21 +215,40 @@ def checks(lm, tokens: ar.TaskTokens, runs: list[dict], modules: dict, states,
     return payload, io.provenance(lm, key, seed)
 
 
+def graph_check(n: int):
+    """The check of a graph's stored predictions (a unit, or a tensor read back): an n x n
+    table of predicted classes (0 .. N_CLASSES - 1), -1 on the diagonal only; raises
+    ValueError otherwise."""
+    def check(pred: Any) -> None:
+        t = pred if isinstance(pred, torch.Tensor) else torch.tensor(pred)
+        if t.is_floating_point() or tuple(t.shape) != (n, n):
+            raise ValueError(f"expected a {n} x {n} table of classes, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        t = t.long()
+        off = ~torch.eye(n, dtype=torch.bool)
+        if not bool((t.diagonal() == -1).all()) or bool((t[off] < 0).any()) \
+                or bool((t >= ar.N_CLASSES).any()):
+            raise ValueError(f"predicted classes must lie in 0..{ar.N_CLASSES - 1}, with -1 "
+                             "on the diagonal only")
+    return check
+
+
 def graphs(lm, modules: dict, states, n_arrangements: int, rank: int, site: str,
            graph_layers: list[int], units: io.UnitStore, predictions_path: Path, key: dict,
-           seed: int):
+           seed: int, fresh: Collection[str] = ()):
     """Pairwise-IIA graphs on ``n_arrangements`` arrangements (the first of a seeded
     permutation) for the rotations of ``rank`` and ``site`` at ``graph_layers``: every ordered
     pair's predicted class (one unit per graph, so an interrupted run resumes; all stored in
-    ``predictions_path``), the edge weights against each causal model, their summary and
-    node-resampled intervals. Returns ``(payload, provenance)``."""
+    ``predictions_path`` with the graph key), the edge weights against each causal model, their
+    summary and node-resampled intervals. A stored graph of a run in ``fresh`` (its rotation
+    trained in this process) is computed again. Returns ``(payload, provenance)``."""
     perm = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))
     pool = sorted(perm[:n_arrangements].tolist()) if n_arrangements < 1000 else list(range(1000))
     summaries, predictions = [], {}
     for name, (m, layer, r, s, module) in modules.items():
         if r != rank or s != site or layer not in graph_layers:
             continue
-        stored_pred = units.get(name)
+        stored_pred = None if name in fresh else units.get(name, graph_check(len(pool)))
         if stored_pred is None:
             t0 = time.perf_counter()
             pred = da.pair_predictions(lm, layer, module, states[layer], pool, progress=True)
@@ -210,8 +271,34 @@ def graphs(lm, modules: dict, states, n_arrangements: int, rank: int, site: str,
     # every ordered pair's predicted class (rows: base, columns: source, -1 on the diagonal),
     # so the graphs can be read again against any causal model's labels
     io.save_tensors(predictions_path, predictions,
-                    {"params_key": io.params_key(key), "arrangements": pool})
+                    {"params_key": io.params_key(key), "arrangements": pool},
+                    key=io.params_key(key))
     return payload, io.provenance(lm, key, seed)
+
+
+def graph_predictions(folder: Path, graph_result: dict) -> dict[str, torch.Tensor]:
+    """The stored predictions of ``graph_result`` (a ``das_graph.json``), one n x n table per
+    graph (rows: base, columns: source; -1 on the diagonal), read back from the file it names
+    in ``folder`` and checked: written with the result's key, for its arrangements, one table
+    per graph, each of predicted classes. Else a :class:`lib.core.tensorfiles.TensorFileError`
+    naming the file."""
+    path = Path(folder) / graph_result["predictions_file"]
+    fix = "rerun notebook 09 with FORCE=True to compute the graphs again"
+    n = len(graph_result["arrangements"])
+    names = [da.run_name(g["model"], g["layer"], g["rank"], g["site"])
+             for g in graph_result["graphs"]]
+    tensors, config, _ = io.load_tensors(path, "graph predictions",
+                                         key=graph_result["params_key"], fix=fix,
+                                         shapes={name: (n, n) for name in names})
+    if config.get("arrangements") != graph_result["arrangements"]:
+        raise TensorFileError(path, "holds predictions on other arrangements than "
+                              "das_graph.json's", fix)
+    for name, t in tensors.items():
+        try:
+            graph_check(n)(t)
+        except ValueError as err:
+            raise TensorFileError(path, f"{name}: {err}", fix) from err
+    return tensors
 
 
 class Notebook:
@@ -257,6 +344,7 @@ class Notebook:
         self.key_ft = {k: self.parsed[k] for k in FT_KEY}
         self.ft: dict | None = None
         self.runs: list[dict] | None = None
+        self.trained: set[str] = set()   # runs trained here: what is stored of them is redone
 
     def _key(self, *names: str) -> dict:
         assert self.ft is not None
@@ -298,7 +386,7 @@ class Notebook:
                            for m in eval_ids}
         stored = io.read_current(self.out_dir / "das_iia.json", self.key_das, v["FORCE"],
                                  check=DAS_SCHEMA)
-        self.runs, self.modules = das_runs(
+        self.runs, self.modules, self.trained = das_runs(
             lm, self.model_ids, self.layers, self.ranks, self.site_positions, self.states,
             ar.causal_models(self.split["train"]), self.test_pairs, stored,
             io.UnitStore(self.out_dir / "das_units", self.key_unit, v["FORCE"]),
@@ -311,8 +399,11 @@ class Notebook:
         if self.runs is None:
             self.das()
         v = self.values
+        # a run trained here replaces its stored result: the file is written again (the same
+        # bytes when training gave the same rotation)
         return io.load_or_compute(
-            self.out_dir / "das_iia.json", self.key_das, force=v["FORCE"], check=DAS_SCHEMA,
+            self.out_dir / "das_iia.json", self.key_das, force=v["FORCE"] or bool(self.trained),
+            check=DAS_SCHEMA,
             compute=lambda: checks(self.lm, self.tokens, self.runs or [], self.modules,
                                    self.states, self.test_pairs, self.grid_ids, self.layers,
                                    self.ranks, self.site_positions, len(self.split["test"]),
@@ -330,16 +421,21 @@ class Notebook:
         units = io.UnitStore(self.out_dir / "das_units" / "graphs",
                              {**self.key_unit, "GRAPH_ARRANGEMENTS": v["GRAPH_ARRANGEMENTS"]},
                              v["FORCE"])
+        # a graph of a run trained here is computed again (the file keeps its bytes when
+        # training gave the same rotation)
+        redo = {n for n, (_, layer, r, s, _) in self.modules.items() if n in self.trained
+                and r == self.ranks[0] and s == self.sites[0] and layer in (self.graph_layers or [])}
         return io.load_or_compute(
-            self.out_dir / "das_graph.json", key, force=v["FORCE"], check=GRAPH_SCHEMA,
+            self.out_dir / "das_graph.json", key, force=v["FORCE"] or bool(redo),
+            check=GRAPH_SCHEMA,
             compute=lambda: graphs(self.lm, self.modules, self.states, v["GRAPH_ARRANGEMENTS"],
                                    self.ranks[0], self.sites[0], self.graph_layers or [], units,
                                    self.out_dir / "das_graph_predictions.safetensors", key,
-                                   v["SEED"]))
+                                   v["SEED"], redo))
 
     def model_used(self) -> bool:
         """Whether the tuned model was loaded (False when every result was stored and current)."""
-        return self.ft is not None and not (isinstance(self.lm, ar.LazyTuned)
+        return self.ft is not None and not (isinstance(self.lm, tu.LazyTuned)
                                             and not self.lm.loaded)
 
 

@@ -241,18 +241,30 @@ def interchange_data(net: MLP, layer: int, dataset: CounterfactualDataset) -> In
     return InterchangeData(base, sources, dataset.masks, dataset.labels)
 
 
-def save_mlp(net: MLP, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Weights as safetensors (atomic), config and ``metadata`` in the header."""
+def save_mlp(net: MLP, path: str | os.PathLike, metadata: dict | None = None,
+             key: str | None = None) -> Path:
+    """Weights as safetensors (atomic), config, ``metadata`` and ``key`` (the parameters key
+    of what trained it) in the header."""
     from lib.core.io import save_tensors
 
-    return save_tensors(path, net.state_dict(), net.config(), metadata)
+    return save_tensors(path, net.state_dict(), net.config(), metadata, key=key)
 
 
-def load_mlp(path: str | os.PathLike) -> tuple[MLP, dict]:
+def load_mlp(path: str | os.PathLike, key: str | None = None,
+             unkeyed_ok: bool = False) -> tuple[MLP, dict]:
+    """The network saved by :func:`save_mlp`, frozen, and its metadata; checked: readable,
+    finite, the tensors and shapes of its config's network and (``key``) written with that
+    parameters key (or none, if ``unkeyed_ok``: a cache named by its key). Else a
+    :class:`lib.core.tensorfiles.TensorFileError` naming the file."""
     from lib.core.io import load_tensors
+    from lib.core.tensorfiles import TensorFileError, check_shapes
 
-    state, config, metadata = load_tensors(path, "MLP")
-    net = MLP(**config)
+    state, config, metadata = load_tensors(path, "MLP", key=key, unkeyed_ok=unkeyed_ok)
+    try:
+        net = MLP(**config)
+    except (TypeError, ValueError) as err:
+        raise TensorFileError(path, f"its config {config} builds no MLP ({err})") from err
+    check_shapes(path, state, {k: tuple(v.shape) for k, v in net.state_dict().items()}, "MLP")
     net.load_state_dict(state)
     for p in net.parameters():
         p.requires_grad_(False)

@@ -20,18 +20,28 @@ from lib.studies import das
 from lib.core import paths
 from lib.studies.das.causal_model import CausalModel, CounterfactualDataset, encode
 from lib.core.io import params_key
+from lib.core.tensorfiles import TensorFileError, set_aside, tensors_sha256
 from lib.studies.das.mlp import MLP, accuracy, interchange_data, load_mlp, save_mlp, train_mlps
 
 CACHE = paths.REPO_ROOT / ".cache" / "das_mlp"
+
+
+def network_spec(model: CausalModel, n_train: int, n_test: int, epochs: int, batch_size: int,
+                 lr: float, seed: int, h_dim: int = 16, n_layers: int = 3,
+                 init: str = "torch") -> dict:
+    """Everything that determines the network :func:`task_network` trains: its cache file is
+    named by, and carries, this spec's key."""
+    return {"task": model.name, "n_train": n_train, "n_test": n_test, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "h_dim": h_dim,
+            "n_layers": n_layers, "init": init, "version": 2}
 
 
 def network_path(model: CausalModel, n_train: int, n_test: int, epochs: int, batch_size: int,
                  lr: float, seed: int, h_dim: int = 16, n_layers: int = 3,
                  cache_dir: Path = CACHE, init: str = "torch") -> Path:
     """Where :func:`task_network` caches the network trained with these settings."""
-    spec = {"task": model.name, "n_train": n_train, "n_test": n_test, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "seed": seed, "h_dim": h_dim,
-            "n_layers": n_layers, "init": init, "version": 2}
+    spec = network_spec(model, n_train, n_test, epochs, batch_size, lr, seed, h_dim, n_layers,
+                        init)
     return Path(cache_dir) / f"{model.name}-{params_key(spec)}.safetensors"
 
 
@@ -52,44 +62,77 @@ def task_network(model: CausalModel, n_train: int, n_test: int, epochs: int, bat
                          n_layers, cache_dir, force, init)[0]
 
 
+def _test_set(model: CausalModel, n_test: int, seed: int):
+    setting, labels = model.factual_dataset(n_test, seed=seed * 1000 + 2)
+    return encode(setting, model.inputs), labels
+
+
+def _measured(net: MLP, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """What a network's info reports about its test set, measured now."""
+    return {"test_accuracy": accuracy(net, x_test, y_test),
+            "test_label_counts": torch.bincount(y_test, minlength=2).tolist()}
+
+
+def cached_network(path: Path, key: str, model: CausalModel, n_test: int,
+                   seed: int) -> tuple[MLP, dict] | None:
+    """The network cached at ``path`` and its info, or None when it must be trained again: a
+    file that is unreadable, not finite, of other shapes than its config's network or written
+    with another spec (``key``; a file without one is named by it) is set aside with a
+    warning. Its stored test accuracy is reported only when the tensors match the checksum
+    stored with it; else (files written before checksums, or changed since) it is measured
+    again on the test set."""
+    try:
+        net, meta = load_mlp(path, key=key, unkeyed_ok=True)
+    except TensorFileError as err:
+        set_aside(err, "training it again")
+        return None
+    if meta.pop("weights_sha256", None) != tensors_sha256(net.state_dict()):
+        meta.update(_measured(net, *_test_set(model, n_test, seed)))
+    return net, {**meta, "cached": True}
+
+
 def task_networks(model: CausalModel, seeds: list[int], n_train: int, n_test: int, epochs: int,
                   batch_size: int, lr: float, h_dim: int = 16, n_layers: int = 3,
                   cache_dir: Path | None = CACHE, force: bool = False, init: str = "torch",
                   group: int = 16) -> list[tuple[MLP, dict]]:
-    """:func:`task_network` for each of ``seeds``. The ones not cached are trained ``group`` at
-    a time by :func:`lib.studies.das.mlp.train_mlps`, which gives every network the weights it would get
-    alone (so a network is the same whichever call trained it, and one cache serves both)."""
+    """:func:`task_network` for each of ``seeds``. The ones not cached (:func:`cached_network`)
+    are trained ``group`` at a time by :func:`lib.studies.das.mlp.train_mlps`, which gives every
+    network the weights it would get alone (so a network is the same whichever call trained
+    it, and one cache serves both)."""
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
     out: dict[int, tuple[MLP, dict]] = {}
     todo = []
     for seed in dict.fromkeys(int(s) for s in seeds):
+        key = params_key(network_spec(model, n_train, n_test, epochs, batch_size, lr, seed,
+                                      h_dim, n_layers, init))
         path = (network_path(model, n_train, n_test, epochs, batch_size, lr, seed, h_dim,
                              n_layers, cache_dir, init) if cache_dir else None)
-        if path is not None and path.exists() and not force:
-            net, meta = load_mlp(path)
-            out[seed] = (net, {**meta, "cached": True})
+        found = cached_network(path, key, model, n_test, seed) \
+            if path is not None and path.exists() and not force else None
+        if found is not None:
+            out[seed] = found
         else:
-            todo.append((seed, path))
+            todo.append((seed, path, key))
     for first in range(0, len(todo), group):
         chunk = todo[first:first + group]
         nets, xs, ys, tests = [], [], [], []
-        for seed, _ in chunk:
-            test_setting, y_test = model.factual_dataset(n_test, seed=seed * 1000 + 2)
+        for seed, _, _ in chunk:
+            tests.append(_test_set(model, n_test, seed))
             x, y = model.factual_dataset(n_train, seed=seed * 1000 + 1)
             xs.append(encode(x, model.inputs))
             ys.append(y)
-            tests.append((encode(test_setting, model.inputs), y_test))
             nets.append(MLP(d_in=xs[-1].shape[1], h_dim=h_dim, n_layers=n_layers, seed=seed,
                             init=init))
-        curves = train_mlps(nets, xs, ys, epochs, batch_size, lr, [s for s, _ in chunk], tests)
+        curves = train_mlps(nets, xs, ys, epochs, batch_size, lr, [s for s, _, _ in chunk],
+                            tests)
         del xs, ys
-        for (seed, path), net, curve, (x_test, y_test) in zip(chunk, nets, curves, tests):
-            info = {"curve": curve, "test_accuracy": accuracy(net, x_test, y_test),
-                    "n_train": n_train, "n_test": n_test,
-                    "test_label_counts": torch.bincount(y_test, minlength=2).tolist()}
-            if path is not None:
-                save_mlp(net, path, info)
+        for (seed, path, key), net, curve, (x_test, y_test) in zip(chunk, nets, curves, tests):
+            info = {"curve": curve, **_measured(net, x_test, y_test), "n_train": n_train,
+                    "n_test": n_test}
+            if path is not None:   # the accuracy is stored with the checksum it belongs to
+                save_mlp(net, path, {**info, "weights_sha256": tensors_sha256(net.state_dict())},
+                         key=key)
             out[seed] = (net, {**info, "cached": False})
     return [out[int(s)] for s in seeds]
 

@@ -84,7 +84,7 @@ class Notebook:
         return self._result("equality", "equality", lambda: equality(
             self.semantics, self.layers, self.mlp_args, self.das_args, v["N_NETWORKS"],
             v["SELECT_N_TRAIN"], v["DAS_N_TRAIN"], v["DAS_N_TEST"], v["SWEEP_N_TRAIN"],
-            v["SEED"], self.out_dir / "rotations"))
+            v["SEED"], self.out_dir / "rotations", params_key(self.keys["equality"])))
 
     def abab(self) -> dict | None:
         """``None`` when the ABAB parameter is off."""
@@ -142,10 +142,12 @@ def hand_built(n_factual: int, n_cf: int, semantics: list[str], seed: int) -> di
 
 def equality(semantics: list[str], layers: list[int], mlp_args: dict, das_args: dict,
              n_networks: int, select_n_train: int, das_n_train: int, das_n_test: int,
-             sweep_n_train: int, seed: int, rotations_dir: Path) -> dict:
+             sweep_n_train: int, seed: int, rotations_dir: Path,
+             rotations_key: str | None = None) -> dict:
     """Section 2: ``n_networks`` equality networks trained alike; DAS at layer 0 on each picks
     the one it aligns best on validation counterfactuals; on that one, the layer-0 runs at the
-    full budget per semantics (rotations saved) and the per-layer sweep."""
+    full budget per semantics (rotations saved with ``rotations_key``, the result's key) and
+    the per-layer sweep."""
     model4 = hierarchical_equality(object_dim=4)
     seeds = list(range(seed, seed + n_networks))
     networks = mlp_das.task_networks(model4, seeds,
@@ -176,7 +178,8 @@ def equality(semantics: list[str], layers: list[int], mlp_args: dict, das_args: 
               f"{res.pop('seconds_per_epoch'):.2f} s per epoch")
         result["main"][sem] = res
         das.save_intervention(module, Path(rotations_dir) / f"equality_layer0_{sem}.safetensors",
-                              {"task": model4.name, "layer": 0, "semantics": sem})
+                              {"task": model4.name, "layer": 0, "semantics": sem},
+                              key=rotations_key)
         sweep_train = counterfactuals(model4, sweep_n_train, sem, seed, 23)
         result["per_layer"][sem] = []
         for layer in layers:
