@@ -288,3 +288,224 @@ def test_a_unit_holding_nan_is_set_aside(tmp_path):
     (tmp_path / "u.json").write_text('{"params_key": "%s", "value": {"x": NaN}}' % store.key)
     with pytest.warns(io.ResultFileWarning, match="u.json could not be read.*NaN"):
         assert store.get("u") is None
+# --- result kinds: every read checks the kind's shape (lib.core.schema) ----------------------
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+
+import lib.studies  # noqa: E402,F401  (declares the modules of every kind)
+from lib.core import schema  # noqa: E402
+
+KINDS = {k.name: k for k in schema.all_kinds()}
+COMMITTED = sorted(p.relative_to(paths.REPO_ROOT) for folder in
+                   (paths.SCORES, paths.TOKEN_SETS, paths.FULL_COMPUTE) for p in folder.rglob("*.json"))
+
+
+def expected_kind(rel) -> str:
+    """The kind a committed file must hold, from its place alone (not from its content)."""
+    parts, name = rel.parts, rel.stem
+    if parts[0] != "full_compute":
+        return {"scores": "layer_scores", "token_sets": "token_sets"}[parts[0]]
+    if len(parts) == 2:
+        return "domain_effects"
+    if parts[1] == "das_mlp":
+        return f"das_mlp_{name}"
+    if name.startswith("interchange_"):
+        return "interchange"
+    if name.startswith("causal_trace_"):
+        return {"severed": "causal_trace_severed", "facts": "causal_trace_facts"}.get(
+            name.removeprefix("causal_trace_"), "causal_trace")
+    return name   # path_patching_<study>, das_finetune, das_iia, das_graph
+
+
+EXAMPLES = {}   # one committed file of each kind
+for _rel in COMMITTED:
+    EXAMPLES.setdefault(expected_kind(_rel), paths.REPO_ROOT / _rel)
+# a field of each kind given a value of the wrong type ("*": a mapping's first key)
+WRONG_FIELD = {
+    "layer_scores": (("comparisons", 0, "scores", "*", "*", 0), "0.5"),
+    "token_sets": (("pairs", "*", "*", 0, "id"), 1.5),
+    "domain_effects": (("pairs", "*", "swap", "*", "per_layer", 0, "sides", "*", "kl", "mean"),
+                       "x"),
+    "causal_trace": (("scores", 0, 0), "high"),
+    "causal_trace_severed": (("ordinary", 0), None),
+    "causal_trace_facts": (("effects", 0, "layer"), "3"),
+    "interchange": (("records",), [{"x": 1}]),
+    "path_patching_capital": (("records", 0, "prob"), float("nan")),
+    "path_patching_ioi": (("to_logits", 0, "head"), "h0"),
+    "path_patching_eap": (("records", 0, "exact"), [1.0]),
+    "das_mlp_hand_built": (("iia", "*"), "1.0"),
+    "das_mlp_equality": (("per_layer", "*", 0, "iia"), None),
+    "das_mlp_abab": (("equal", "per_layer"), {"layer": 0}),
+    "das_mlp_wrong_model": (("grid", 0, "train_model"), 1),
+    "das_finetune": (("curve",), [{"x": 1}]),
+    "das_iia": (("runs", 0, "iia"), "0.9"),
+    "das_graph": (("graphs", 0, "cliques"), [[1.5]]),
+}
+
+
+def _set(data, where, value) -> str:
+    """Put ``value`` at ``where`` in ``data``; returns the place as the schema names it."""
+    keys = []
+    for key in where:
+        keys.append(next(iter(data)) if key == "*" else key)
+        if len(keys) < len(where):
+            data = data[keys[-1]]
+    data[keys[-1]] = value
+    return "$" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys)
+
+
+def _current_copy(kind_name, target):
+    """The committed example of a kind, written to ``target`` as current at this process's
+    thread count; returns (its data, its parameters)."""
+    data = json.loads(EXAMPLES[kind_name].read_text(encoding="utf-8"))
+    import torch
+
+    data["provenance"]["torch_threads"] = torch.get_num_threads()
+    target.write_text(json.dumps(data), encoding="utf-8")
+    return data, data["provenance"]["parameters"]
+
+
+def test_every_kind_has_a_committed_example_and_a_wrong_field_case():
+    assert COMMITTED, "no committed result files found"
+    assert set(EXAMPLES) == set(KINDS) == set(WRONG_FIELD), (
+        f"kinds {sorted(KINDS)}, committed examples {sorted(EXAMPLES)}, wrong-field cases "
+        f"{sorted(WRONG_FIELD)}: every kind needs all three")
+
+
+@pytest.mark.parametrize("rel", COMMITTED, ids=str)
+def test_every_committed_result_passes_its_kind_and_stays_current(rel):
+    import torch
+
+    path = paths.REPO_ROOT / rel
+    kind = KINDS[expected_kind(rel)]
+    before = path.read_bytes()
+    data = json.loads(before)
+    assert schema.verdict(data, kind) == ("ok", ""), f"{rel}: {schema.verdict(data, kind)[1]}"
+    fits = [k.name for k in KINDS.values() if k.fits(data)]
+    assert fits == [kind.name], f"{rel} is a valid result of {fits}: it must be of one kind"
+    assert schema.identify(data) is kind
+    threads = torch.get_num_threads()
+    torch.set_num_threads(data["provenance"]["torch_threads"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            found = io.read_current(path, data["provenance"]["parameters"], check=kind)
+    finally:
+        torch.set_num_threads(threads)
+    assert found == data, f"{rel} is not current for its own parameters"
+    assert path.read_bytes() == before and not list(path.parent.glob(f"{path.name}.corrupt*"))
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_FIELD))
+def test_a_truncated_result_is_set_aside_and_recomputed_naming_its_kind(name, tmp_path):
+    kind = KINDS[name]
+    text = EXAMPLES[name].read_text(encoding="utf-8")
+    payload = {k: v for k, v in json.loads(text).items() if k != "provenance"}
+    target = tmp_path / EXAMPLES[name].name
+    target.write_text(text[: len(text) // 2], encoding="utf-8")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return payload, io.provenance(None, {"P": 1})
+
+    with pytest.warns(io.ResultFileWarning, match=rf"{target.name} could not be read"):
+        got = io.load_or_compute(target, {"P": 1}, compute, check=kind, quiet=True)
+    assert calls == [1], "a truncated file was not recomputed"
+    assert (tmp_path / f"{target.name}.corrupt").exists(), "the truncated file was not kept aside"
+    assert got["provenance"]["kind"] == name, "a new result does not name its kind"
+    assert io.load_or_compute(target, {"P": 1}, compute, check=kind, quiet=True) == got
+    assert calls == [1], "a result written with its kind is not current when read back"
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_FIELD))
+def test_a_valid_result_of_another_kind_is_refused_and_nothing_moves(name, tmp_path):
+    kind = KINDS[name]
+    names = sorted(WRONG_FIELD)
+    other = names[(names.index(name) + 1) % len(names)]
+    target = tmp_path / "result.json"
+    shutil.copy(EXAMPLES[other], target)
+    before = target.read_bytes()
+    for force in (False, True):
+        with pytest.raises(io.WrongKindError) as err:
+            io.load_or_compute(target, {}, lambda: pytest.fail("computed over another kind"),
+                               check=kind, force=force)
+        message = str(err.value)
+        for part in ("result.json", f"holds a {other} result", f"not a {name} result",
+                     "nothing was moved or overwritten", f"{kind.folder}="):
+            assert part in message, f"{part!r} missing from the refusal: {message}"
+    # a file that names another kind is refused even where it is malformed
+    data = json.loads(before)
+    data["provenance"]["kind"] = other
+    _set(data, *WRONG_FIELD[other])
+    (tmp_path / "named.json").write_text(json.dumps(data))
+    with pytest.raises(io.WrongKindError, match=f"holds a {other} result"):
+        io.read_current(tmp_path / "named.json", {}, check=kind)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named.json", "result.json"]
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_FIELD))
+def test_a_result_with_a_field_of_the_wrong_type_is_set_aside_and_recomputed(name, tmp_path):
+    kind = KINDS[name]
+    target = tmp_path / "result.json"
+    data, parameters = _current_copy(name, target)
+    payload = {k: v for k, v in json.loads(json.dumps(data)).items() if k != "provenance"}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return payload, io.provenance(None, parameters)
+
+    # unchanged, the copy is current: reused, not computed
+    assert io.load_or_compute(target, parameters, compute, check=kind, quiet=True) == data
+    assert calls == [], "the unchanged copy was recomputed"
+    where = _set(data, *WRONG_FIELD[name])
+    target.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.warns(io.ResultFileWarning, match=rf"result.json could not be read \(not a valid "
+                                                  rf"{name} result: at {re.escape(where)}"):
+        got = io.load_or_compute(target, parameters, compute, check=kind, quiet=True)
+    assert calls == [1], f"a {name} result with a wrong {where} was reused"
+    assert (tmp_path / "result.json.corrupt").exists() and got["provenance"]["kind"] == name
+
+
+def test_a_result_read_by_another_notebook_is_checked_and_never_moved(tmp_path):
+    from lib.studies import domain_swap as ds
+
+    shutil.copy(EXAMPLES["domain_effects"], tmp_path / "m.json")
+    with pytest.raises(io.WrongKindError, match=r"m.json holds a domain_effects result.*not a "
+                                                r"layer_scores result"):
+        ds.load_scores("m", tmp_path)
+    data = json.loads(EXAMPLES["layer_scores"].read_text())
+    where = _set(data, *WRONG_FIELD["layer_scores"])
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(schema.SchemaError, match=rf"m.json: not a valid layer_scores result: at "
+                                                 rf"{re.escape(where)}.*rerun 00_layer_scores "
+                                                 r"with FORCE=True"):
+        ds.load_scores("m", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_the_runner_refuses_another_notebooks_result_before_loading_the_model(tmp_path, capsys):
+    """00 pointed at a folder that holds 02's result for the model: a clear error, exit 1, and
+    the file is neither set aside nor overwritten (it used to be renamed to .corrupt)."""
+    from lib import runner
+
+    scores_dir = tmp_path / "scores"
+    scores_dir.mkdir()
+    target = scores_dir / "tiny-random.json"
+    shutil.copy(EXAMPLES["domain_effects"], target)
+    before = target.read_bytes()
+    rc = runner.main(["--notebooks", "00", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", f"SCORES_DIR={scores_dir}", "-p",
+                      f"GRAPHS_DIR={tmp_path / 'graphs'}"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    for part in ("WrongKindError", "tiny-random.json holds a domain_effects result",
+                 "not a layer_scores result", "nothing was moved or overwritten", "SCORES_DIR="):
+        assert part in err, f"{part!r} missing from the runner's error: {err}"
+    assert target.read_bytes() == before and sorted(os.listdir(scores_dir)) == ["tiny-random.json"]
+    [failed] = (tmp_path / "runs").rglob("*.failed.ipynb")
+    assert "d_model=" not in failed.read_text(), "the model was loaded before the refusal"

@@ -8,5 +8,7 @@
 * :mod:`lib.core.activations`: last-token activations of many prompts, as engine captures.
 * :mod:`lib.core.params`, :mod:`lib.core.paths`, :mod:`lib.core.io`: notebook parameters, the
   repository's folders, result files (provenance, atomic writes, load-or-compute).
+* :mod:`lib.core.schema`: the kinds of result file, each with a declared shape checked on every
+  read, so that another notebook's result is never taken (or set aside) for this one's.
 * :mod:`lib.core.prompts`, :mod:`lib.core.stats`: paired prompt files; seeded statistics.
 """

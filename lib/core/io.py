@@ -11,14 +11,18 @@ Every JSON the notebooks write goes through :func:`write_json`, which
 * keeps an existing file untouched when only the time would change, so the same inputs and
   seed give byte-identical files (set ``SOURCE_DATE_EPOCH`` to fix the time of new files too).
 
-:func:`read_current` is the one "is the stored result current" check; a stored file that
-cannot be read is named, set aside (renamed to ``<name>.corrupt``) and treated as missing, so
-it is recomputed. :class:`UnitStore` keeps finished units of a long computation (one JSON each,
-also atomic) so that a rerun resumes where an interrupted one stopped; a unit of other
-parameters counts as missing, and one its reader's check refuses is set aside. :func:`slug` is
-the one file-system name of a model. Tensor files (safetensors with the key of the parameters
-that made them, read back checked) are :mod:`lib.core.tensorfiles`; :func:`save_tensors` and
-:func:`load_tensors` are importable from here too.
+:func:`read_current` is the one "is the stored result current" check. Each kind of result
+declares its shape (:class:`lib.core.schema.Kind`, beside the code that writes it), checked on
+every read: a stored file that cannot be read or does not have its kind's shape is named, set
+aside (renamed to ``<name>.corrupt``) and treated as missing, so it is recomputed; a valid
+result of *another* kind (another notebook's file where this one writes) is refused before any
+work (:class:`lib.core.schema.WrongKindError`), and nothing is moved or overwritten.
+:class:`UnitStore` keeps finished units of a long computation (one JSON each, also atomic) so
+that a rerun resumes where an interrupted one stopped. :func:`slug` is the one
+file-system name of a model.
+Tensor files (safetensors with the key of the parameters that made them, read back checked)
+are :mod:`lib.core.tensorfiles`; :func:`save_tensors` and :func:`load_tensors` are importable
+from here too, and a unit its reader's check refuses is set aside.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib.core import paths
+from lib.core import paths, schema
 # tensor files live in their own module; their names stay importable from here
 from lib.core.tensorfiles import (HEADER_KEY, TIMING_KEYS, OtherParametersError,  # noqa: F401
                                   TensorFileError, load_tensors, save_tensors, tensors_sha256)
+
+WrongKindError = schema.WrongKindError
+require_keys = schema.require_keys   # the generic key check, for results without a kind
 
 
 class ResultFileWarning(UserWarning):
@@ -222,14 +229,17 @@ def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
                check: Callable[[dict], Any] | None = None) -> Path:
     """Atomically write ``payload`` (plus ``provenance``) as canonical JSON.
 
-    ``check`` is the payload's own schema check (raising on a bad payload); it runs on the
+    ``check`` is the payload's own schema check (raising on a bad payload; a
+    :class:`lib.core.schema.Kind` also names its kind in ``provenance.kind``); it runs on the
     payload exactly as it will be read back, and a payload that fails it is not written (the
     file already there is left untouched). If ``path`` already holds the same content apart
     from the time and commit, it is left as is.
     """
     payload = dict(payload)
     if prov is not None:
-        payload["provenance"] = prov
+        # a result names its kind, so that a reader never mistakes it for another one
+        payload["provenance"] = {**prov, "kind": check.name} if isinstance(check, schema.Kind) \
+            else prov
     path = Path(path)
     text = dumps(payload)
     if check is not None:
@@ -248,25 +258,6 @@ def write_json(path: str | os.PathLike, payload: dict, prov: dict | None = None,
     return atomic_write_text(path, text)
 
 
-def require_keys(*keys: str, lists: tuple[str, ...] = ()) -> Callable[[dict], None]:
-    """A schema check for :func:`write_json` / :func:`read_current`: the payload is an object
-    with ``keys``, and each key in ``lists`` holds a non-empty list whose items are not single
-    characters of a split string (the ``["m", "l", "p", ...]`` of a string taken for a list)."""
-    def check(payload: dict) -> None:
-        if not isinstance(payload, dict):
-            raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
-        missing = [k for k in keys + lists if k not in payload]
-        if missing:
-            raise ValueError(f"missing keys {missing}")
-        for key in lists:
-            value = payload[key]
-            if not isinstance(value, list) or not value:
-                raise ValueError(f"{key!r} must be a non-empty list, got {value!r:.80}")
-            if len(value) > 1 and all(isinstance(v, str) and len(v) == 1 for v in value):
-                raise ValueError(f"{key!r} is a string split into characters: {value!r:.80}")
-    return check
-
-
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file with an error that names the file."""
     path = Path(path)
@@ -282,24 +273,31 @@ def read_json(path: str | os.PathLike) -> Any:
 def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
                  check: Callable[[dict], Any] | None = None) -> dict | None:
     """The one "is the stored result current" check: the JSON at ``path`` when it exists,
-    passes ``check`` (its schema check) and was written with the same value of every key of
-    ``parameters`` (compared with its ``provenance.parameters``, canonically) at this process's
-    torch thread count (results move with it at the last digits); else None.
+    passes ``check`` (its :class:`lib.core.schema.Kind`, or any schema check) and was written
+    with the same value of every key of ``parameters`` (compared with its
+    ``provenance.parameters``, canonically) at this process's torch thread count (results move
+    with it at the last digits); else None.
 
-    ``force`` always gives None. A file that is not valid JSON or fails ``check`` is set aside
-    (:func:`set_aside`, with a warning naming it) so that it is recomputed.
+    A file that is not valid JSON or fails ``check`` is set aside (:func:`set_aside`, with a
+    warning naming it) so that it is recomputed. A valid result of another kind raises
+    :class:`lib.core.schema.WrongKindError` and nothing is moved, with ``force`` too, which
+    otherwise always gives None (the file is overwritten once the result is computed).
     """
     path = Path(path)
-    if force or not path.exists():
+    if not path.exists() or (force and not isinstance(check, schema.Kind)):
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        if check is not None:
-            check(data)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        set_aside(path, str(err)[:200])
+    except (ValueError, UnicodeDecodeError) as err:
+        if not force:
+            set_aside(path, str(err)[:200])
+        return None
+    why = _problem(path, data, check)   # raises for a result of another kind
+    if why and not force:
+        set_aside(path, why[:300])
+    if why or force:
         return None
     import torch
 
@@ -311,6 +309,34 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
     stored = json.loads(dumps(stored))
     if any(k not in stored or stored[k] != v for k, v in wanted.items()):
         return None
+    return data
+
+
+def _problem(path: Path, data: dict, check: Callable[[dict], Any] | None) -> str:
+    """Why ``data`` (read from ``path``) fails ``check`` ("" when it passes);
+    :class:`lib.core.schema.WrongKindError` when it is a result of another kind."""
+    if isinstance(check, schema.Kind):
+        found, why = schema.verdict(data, check)
+        if found == "other":
+            raise schema.refusal(_shown(path), check, why)
+        return why
+    try:
+        if check is not None:
+            check(data)
+    except (ValueError, KeyError, TypeError) as err:
+        return str(err) or type(err).__name__
+    return ""
+
+
+def read_result(path: str | os.PathLike, kind: schema.Kind) -> dict:
+    """A result of another notebook (``kind``'s writer), read to be used: an error naming the
+    file and the fix when it is missing, unreadable, of another kind or malformed. Nothing is
+    set aside: this step does not write it."""
+    data = read_json(path)
+    why = _problem(Path(path), data, kind) if isinstance(data, dict) else "not a JSON object"
+    if why:
+        raise schema.SchemaError(f"{path}: {why}; rerun {kind.writer} with FORCE=True, or "
+                                 "move the file away")
     return data
 
 
@@ -342,6 +368,8 @@ def load_or_compute(path: str | os.PathLike, parameters: dict,
     so a current result costs one file read. The payload is written atomically with its
     provenance (plus ``inputs``), checked by ``check``, and returned as read back from disk,
     so a computed and a reused result are the same JSON values. ``force`` always computes.
+    A valid result of another kind at ``path`` raises :class:`lib.core.schema.WrongKindError`
+    before ``compute`` runs (with ``force`` too), and the file is left as it is.
     """
     path = Path(path)
     found = read_current(path, parameters, force=force, check=check)

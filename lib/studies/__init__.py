@@ -9,3 +9,12 @@
 * :mod:`lib.studies.das` (08, 09): distributed alignment search.
 * :mod:`lib.studies.steps`: the compute step of the notebooks 00-02 and 05-07.
 """
+
+from lib.core import schema as _schema
+
+# the modules that declare the kinds of result files (lib.core.schema.Kind), beside the code
+# that writes them: a file of any kind is recognised even where its module is not imported
+_schema.declare_modules(
+    "lib.studies.separability", "lib.studies.steps", "lib.studies.interchange",
+    "lib.studies.path_patching.studies", "lib.studies.das.mlp_study",
+    "lib.studies.das.arithmetic_study")

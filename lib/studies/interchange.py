@@ -41,6 +41,7 @@ from lib.studies.attribution import attribution_patching, correlations
 from lib.core.engine import Context, Engine, Ref, Row, run_naive
 from lib.core.hooks import Intervention
 from lib.core.params import parse_layers, parse_positions, parse_sites
+from lib.core.schema import NUM, Kind, map_of, names, nonempty, optional
 from lib.core.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, site_name
 
 DEFAULT_BASE = "The capital of Spain is"
@@ -52,6 +53,24 @@ NODE_PREFIX = {"attn_in": "a", "mlp_out": "f"}
 RECORD_KEYS = ("component", "layer", "position", "node", "token", "token_id", "prob", "logit")
 ATTRIBUTION_KEYS = ("component", "layer", "position", "node", "metric", "exact", "estimate",
                     "delta_norm")
+
+_PROMPT = {"prompt": str, "token_ids": [int], "tokens": [str],
+           "top": [{"rank": int, "token": str, "token_id": int, "prob": float}]}
+_CORRELATION = {"n": int, "pearson": NUM, "spearman": NUM}
+#: notebook 05's result (``full_compute/<model>/interchange_<NAME>.json``, :func:`run_interchange`)
+SCHEMA = Kind("interchange", "05_interchange_intervention", {
+    "base": _PROMPT, "source": _PROMPT, "components": names, "layers": nonempty([int]),
+    "positions": nonempty([int]), "nodes": nonempty([str]),
+    "answers": nonempty([{"token": str, "token_id": int, "p_base": float, "p_source": float,
+                          "logit_base": float, "logit_source": float}]),
+    "records": nonempty([{"component": str, "layer": int, "position": int, "node": str,
+                          "token": str, "token_id": int, "prob": float, "logit": float}]),
+    "attribution": optional({
+        "metrics": map_of(str), "clean": map_of(float),
+        "records": [{"component": str, "layer": int, "position": int, "node": str,
+                     "metric": str, "exact": float, "estimate": float, "delta_norm": float}],
+        "correlation": map_of({"all_cells": _CORRELATION, "changed_cells": _CORRELATION})}),
+    "engine": optional(str), "method": optional(str), "params_key": optional(str)})
 
 
 class TokenizationMismatchError(ValueError):

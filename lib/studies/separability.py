@@ -19,9 +19,9 @@ apart:
   unit directions, averaged. In the activations' own units (it grows with the residual norm).
 
 The domain-separation study (causal-intervention seed) scores every layer and component at the
-last prompt token for each domain pair; :func:`score_layers` does that, :func:`validate_scores`
-checks the ``scores/<model>.json`` schema and :func:`lib.plots.separability.plot_layer_scores`
-draws it.
+last prompt token for each domain pair; :func:`score_layers` does that, :data:`SCORES_SCHEMA`
+(with :func:`validate_scores`) is the ``scores/<model>.json`` schema and
+:func:`lib.plots.separability.plot_layer_scores` draws it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+from lib.core.schema import Kind, map_of, maybe, names, nonempty
 
 METRICS = ("fisher", "mmd", "wasserstein")
 COMPONENTS = ("attn_out", "mlp_out", "resid_post")
@@ -377,6 +379,15 @@ def validate_scores(payload: dict) -> None:
                                      f"{n_layers} layers")
                 if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                     raise ValueError(f"{where} {component}/{metric}: non-finite values {values}")
+
+
+#: ``scores/<model>.json`` of notebook 00: types per field, then :func:`validate_scores`
+SCORES_SCHEMA = Kind("layer_scores", "00_layer_scores", {
+    "model": str, "components": names, "metrics": names, "layers": nonempty([int]),
+    "n_prompts": maybe(int),
+    "comparisons": nonempty([{"name": str, "domain_a": str, "domain_b": str, "kind": str,
+                              "n_a": int, "n_b": int, "scores": map_of(map_of([float]))}])},
+    extra=validate_scores, folder="SCORES_DIR")
 
 
 def scores_frame(payload: dict):

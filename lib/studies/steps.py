@@ -4,7 +4,9 @@ study modules, resuming from units where they exist), and return ``(payload, pro
 Notebooks call these only through :func:`lib.core.io.load_or_compute`, which first asks whether the
 stored result is current; so a fresh clone whose committed results are current never loads a
 model or reads a unit. Each function takes the notebook's checked parameters as arguments and
-its ``parameters`` dict (the key of the result) for the provenance.
+its ``parameters`` dict (the key of the result) for the provenance. The kinds of result of 01,
+02 and 06 (:class:`lib.core.schema.Kind`: name and shape, checked on every read) are declared
+here, beside the steps that build them.
 """
 
 from __future__ import annotations
@@ -13,11 +15,66 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib.core import io
+from lib.core.schema import NUM, STAT, Kind, map_of, maybe, names, nonempty, optional
 
-TOKEN_SETS_SCHEMA = io.require_keys("model", "top_n", "pairs", "split",
-                                    lists=("layers", "components"))
-FULL_COMPUTE_SCHEMA = io.require_keys("model", "metric", "pairs", lists=("components",))
-FACTS_SCHEMA = io.require_keys("summary", "effects", "facts")
+# --- the kinds of result of notebooks 01, 02 and 06 (lib.core.schema), checked on every read -
+
+#: one token of a set: its id, text, score and mean clean probability
+_ENTRY = {"id": int, "token": str, "score": float, "clean_p": optional(float)}
+_SETS = map_of(map_of([_ENTRY]))            # pair -> domain -> entries
+#: 01 writes every key; a token-set file written by hand (or before splits) has the first three,
+#: enough for 04, and 02 refuses it with the fix (:func:`lib.studies.domain_swap.held_out_pairs`)
+TOKEN_SETS_SCHEMA = Kind("token_sets", "01_reverse_intervention", {
+    "model": str, "top_n": int, "pairs": _SETS, "layers": optional(nonempty([int])),
+    "components": optional(names),
+    "split": optional(map_of({"discovery": [int], "held_out": [int], "discovery_keys": [str]})),
+    "pair_info": optional(map_of({"domains": [str], "n_prompts": int,
+                                  "n_candidates": map_of(int)})),
+    "score": optional({"name": str}), "assignment": optional({"name": str}),
+    "reference": optional(_SETS), "agreement": optional(map_of(map_of(map_of(map_of(NUM))))),
+    "alternatives": optional(map_of(_SETS)), "method": optional(str)},
+    folder="TOKEN_SETS_DIR")
+
+_SIDE = {"kl": STAT, "delta": optional(STAT), "per_prompt": optional(dict)}
+_PER_LAYER = [{"layer": int, "score": NUM, "rank": maybe(int), "group": str,
+               "sides": map_of(_SIDE)}]
+_CORRELATION = {"rho": NUM, "p_value": NUM, "n": int}
+_EFFECTS_OF_PAIR = {
+    "domains": [str], "n_prompts": int, "layers": [int], "evaluated_pairs": optional([int]),
+    "token_set_sizes": map_of(int), "layer_ranking": map_of([int]), "top_layers": map_of([int]),
+    "bottom_layers": map_of([int]),
+    "swap": map_of({"per_layer": _PER_LAYER, "spearman": map_of(map_of(_CORRELATION)),
+                    "top_vs_bottom": {"k": int, "top_layers": [int], "bottom_layers": [int]},
+                    "depth_control": optional(dict)}),
+    "zero_ablation": map_of({"per_layer": _PER_LAYER,
+                             "spearman": map_of(map_of(_CORRELATION))}),
+    "injection": map_of({"layer": int, "alphas": [float], "vector_norm": NUM,
+                         "sides": map_of([{"alpha": float, "kl": STAT}])})}
+FULL_COMPUTE_SCHEMA = Kind("domain_effects", "02_all_model_causal", {
+    "model": str, "metric": str, "components": names, "k": int,
+    "pairs": map_of(_EFFECTS_OF_PAIR), "sides": optional(map_of(str)),
+    "effects": optional(map_of(str))}, folder="FULL_COMPUTE_DIR")
+
+_TRACE_HEAD = {"answer": str, "answer_id": int, "p_clean": float, "p_corrupt": float,
+               "noise": float, "layers": [int]}
+#: notebook 06's single-prompt traces (causal_trace_<kind>.json: a TraceResult's dict)
+TRACE_SCHEMA = Kind("causal_trace", "06_causal_tracing", {
+    **_TRACE_HEAD, "kind": str, "window": int, "prompt": str, "subject": str, "samples": int,
+    "seed": int, "tokens": [str], "subject_range": [int], "token_rows": [int],
+    "prefix_rows": [int], "scores": [[NUM]]})
+SEVERED_SCHEMA = Kind("causal_trace_severed", "06_causal_tracing", {
+    **_TRACE_HEAD, "token": int, "token_str": str, "ordinary": [float], "mlp_severed": [float],
+    "attention_severed": [float]})
+_FACT = {"prompt": str, "subject": str, "answer": str, "answer_id": int, "top_token": str,
+         "correct": bool, "p_clean": float, "subject_range": [int], "n_tokens": int,
+         "p_corrupt": optional(float), "rows": optional(map_of(int)),
+         "scores": optional(map_of(map_of([float])))}
+FACTS_SCHEMA = Kind("causal_trace_facts", "06_causal_tracing", {
+    "summary": {"n_facts": int, "n_correct": int, "ate": float, "p_clean_mean": float,
+                "p_corrupt_mean": float, "peaks": map_of(map_of({"aie": float, "layer": int}))},
+    "effects": nonempty([{"kind": str, "token": str, "layer": int, "mean": float, "std": NUM,
+                          "n": int, "lo": NUM, "hi": NUM}]),
+    "facts": nonempty([_FACT])})
 
 
 def prompts_input(pair_sets: Sequence) -> dict:

@@ -27,6 +27,7 @@ import torch
 from lib.core import io, paths
 from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
 from lib.core.tensorfiles import TensorFileError, set_aside
+from lib.core.schema import NUM, Kind, map_of, maybe, nonempty, one_of, optional
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
@@ -42,9 +43,35 @@ DAS_KEY = GRID_KEY + ("DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS", "DAS_BATCH", "D
                       "SEMANTICS")
 GRAPH_KEY = ("GRAPH_ARRANGEMENTS", "GRAPH_LAYERS")
 
-FT_SCHEMA = io.require_keys("tokenization", "shipped", "split", "curve", "test_accuracy")
-DAS_SCHEMA = io.require_keys("runs", "sanity_grid", "full_swap", lists=("layers", "ranks"))
-GRAPH_SCHEMA = io.require_keys("graphs", lists=("arrangements",))
+# the kinds of result notebook 09 writes (lib.core.schema), checked on every read
+FT_SCHEMA = Kind("das_finetune", "09_das_arithmetic", {
+    "tokenization": map_of(one_of({"error": str}, {
+        "prompt": str, "ids": [int], "tokens": [str], "length": int, "slots": map_of([int])})),
+    "shipped": nonempty([{"format": str, "shots": int, "n": int, "accuracy": float,
+                          "examples": [{"prompt": str, "continuation": str, "correct": bool}]}]),
+    "split": {"train": nonempty([int]), "val": [int], "test": nonempty([int])},
+    "curve": nonempty([{"epoch": int, "train_loss": NUM, "train_accuracy": float,
+                        "val_loss": NUM, "val_accuracy": float}]),
+    "steps": int, "trainable_parameters": int, "test_accuracy": float, "val_accuracy": float,
+    "weights_sha256": optional(str), "head": str, "params_key": str})
+DAS_SCHEMA = Kind("das_iia", "09_das_arithmetic", {
+    "runs": nonempty([{"model": int, "layer": int, "rank": int, "site": str,
+                       "positions": one_of(str, [int]), "iia": float, "control_iia": float,
+                       "curve": [{"epoch": int, "loss": NUM}], "steps": int,
+                       "trainable_parameters": int, "orthogonality_error": float,
+                       "n_train": int, "n_test": int}]),
+    "sanity_grid": [{"train_model": str, "test_model": str, "layer": int, "rank": int,
+                     "site": str, "iia": float}],
+    "full_swap": [{"model": int, "layer": int, "iia": float, "source_prediction_is_label": float,
+                   "source_sum_is_label": float}],
+    "layers": nonempty([int]), "ranks": nonempty([int]), "sites": map_of(maybe([int])),
+    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str})
+GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
+    "arrangements": nonempty([int]), "predictions_file": str, "params_key": str,
+    "graphs": [{"model": int, "layer": int, "rank": int, "site": str, "n": int,
+                "mean_weight": float, "fraction": map_of(float), "mean_weight_ci": [float],
+                "cliques": [[int]], "clique_sizes": [int],
+                "thesis_mean_weight_gpt2_layer7_rank256": float}]})
 #: mean edge weight of the thesis' full graphs (GPT-2, layer 7, rank 256), per causal model
 THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415, 7: 0.9758}
 

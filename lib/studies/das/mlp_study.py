@@ -19,6 +19,7 @@ import torch
 
 from lib.core import paths
 from lib.core.io import load_or_compute, params_key, provenance_without_lm
+from lib.core.schema import NUM, Kind, map_of, nonempty
 from lib.core.params import parse_layers, parse_list
 from lib.studies import das
 from lib.studies.das import mlp_das
@@ -36,6 +37,34 @@ NETWORKS_KEY = ("MLP_N_TRAIN", "MLP_N_TEST", "MLP_EPOCHS", "MLP_BATCH", "MLP_LR"
 EQUALITY_KEY = NETWORKS_KEY + ("N_NETWORKS", "SELECT_N_TRAIN")
 # what pyvene's DAS tutorial reports at layer 0, drawn beside the network selection
 PYVENE_REFERENCES = {"pyvene, conditioned (0.97)": 0.97, "pyvene, independent (0.99)": 0.99}
+
+# --- the kinds of result notebook 08 writes (lib.core.schema), checked on every read ----------
+_MLP = {"n_train": int, "n_test": int, "test_accuracy": float, "test_label_counts": [int],
+        "curve": [{"epoch": int, "loss": NUM, "eval_accuracy": float}]}
+_DAS_RUN = {"layer": int, "semantics": str, "iia": float, "control_iia": float, "n_train": int,
+            "n_test": int, "orthogonality_error": float, "trainable_parameters": int,
+            "subspaces": [[int]],
+            "curve": [{"epoch": int, "loss": NUM, "train_accuracy": float, "eval_iia": float}]}
+_SHAPES: dict[str, dict] = {
+    "hand_built": {"factual_accuracy": float, "factual_label_counts": [int],
+                   "iia": map_of(float)},
+    "equality": {"mlp": {**_MLP, "seed": int}, "main": map_of(_DAS_RUN),
+                 "per_layer": map_of([_DAS_RUN]),
+                 "selection": {"layer": int, "semantics": str, "n_train": int,
+                               "n_validation": int, "chosen_seed": int,
+                               "candidates": [{"seed": int, "validation_iia": float,
+                                               "control_iia": float,
+                                               "mlp_test_accuracy": float}]}},
+    "abab": {v: {"task": str, "semantics": str, "mlp": _MLP, "per_layer": nonempty([_DAS_RUN])}
+             for v in ("equal", "and")},
+    "wrong_model": {"semantics": str, "layer": int,
+                    "grid": nonempty([{"train_model": str, "test_model": str, "iia": float,
+                                       "control_iia": float}]),
+                    "networks": map_of({"mlp_test_accuracy": float, "iia": float})},
+}
+#: one kind per result file (``full_compute/das_mlp/<name>.json``), by name
+SCHEMAS = {name: Kind(f"das_mlp_{name}", "08_das_mlp", {**shape, "params_key": str})
+           for name, shape in _SHAPES.items()}
 
 
 class Notebook:
@@ -70,7 +99,7 @@ class Notebook:
         parameters = self.keys[key]
         return load_or_compute(
             self.out_dir / f"{name}.json", parameters, force=self.values["FORCE"],
-            compute=lambda: ({**compute(), "params_key": params_key(parameters)},
+            check=SCHEMAS[name], compute=lambda: ({**compute(), "params_key": params_key(parameters)},
                              provenance_without_lm(self.description, parameters,
                                                    self.values["SEED"])))
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from lib.core import paths
 from lib.studies.domain_swap.common import ScoresMissingError
-from lib.core.io import read_json, slug
+from lib.core.io import read_result, slug
+from lib.studies.separability import SCORES_SCHEMA
 
 
 # --- separability scores --------------------------------------------------------------------
@@ -22,7 +23,7 @@ def load_scores(model: str, scores_dir: str | Path | None = None) -> dict:
         raise ScoresMissingError(
             f"separability scores missing for model {model}: run 00_layer_scores for it "
             f"(python -m lib.runner --notebooks 00 --models {model}); expected {path}")
-    return read_json(path)
+    return read_result(path, SCORES_SCHEMA)
 
 
 def pair_layer_scores(scores: dict, pair: str, component: str, metric: str) -> dict[int, float]:

@@ -13,7 +13,8 @@ import torch
 from lib.core import paths
 from lib.studies.domain_swap.common import TokenSetMissingError
 from lib.studies.domain_swap.runs import PairRun
-from lib.core.io import read_json, slug
+from lib.core.io import read_result, slug
+from lib.studies.steps import TOKEN_SETS_SCHEMA
 from lib.core.prompts import PromptPairs
 
 
@@ -155,11 +156,7 @@ def load_token_sets(model: str, token_sets_dir: str | Path | None = None) -> dic
         raise TokenSetMissingError(
             f"token set missing for model {model}: run 01_reverse_intervention for it "
             f"(python -m lib.runner --notebooks 01 --models {model}); expected {path}")
-    data = read_json(path)
-    for key in ("model", "top_n", "pairs"):
-        if key not in data:
-            raise ValueError(f"{path} has no {key!r}: not a token-set file written by "
-                             "01_reverse_intervention; rerun it with FORCE=True")
+    data = read_result(path, TOKEN_SETS_SCHEMA)   # names the file and the fix when malformed
     if slug(str(data["model"])) != slug(model):
         raise ValueError(f"{path} holds token sets of model {data['model']!r}, not {model!r}; "
                          "token ids belong to one tokenizer, so rerun 01_reverse_intervention")

@@ -24,7 +24,9 @@ from lib.studies.domain_swap.tokens import (
     token_entries,
     token_set_ids,
 )
-from lib.core.io import read_json, slug
+from lib.core.io import read_json, read_result, slug
+from lib.core.schema import verdict
+from lib.studies.steps import FULL_COMPUTE_SCHEMA
 from lib.core.prompts import PromptPairs
 
 
@@ -121,22 +123,21 @@ def load_full_compute(model: str, full_compute_dir: str | Path | None = None) ->
         raise FileNotFoundError(f"cross-swap results missing for model {model}: run "
                                 f"02_all_model_causal for it (python -m lib.runner --notebooks 02 "
                                 f"--models {model}); expected {path}")
-    data = read_json(path)
-    if not isinstance(data, dict) or "pairs" not in data:
-        raise ValueError(f"{path} is not a result file of 02_all_model_causal (no 'pairs')")
-    return data
+    return read_result(path, FULL_COMPUTE_SCHEMA)   # names the file and the fix when malformed
 
 
 def load_all_full_compute(full_compute_dir: str | Path | None = None) -> dict[str, dict]:
-    """Every ``full_compute/*.json`` written by notebook 02, by model name (files of other
-    notebooks, which have no per-pair ``swap`` results, are skipped). A file that is not valid
-    JSON is an error naming it: the cross-model figures never silently leave a model out."""
+    """Every ``full_compute/*.json`` written by notebook 02, by model name (results of other
+    kinds are skipped). A file that is not valid JSON, or a result of 02 that does not have its
+    shape, is an error naming it: the cross-model figures never silently leave a model out."""
     folder = Path(full_compute_dir or paths.FULL_COMPUTE)
     out = {}
     for path in sorted(folder.glob("*.json")):
         data = read_json(path)  # names the file and the fix when it is unreadable
-        pairs = data.get("pairs") if isinstance(data, dict) else None
-        if isinstance(pairs, dict) and pairs and all(isinstance(v, dict) and "swap" in v
-                                                     for v in pairs.values()):
-            out[data.get("model", path.stem)] = data
+        found = verdict(data, FULL_COMPUTE_SCHEMA)[0] if isinstance(data, dict) else "bad"
+        if found == "ok":
+            out[data["model"]] = data
+        elif found == "bad" and isinstance(data, dict) and \
+                FULL_COMPUTE_SCHEMA.keys & set(data) - {"model"}:
+            read_result(path, FULL_COMPUTE_SCHEMA)   # raises, naming the file and the fix
     return out

@@ -65,5 +65,6 @@ from lib.studies.path_patching.edges import (  # noqa: F401
     edge_patch, node_edges, eap,
 )
 from lib.studies.path_patching.studies import (  # noqa: F401
-    _probs, capital_study, ioi_head_study, eap_study, _corr,
+    _probs, capital_study, ioi_head_study, eap_study, _corr, CAPITAL_SCHEMA, IOI_SCHEMA,
+    EAP_SCHEMA,
 )

@@ -11,10 +11,33 @@ import torch
 
 from lib.core.engine import Context, Engine
 from lib.core.stats import bootstrap_ci
+from lib.core.schema import NUM, Kind, map_of, nonempty
 from lib.studies.path_patching.edges import eap, edge_patch, node_edges
 from lib.studies.path_patching.nodes import FREEZE_POLICIES, all_heads, parse_node
 from lib.studies.path_patching.paths import path_patch
-from lib.studies.path_patching.tree import cumulative_patch, node_order, node_position_patch, tree_patch
+from lib.studies.path_patching.tree import (cumulative_patch, node_order, node_position_patch,
+                                            tree_patch)
+
+
+# --- the kinds of result notebook 07 writes (lib.core.schema), checked on every read ----------------
+
+_PATCH = {"node": str, "position": int, "token": str, "prob": float}
+#: ``path_patching_capital.json``: :func:`capital_study` plus the prompts' tokens
+CAPITAL_SCHEMA = Kind("path_patching_capital", "07_path_patching", {
+    "nodes": nonempty([str]), "records": nonempty([_PATCH]), "cumulative": [_PATCH],
+    "engine_stats": map_of(int), "base_tokens": [str], "source_tokens": [str], "tokens": [str]})
+_HEAD_PATCH = {"sender": str, "layer": int, "head": int, "policy": str, "receiver": str,
+               "delta": float, "ci_low": float, "ci_high": float, "share_negative": float}
+#: ``path_patching_ioi.json``: :func:`ioi_head_study` plus the clean metrics over every pair
+IOI_SCHEMA = Kind("path_patching_ioi", "07_path_patching", {
+    "n_pairs": int, "n_pairs_patched": int, "n_query_pairs": int, "clean_logit_diff": [float],
+    "to_logits": nonempty([_HEAD_PATCH]), "strongest": [str], "to_queries": [_HEAD_PATCH],
+    "policy_difference": map_of({"max_abs": float, "pearson": NUM}), "accuracy": float,
+    "mean_logit_diff": float, "logit_diff": nonempty([float])})
+#: ``path_patching_eap.json``: :func:`eap_study`
+EAP_SCHEMA = Kind("path_patching_eap", "07_path_patching", {
+    "records": nonempty([{"sender": str, "receiver": str, "exact": float, "estimate": float}]),
+    "clean_logit_diff": float, "pearson": NUM, "spearman": NUM})
 
 
 # --- the studies of notebook 07 (JSON-ready payloads) -----------------------------------------------
