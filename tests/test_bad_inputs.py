@@ -330,6 +330,20 @@ def test_an_unwritable_model_cache_is_named(tmp_path, monkeypatch):
         models._load_embedded("smollm2-135m")
 
 
+def test_an_output_folder_that_cannot_take_a_file_is_refused_before_the_computation(tmp_path):
+    """A file where the folder should be (as a read-only, full or dangling folder would):
+    refused before compute runs, so no computation is lost."""
+    from lib.core.io import load_or_compute
+
+    blocker = tmp_path / "out"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    ran = []
+    with pytest.raises(OSError, match="cannot take a result file"):
+        load_or_compute(blocker / "r.json", {"a": 1},
+                        lambda: ran.append(1) or ({"x": 1}, {"parameters": {"a": 1}}))
+    assert not ran
+
+
 # --- through the library ---------------------------------------------------------------------
 
 def test_parameter_values_are_checked_inside_the_notebook_too():

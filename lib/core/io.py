@@ -378,6 +378,7 @@ def load_or_compute(path: str | os.PathLike, parameters: dict,
             print(f"{_shown(path)} is current (same parameters and inputs); FORCE=True "
                   "recomputes it")
         return found
+    check_writable(path.parent)   # before the computation, which a failed write would lose
     payload, prov = compute()
     if inputs:
         prov = {**prov, "inputs": dict(inputs)}
@@ -385,6 +386,22 @@ def load_or_compute(path: str | os.PathLike, parameters: dict,
     if not quiet:
         print(f"wrote {_shown(path)}")
     return read_json(path)
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it takes a file (read-only, full, a dangling
+    symlink or a file in the way all fail here, naming it, before any work)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(f"the output folder {_shown(folder)} cannot take a result file "
+                      f"({err.strerror or err}); choose a writable folder (the notebook's "
+                      "*_DIR parameter) or free space there") from err
+    return folder
 
 
 def _shown(path: Path) -> str:
