@@ -33,7 +33,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from lib.core import io, paths
@@ -196,13 +195,12 @@ def check_runs_dir(runs_dir: Path) -> None:
     """Refuse a ``--runs-dir`` that cannot be created or written, before anything runs."""
     runs_dir = Path(runs_dir)
     try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=runs_dir, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        io.check_writable(runs_dir)
     except OSError as err:
-        raise ParameterError(f"--runs-dir {runs_dir} is not writable ({err.strerror or err}); "
-                             "choose a folder you can write to, e.g. --runs-dir /tmp/runs") from None
+        cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
+        raise ParameterError(f"--runs-dir {runs_dir} is not writable "
+                             f"({cause.strerror or cause}); choose a folder you can write to, "
+                             "e.g. --runs-dir /tmp/runs") from None
 
 
 def check_run(notebooks: list[Path], models: list[str], params: dict | None,

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.core import paths, schema
+from lib.core.atomic import atomic_write
 # tensor files live in their own module; their names stay importable from here
 from lib.core.tensorfiles import (HEADER_KEY, TIMING_KEYS, OtherParametersError,  # noqa: F401
                                   TensorFileError, load_tensors, save_tensors, tensors_sha256)
@@ -80,11 +81,7 @@ def set_aside(path: str | os.PathLike, why: str) -> Path:
     """Rename an unreadable result file to ``<name>.corrupt`` (``.corrupt-2`` ...), with a
     warning naming it; returns the new path."""
     path = Path(path)
-    target = path.with_name(path.name + ".corrupt")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt-{n}")
+    target = paths.unused_name(path, ".corrupt")
     os.replace(path, target)
     warnings.warn(f"{path} could not be read ({why}); set it aside as {target.name} and "
                   "recomputing it", ResultFileWarning, stacklevel=3)
@@ -112,41 +109,13 @@ def dumps(payload: Any) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    """Write ``text`` to ``path`` via a temporary file and a rename (:mod:`lib.core.atomic`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, paths.file_mode())  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _remove_stale_temporaries(path)
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove ``.<name>.<pid>.*.tmp`` files of ``path`` left by processes that are gone."""
-    for stray in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = stray.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
-            stray.unlink(missing_ok=True)
+    return atomic_write(path, write)
 
 
 def git_commit() -> str | None:

@@ -45,3 +45,14 @@ def file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o644 & ~mask
+
+
+def unused_name(path: Path, suffix: str) -> Path:
+    """``<name><suffix>``, or ``<name><suffix>-2``, ``-3`` ... where that is taken: where a
+    refused file is set aside without replacing an earlier one."""
+    target = path.with_name(path.name + suffix)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{suffix}-{n}")
+    return target

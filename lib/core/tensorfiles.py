@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from lib.core import paths
+from lib.core.atomic import atomic_write
 
 HEADER_KEY = "causal_interventions"   # the one safetensors metadata key of save_tensors
 #: timings: never stored in a tensor file's header (nor in a result's provenance)
@@ -60,11 +60,7 @@ def set_aside(err: TensorFileError, then: str = "computing it again") -> Path:
     it is computed again but not lost, with a warning naming it and the problem; returns the
     new path."""
     path = err.path
-    target = path.with_name(path.name + ".set-aside")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.set-aside-{n}")
+    target = paths.unused_name(path, ".set-aside")
     os.replace(path, target)
     warnings.warn(f"{path}: {err.problem}; set it aside as {target.name} and {then}",
                   TensorFileWarning, stacklevel=3)
@@ -89,21 +85,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict, config: dict,
     if key is not None:
         both["key"] = str(key)
     header = {HEADER_KEY: json.dumps(both, sort_keys=True, default=str)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=header)
-        os.chmod(tmp, paths.file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    from lib.core.io import _remove_stale_temporaries
-
-    _remove_stale_temporaries(path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=header))
 
 
 def read_header(path: str | os.PathLike, what: str = "file",
