@@ -344,6 +344,21 @@ def test_an_output_folder_that_cannot_take_a_file_is_refused_before_the_computat
     assert not ran
 
 
+def test_a_prompt_file_too_small_for_the_folds_is_refused_before_the_model(monkeypatch):
+    """A one-pair file used to fail deep in the scoring, and the advice named N_FOLDS <= 0,
+    which the parameter's own rule refuses."""
+    from lib.core.prompts import PromptPairs
+    from lib.studies import steps
+
+    loaded = []
+    monkeypatch.setattr("lib.core.models.load_model", lambda *a, **k: loaded.append(1))
+    one = PromptPairs("tiny_pair", ("x", "y"), ("write x",), ("write y",))
+    with pytest.raises(ValueError, match=r"tiny_pair: 1 pairs are too few .*at least 4 prompts"):
+        steps.layer_scores("tiny-random", "cpu", "float32", [one], "all", ["resid_post"],
+                           ["fisher"], 5, 8, 0, 4, 0, {})
+    assert not loaded
+
+
 # --- through the library ---------------------------------------------------------------------
 
 def test_parameter_values_are_checked_inside_the_notebook_too():

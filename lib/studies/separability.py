@@ -120,6 +120,23 @@ def fisher_ratio(pa: np.ndarray, pb: np.ndarray) -> float:
     return float(num / max(den, _EPS * max(num, 1.0)))
 
 
+def _fold_advice(n: int) -> str:
+    """The fix for too few rows: a fold count that works (N_FOLDS is at least 2), else more."""
+    if n // 2 >= 2:
+        return f"use N_FOLDS <= {n // 2} or more prompts"
+    return f"give at least 4 prompts per side (N_FOLDS is at least 2; here {n})"
+
+
+def check_folds(comparisons: Sequence[Comparison], n_folds: int) -> None:
+    """Refuse comparisons too small for ``n_folds`` held-out folds, before any model runs
+    (the message names the comparison and the fix)."""
+    for c in comparisons:
+        try:
+            fold_indices(len(c.prompts_a), len(c.prompts_b), n_folds, paired=c.paired)
+        except ValueError as err:
+            raise ValueError(f"{c.name}: {err}") from None
+
+
 def fold_indices(n_a: int, n_b: int, n_folds: int = 5, seed: int = 0,
                  paired: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Held-out indices (into X and into Y) of each of ``n_folds`` stratified folds.
@@ -136,13 +153,12 @@ def fold_indices(n_a: int, n_b: int, n_folds: int = 5, seed: int = 0,
             raise ValueError(f"paired folds need as many rows in X as in Y, got {n_a} and {n_b}")
         if n_a < 2 * n_folds:
             raise ValueError(f"{n_a} pairs are too few for {n_folds} folds (each held-out fold "
-                             f"needs >= 2 pairs); use N_FOLDS <= {n_a // 2} or more prompts")
+                             f"needs >= 2 pairs); {_fold_advice(n_a)}")
         perm = np.random.default_rng(seed).permutation(n_a)
         return [(np.sort(part), np.sort(part)) for part in np.array_split(perm, n_folds)]
     if min(n_a, n_b) < 2 * n_folds:
         raise ValueError(f"{n_a} and {n_b} vectors are too few for {n_folds} folds (each "
-                         f"held-out fold needs >= 2 per class); use N_FOLDS <= "
-                         f"{min(n_a, n_b) // 2} or more prompts")
+                         f"held-out fold needs >= 2 per class); {_fold_advice(min(n_a, n_b))}")
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.r_[np.zeros(n_a, dtype=int), np.ones(n_b, dtype=int)]

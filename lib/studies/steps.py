@@ -100,9 +100,11 @@ def layer_scores(model: str, device: str, dtype: str, pair_sets: Sequence, layer
     from lib.core.models import load_model
     from lib.core.params import parse_layers
 
+    comparisons = S.build_comparisons(pair_sets)
+    if "fisher" in metrics:   # a file too small for the folds: refused before the model loads
+        S.check_folds(comparisons, n_folds)
     lm = load_model(model, device, dtype)
     layers = parse_layers(layers_spec, lm.n_layers)
-    comparisons = S.build_comparisons(pair_sets)
     print(f"{lm.name}: {lm.n_layers} layers, d_model={lm.d_model}; scoring {len(layers)} "
           f"layers x {len(components)} components x {len(comparisons)} comparisons")
     results = S.score_layers(lm, comparisons, layers, components, metrics, n_folds=n_folds,
