@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -51,25 +52,27 @@ class WrongKindError(Exception):
 ANY = object()
 
 
-# the wrappers of the shape grammar (made by the functions below)
-class _Optional:
-    def __init__(self, shape):
-        self.shape = shape
+# the wrappers of the shape grammar (made by the functions below): one inner shape each, and
+# the class says what it means
+@dataclass(frozen=True, eq=False)   # compared by identity, as before
+class _Wrapped:
+    shape: Any
 
 
-class _Maybe:
-    def __init__(self, shape):
-        self.shape = shape
+class _Optional(_Wrapped):
+    pass
 
 
-class _MapOf:
-    def __init__(self, shape):
-        self.shape = shape
+class _Maybe(_Wrapped):
+    pass
 
 
-class _NonEmpty:
-    def __init__(self, shape):
-        self.shape = shape
+class _MapOf(_Wrapped):
+    pass
+
+
+class _NonEmpty(_Wrapped):
+    pass
 
 
 class _OneOf:
