@@ -184,14 +184,16 @@ def test_lazy_tuned_model_loads_on_first_real_use(tmp_path):
 
 
 def test_weights_fingerprint_sees_every_name_shape_and_bit():
+    from lib.core.tensorfiles import tensors_sha256
+
     a = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
-    fp = tu.weights_fingerprint(a)
-    assert fp == tu.weights_fingerprint({"b": torch.zeros(3), "w": torch.ones(2, 3)})
+    fp = tensors_sha256(a)
+    assert fp == tensors_sha256({"b": torch.zeros(3), "w": torch.ones(2, 3)})
     bumped = a["w"].clone()
     bumped[1, 2] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
     for changed in ({**a, "w": bumped}, {**a, "w": torch.ones(3, 2)}, {"w2": a["w"], "b": a["b"]},
                     {**a, "b": torch.zeros(3, dtype=torch.float64)}):
-        assert tu.weights_fingerprint(changed) != fp
+        assert tensors_sha256(changed) != fp
 
 
 def test_notebook_09_parameters_are_checked_before_running():

@@ -328,7 +328,7 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
     or trains the tuned model; (b) where a result must be computed and the cache holds other
     weights than the stored results name, the run stops with the fix and changes nothing;
     (c) FORCE=True fine-tunes again and recomputes every result, each naming the new weights."""
-    from lib.studies.das.tuning import weights_fingerprint
+    from lib.core.tensorfiles import tensors_sha256
     from lib.core.io import load_tensors, same_apart_from_time, save_tensors
     from lib.runner import NotebookFailed
 
@@ -365,7 +365,7 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
     # (c) FORCE=True: fine-tuned again here, every result recomputed with those weights
     run_notebooks([nb], [MODEL], {**params, "FORCE": True}, runs_dir=workspace["runs"],
                   timeout=300, progress=False)
-    tuned = weights_fingerprint(load_tensors(weights)[0])
+    tuned = tensors_sha256(load_tensors(weights)[0])
     ft = json.loads((out / "das_finetune.json").read_text())
     assert ft["weights_sha256"] == tuned
     for n in ("das_iia.json", "das_graph.json"):

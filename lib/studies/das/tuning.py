@@ -11,7 +11,8 @@ weights cache, and the model loaded only when a result needs it.
   (:func:`lib.core.tensorfiles.load_tensors`: finite, this model's trainable tensors and
   shapes, the same key); one that fails is set aside and trained again, and a stored accuracy
   whose checksum does not match the tensors is measured again.
-* :func:`weights_fingerprint`: which tuned weights a result was computed with.
+* :func:`lib.core.tensorfiles.tensors_sha256` of the tuned weights: which weights a result was
+  computed with (fine-tuning is repeatable on one kind of CPU, not across kinds).
 * :class:`LazyTuned`: the tuned model, loaded (or trained) on first use only, and refused
   unless its weights are the ones the stored results name.
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lib.core.tensorfiles import tensors_sha256
 
 from lib.studies.das.arithmetic import (CACHE, TaskError, TaskTokens, accuracy,
                                         arrangement_tensor, attach_classifier, class_logits,
@@ -116,23 +119,14 @@ def tuned_path(model_name: str, spec: dict, cache_dir: Path = CACHE) -> Path:
     return Path(cache_dir) / f"{slug(model_name)}-{params_key(spec)}.safetensors"
 
 
-def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (:func:`lib.core.tensorfiles.tensors_sha256`): which tuned
-    weights a result was computed with. Fine-tuning from the same parameters is repeatable on
-    one kind of CPU, not across kinds (float rounding differs, and training amplifies it)."""
-    from lib.core.tensorfiles import tensors_sha256
-
-    return tensors_sha256(tensors)
-
-
 class LazyTuned:
     """:func:`tuned_model`'s model, loaded (from the cache, or trained) on first use of
     anything but its name, sizes, site table and tokenizer (read from the model as shipped).
     A notebook whose results are all stored and current then never fine-tunes: a fresh clone
     has the committed results, not the uncommitted weights cache.
 
-    ``expected_sha256`` (the :func:`weights_fingerprint` the stored results were computed
-    with): weights that load or train to another fingerprint are refused, so new results are
+    ``expected_sha256`` (the :func:`lib.core.tensorfiles.tensors_sha256` the stored results
+    were computed with): weights that load or train to another fingerprint are refused, so new results are
     never mixed with stored ones of other weights (None: stored results that name no weights;
     a warning says that the two cannot be checked against each other)."""
 
@@ -201,7 +195,7 @@ def _cached(lm, tokens: TaskTokens, split: dict, path: Path, spec: dict,
         return None
     lm.model.load_state_dict(tensors, strict=False)
     lm.model.eval()
-    sha = weights_fingerprint(tensors)
+    sha = tensors_sha256(tensors)
     if meta.get("weights_sha256") != sha:   # written before checksums, or changed since
         meta = {**meta, "test_accuracy": accuracy(lm, tokens, split["test"]),
                 "val_accuracy": accuracy(lm, tokens, split["val"])}
@@ -216,7 +210,7 @@ def tuned_model(model_name: str, fmt: str = "padded", split_seed: int = 0, n_val
     """The fine-tuned model: loaded from the safetensors cache when it holds one trained with
     exactly these settings, else trained and cached. Returns ``(lm, tokens, split, info)``;
     ``info`` holds the curve, the test accuracy, whether it came from the cache and the
-    :func:`weights_fingerprint` of the trained tensors (``weights_sha256``)."""
+    :func:`lib.core.tensorfiles.tensors_sha256` of the trained tensors (``weights_sha256``)."""
     from lib.core.io import params_key, save_tensors
     from lib.core.models import load_model
 
@@ -245,7 +239,7 @@ def tuned_model(model_name: str, fmt: str = "padded", split_seed: int = 0, n_val
                 "test_accuracy": accuracy(lm, tokens, split["test"]),
                 "val_accuracy": out["curve"][-1]["val_accuracy"],
                 "seconds_per_step": out["seconds_per_step"], "cached": False,
-                "weights_sha256": weights_fingerprint(state)}
+                "weights_sha256": tensors_sha256(state)}
         if path is not None:   # the accuracies are stored with the checksum they belong to
             save_tensors(path, state, spec, {k: v for k, v in info.items() if k != "cached"},
                          key=params_key(spec))
