@@ -37,7 +37,8 @@ FAST_PARAMETERS = {
     "05": {"TOKENS": ["M", "R"], "NAME": "fast"},
     "06": {"WINDOW": 2, "N_FACTS": 2},   # FACTS_FILE: the tiny model's own answers, below
     # IOI names are several bytes: the metric reads each name's first byte (lib.studies.ioi.name_token)
-    "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 2, "N_RECEIVERS": 1},
+    "07": {"TOKENS": ["M", "R"], "N_IOI_PATCH": 2, "N_RECEIVERS": 1, "N_EXACT_PAIRS": 2,
+           "N_ROLE_HEADS": 3},
     # no language model: the sizes of its MLPs' data and training runs
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,

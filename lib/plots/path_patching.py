@@ -91,12 +91,79 @@ def head_heatmap(records: list[dict], value: str = "delta", facet: str = "policy
 
 
 def eap_scatter(records: list[dict], title: str = ""):
-    """Edge attribution patching estimate vs the exact edge score, one point per edge."""
+    """EAP's and EAP-IG's estimates vs the exact edge effect, one point per edge, one panel per
+    estimate (records of :func:`lib.studies.path_patching.eap_study`)."""
     import pandas as pd
-    from plotnine import aes, geom_abline, geom_point, ggplot, labs, theme_bw
+    from plotnine import aes, facet_wrap, geom_abline, geom_point, ggplot, labs, theme_bw
 
     df = pd.DataFrame(records)
-    return (ggplot(df, aes("exact", "estimate")) + geom_point(alpha=0.5, size=1)
-            + geom_abline(slope=1, intercept=0, linetype="dashed")
-            + labs(x="exact edge patch: Δ logit diff", y="EAP estimate", title=title)
+    columns = {"estimate": "EAP", "estimate_ig": "EAP-IG"}
+    long = df.melt(id_vars=["sender", "receiver", "exact"],
+                   value_vars=[c for c in columns if c in df], var_name="method",
+                   value_name="value")
+    long["method"] = long["method"].map(columns)
+    return (ggplot(long, aes("exact", "value")) + geom_point(alpha=0.5, size=1)
+            + geom_abline(slope=1, intercept=0, linetype="dashed") + facet_wrap("~method")
+            + labs(x="exact edge patch: Δ logit diff", y="estimate", title=title)
             + theme_bw())
+
+
+def roles_figure(heads: list[dict], title: str = ""):
+    """The evidence of each head's role (records of
+    :func:`lib.studies.path_patching.head_roles`): mean attention from the end to IO, S1 and
+    S2, and direct logit attribution on logit(IO) and logit(S), with 95 % intervals over
+    prompts; one panel per measure, heads labelled with their role."""
+    import pandas as pd
+    from plotnine import (aes, coord_flip, facet_wrap, geom_col, geom_errorbar, ggplot, labs,
+                          position_dodge, theme_bw)
+
+    rows = []
+    for h in heads:
+        label = f"{h['head']} ({h['role']})"
+        for group, keys in (("attention from the end", ("io", "s1", "s2")),
+                            ("direct logit attribution", ("io", "s"))):
+            part = h["attention"] if group.startswith("attention") else h["dla"]
+            for k in keys:
+                rows.append({"head": label, "panel": group, "to": k.upper(),
+                             "mean": part[k]["mean"], "low": part[k]["ci_low"],
+                             "high": part[k]["ci_high"]})
+    df = pd.DataFrame(rows)
+    df["head"] = pd.Categorical(df["head"], categories=list(dict.fromkeys(reversed(df["head"]))),
+                                ordered=True)
+    dodge = position_dodge(width=0.8)
+    return (ggplot(df, aes("head", "mean", fill="to")) + geom_col(position=dodge, width=0.8)
+            + geom_errorbar(aes(ymin="low", ymax="high"), position=dodge, width=0.3)
+            + coord_flip() + facet_wrap("~panel", scales="free_x")
+            + labs(x="", y="mean over prompts (95 % interval)", fill="name", title=title)
+            + theme_bw())
+
+
+def roles_table(heads: list[dict]):
+    """One row per head: its path-patching effect, attention to IO/S1/S2, DLA on IO and S,
+    copy scores and role (a DataFrame for display)."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "head": h["head"], "Δ logit diff (path)": h["path_delta"],
+        "attn IO": h["attention"]["io"]["mean"], "attn S1": h["attention"]["s1"]["mean"],
+        "attn S2": h["attention"]["s2"]["mean"], "DLA IO": h["dla"]["io"]["mean"],
+        "DLA S": h["dla"]["s"]["mean"], "copy": h["copy_score"],
+        "negative copy": h["negative_copy_score"], "role": h["role"]} for h in heads]).round(3)
+
+
+def agreement_table(result: dict):
+    """EAP and EAP-IG against exact edge patching (:func:`lib.studies.path_patching.eap_study`):
+    correlations with and without the largest outlier, and that outlier (a DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for method, label in (("eap", "EAP"), ("eap_ig", f"EAP-IG ({result['ig_steps']} steps)")):
+        a = result["agreement"][method]
+        out = a["outlier"]
+        rows.append({"estimate": label, "pearson": a["pearson"], "spearman": a["spearman"],
+                     "pearson w/o outlier": a["pearson_without_outlier"],
+                     "spearman w/o outlier": a["spearman_without_outlier"],
+                     "outlier": f"{out['sender']} -> {out['receiver']}",
+                     "outlier exact": out["exact"], "outlier estimate": out["estimate"],
+                     "pairs (exact / all)": f"{result['exact_pairs']} / {result['n_pairs']}"})
+    return pd.DataFrame(rows).round(3)

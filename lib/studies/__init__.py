@@ -16,5 +16,6 @@ from lib.core import schema as _schema
 # that writes them: a file of any kind is recognised even where its module is not imported
 _schema.declare_modules(
     "lib.studies.separability", "lib.studies.steps", "lib.studies.interchange",
-    "lib.studies.path_patching.studies", "lib.studies.das.mlp_study",
+    "lib.studies.path_patching.studies", "lib.studies.path_patching.roles",
+    "lib.studies.das.mlp_study",
     "lib.studies.das.arithmetic_study")

@@ -282,12 +282,30 @@ def ioi_heads(lm, pairs: list[dict], n_patch: int, n_receivers: int, batch_size:
     return result, io.provenance(lm, parameters, seed)
 
 
-def eap_edges(lm, pair: dict, layers_spec: str, batch_size: int, parameters: dict, seed: int):
-    """Notebook 07, part 4: edge attribution patching beside exact edge patching."""
+def eap_edges(lm, pairs: list[dict], layers_spec: str, ig_steps: int, exact_pairs: int,
+              batch_size: int, parameters: dict, seed: int):
+    """Notebook 07, part 4: EAP and EAP-IG on every pair beside exact edge patching on the
+    first ``exact_pairs``."""
     from lib.studies import path_patching as pp
     from lib.core.params import parse_layers
 
     layers = parse_layers(layers_spec, lm.n_layers, "EAP_LAYERS")
-    result = pp.eap_study(lm, pair, layers, batch_size)
-    print(f"{len(result['records'])} edges")
+    result = pp.eap_study(lm, pairs, layers, ig_steps=ig_steps, exact_pairs=exact_pairs,
+                          batch_size=batch_size)
+    print(f"{len(result['records'])} edges; {result['n_pairs']} pairs (exact on "
+          f"{result['exact_pairs']}); seconds {result['seconds']}")
+    return result, io.provenance(lm, parameters, seed)
+
+
+def head_roles(lm, pairs: list[dict], ioi_result: dict, n_heads: int, parameters: dict,
+               seed: int):
+    """Notebook 07, part 3b: the roles of the ``n_heads`` heads with the largest |mean change|
+    of the logit difference (head -> logits, the first freeze policy) in ``ioi_result``."""
+    from lib.studies import path_patching as pp
+
+    rows = [r for r in ioi_result["to_logits"] if r["policy"] == pp.FREEZE_POLICIES[0]]
+    strongest = sorted(rows, key=lambda r: -abs(r["delta"]))[:n_heads]
+    result = pp.head_roles(lm, pairs, [r["sender"] for r in strongest],
+                           path_delta={r["sender"]: r["delta"] for r in strongest},
+                           progress=True)
     return result, io.provenance(lm, parameters, seed)

@@ -45,8 +45,9 @@ Computation modules import no plotting library; the lineage tree is drawn by
 :mod:`lib.plots.path_patching`.
 
 The package: :mod:`~lib.studies.path_patching.nodes` (the vocabulary), :mod:`~lib.studies.path_patching.tree`
-(1), :mod:`~lib.studies.path_patching.paths` (2), :mod:`~lib.studies.path_patching.edges` (3 and EAP),
-:mod:`~lib.studies.path_patching.studies` (notebook 07's payloads); every name is importable from here.
+(1), :mod:`~lib.studies.path_patching.paths` (2), :mod:`~lib.studies.path_patching.edges` (3, EAP and EAP-IG),
+:mod:`~lib.studies.path_patching.roles` (the IOI heads' roles from attention, direct logit
+attribution and copy scores), :mod:`~lib.studies.path_patching.studies` (notebook 07's payloads); every name is importable from here.
 """
 
 from lib.studies.path_patching.nodes import (  # noqa: F401
@@ -65,6 +66,10 @@ from lib.studies.path_patching.edges import (  # noqa: F401
     edge_patch, node_edges, eap,
 )
 from lib.studies.path_patching.studies import (  # noqa: F401
-    _probs, capital_study, ioi_head_study, eap_study, _corr, CAPITAL_SCHEMA, IOI_SCHEMA,
-    EAP_SCHEMA,
+    _probs, capital_study, ioi_head_study, eap_study, agreement, _corr, CAPITAL_SCHEMA,
+    IOI_SCHEMA, EAP_SCHEMA,
+)
+from lib.studies.path_patching.roles import (  # noqa: F401
+    ATTENTION_MIN, COPY_MIN, ROLES, ROLES_SCHEMA, frozen_norm, eager_attention, role_of,
+    head_roles,
 )

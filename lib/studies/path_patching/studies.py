@@ -34,10 +34,16 @@ IOI_SCHEMA = Kind("path_patching_ioi", "07_path_patching", {
     "to_logits": nonempty([_HEAD_PATCH]), "strongest": [str], "to_queries": [_HEAD_PATCH],
     "policy_difference": map_of({"max_abs": float, "pearson": NUM}), "accuracy": float,
     "mean_logit_diff": float, "logit_diff": nonempty([float])})
+_AGREEMENT = {"pearson": NUM, "spearman": NUM, "pearson_without_outlier": NUM,
+              "spearman_without_outlier": NUM,
+              "outlier": {"sender": str, "receiver": str, "exact": float, "estimate": float}}
 #: ``path_patching_eap.json``: :func:`eap_study`
 EAP_SCHEMA = Kind("path_patching_eap", "07_path_patching", {
-    "records": nonempty([{"sender": str, "receiver": str, "exact": float, "estimate": float}]),
-    "clean_logit_diff": float, "pearson": NUM, "spearman": NUM})
+    "records": nonempty([{"sender": str, "receiver": str, "exact": float, "estimate": float,
+                          "estimate_ig": float, "eap_all": float, "eap_ig_all": float}]),
+    "clean_logit_diff": float, "pearson": NUM, "spearman": NUM, "n_pairs": int,
+    "exact_pairs": int, "ig_steps": int, "agreement": {"eap": _AGREEMENT, "eap_ig": _AGREEMENT},
+    "seconds": map_of(float), "method": str})
 
 
 # --- the studies of notebook 07 (JSON-ready payloads) -----------------------------------------------
@@ -153,22 +159,78 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
             "strongest": strongest, "to_queries": to_queries, "policy_difference": diffs}
 
 
-def eap_study(lm, pair: dict, layers: Sequence[int] | None = None, batch_size: int = 32) -> dict:
-    """Exact edge patching of every node-level edge (one row each) beside edge attribution
-    patching (one forward and one backward pass), on one IOI pair; Pearson and Spearman."""
+def agreement(estimate: torch.Tensor, exact: torch.Tensor, edges: Sequence) -> dict:
+    """Pearson and Spearman correlation of an estimate with the exact effects, with and without
+    the largest outlier (the edge with the largest |estimate - exact|)."""
+    rank = lambda x: x.argsort().argsort().float()  # noqa: E731
+    worst = int((estimate - exact).abs().argmax())
+    keep = torch.arange(len(exact)) != worst
+    return {"pearson": _corr(estimate, exact), "spearman": _corr(rank(estimate), rank(exact)),
+            "pearson_without_outlier": _corr(estimate[keep], exact[keep]),
+            "spearman_without_outlier": _corr(rank(estimate[keep]), rank(exact[keep])),
+            "outlier": {"sender": edges[worst][0], "receiver": edges[worst][1],
+                        "exact": float(exact[worst]), "estimate": float(estimate[worst])}}
+
+
+def eap_study(lm, pairs: Sequence[dict], layers: Sequence[int] | None = None,
+              ig_steps: int = 5, exact_pairs: int = 8, batch_size: int = 32,
+              progress: bool = True) -> dict:
+    """Every node-level edge scored three ways on IOI pairs: edge attribution patching (EAP,
+    one forward and one backward pass per pair) and EAP-IG (``ig_steps`` interpolation steps
+    at the embeddings) on every pair, and exact edge patching (one forward per edge and pair,
+    batched) on the first ``exact_pairs`` pairs. Each record holds the edge's mean change of the
+    logit difference: exact and both estimates over the exact pairs (like for like), and both
+    estimates over all pairs (``eap_all``, ``eap_ig_all``: the rankings of the circuit
+    study). ``agreement``: correlations with the exact effects over the exact pairs."""
+    import time
+
+    from tqdm.auto import tqdm
+
     from lib.studies.ioi import logit_diff
 
+    if not pairs:
+        raise ValueError("eap_study: no IOI pairs")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"EAP_IG_STEPS must be an integer >= 1, got {ig_steps!r}")
+    if not 1 <= exact_pairs:
+        raise ValueError(f"N_EXACT_PAIRS must be >= 1, got {exact_pairs!r}")
     edges = node_edges(lm, layers)
-    ld = lambda logits: logit_diff(logits, pair["io_id"], pair["s_id"])  # noqa: E731
-    est, clean = eap(lm, pair["base_ids"], pair["source_ids"], edges, ld)
-    exact = edge_patch(lm, pair["base_ids"], pair["source_ids"], [[e] for e in edges], ld,
-                       batch_size=batch_size) - clean
-    a, b = torch.tensor(est), exact.double().float()
-    rank = lambda x: x.argsort().argsort().float()  # noqa: E731
-    return {"records": [{"sender": s, "receiver": r, "exact": float(x), "estimate": float(y)}
-                        for (s, r), x, y in zip(edges, b.tolist(), a.tolist())],
-            "clean_logit_diff": clean,
-            "pearson": _corr(a, b), "spearman": _corr(rank(a), rank(b))}
+    n_exact = min(exact_pairs, len(pairs))
+    scores: dict[str, list[list[float]]] = {"eap": [], "eap_ig": [], "exact": []}
+    seconds = {"eap": 0.0, "eap_ig": 0.0, "exact": 0.0}
+    clean = []
+    for i, pair in enumerate(tqdm(pairs, desc="EAP, EAP-IG, exact edges", disable=not progress)):
+        ld = lambda logits, p=pair: logit_diff(logits, p["io_id"], p["s_id"])  # noqa: E731
+        for method, steps in (("eap", 0), ("eap_ig", ig_steps)):
+            started = time.perf_counter()
+            est, value = eap(lm, pair["base_ids"], pair["source_ids"], edges, ld,
+                             ig_steps=steps)
+            seconds[method] += time.perf_counter() - started
+            scores[method].append(est)
+        clean.append(value)
+        if i < n_exact:
+            started = time.perf_counter()
+            got = edge_patch(lm, pair["base_ids"], pair["source_ids"], [[e] for e in edges], ld,
+                             batch_size=batch_size) - value
+            seconds["exact"] += time.perf_counter() - started
+            scores["exact"].append(got.double().tolist())
+    table = {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.items()}
+    exact = table["exact"].mean(0)
+    on_exact = {k: table[k][:n_exact].mean(0) for k in ("eap", "eap_ig")}
+    on_all = {k: table[k].mean(0) for k in ("eap", "eap_ig")}
+    fit = {k: agreement(on_exact[k], exact, edges) for k in ("eap", "eap_ig")}
+    records = [{"sender": s, "receiver": r, "exact": float(exact[j]),
+                "estimate": float(on_exact["eap"][j]), "estimate_ig": float(on_exact["eap_ig"][j]),
+                "eap_all": float(on_all["eap"][j]), "eap_ig_all": float(on_all["eap_ig"][j])}
+               for j, (s, r) in enumerate(edges)]
+    return {"records": records, "clean_logit_diff": sum(clean) / len(clean),
+            "pearson": fit["eap"]["pearson"], "spearman": fit["eap"]["spearman"],
+            "n_pairs": len(pairs), "exact_pairs": n_exact, "ig_steps": ig_steps,
+            "agreement": fit, "seconds": seconds,
+            "method": "mean change of logit(IO) - logit(S) when the edge carries the corrupt "
+                      "(ABC) run's sender output; exact: one forward per edge and pair on the "
+                      f"first {n_exact} pairs; EAP and EAP-IG ({ig_steps} steps at the "
+                      "embeddings) on every pair; correlations over the exact pairs"}
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
