@@ -43,6 +43,31 @@ def differences(got: torch.Tensor, ref: torch.Tensor) -> dict:
             "max_abs_diff": float((got - ref).abs().max())}
 
 
+def forward_flops(lm, tokens: int) -> float:
+    """Floating-point operations of one forward pass of ``tokens`` tokens with logits at the last
+    position: 2 per multiply-add of every weight matrix but the embedding, the attention
+    scores and mixing (2 x 2 x tokens^2 x n_heads x d_head per layer), and the unembedding."""
+    embed = lm.model.get_input_embeddings().weight
+    unembed = lm.model.get_output_embeddings().weight
+    matrices = sum(p.numel() for n, p in lm.model.named_parameters()
+                   if p.dim() == 2 and p.data_ptr() not in (embed.data_ptr(), unembed.data_ptr()))
+    attention = 4 * tokens * tokens * lm.n_heads * lm.d_head * lm.n_layers
+    return 2.0 * matrices * tokens + attention + 2.0 * unembed.numel()
+
+
+def matmul_peak(lm, rows: int, repeats: int = 50) -> float:
+    """GFLOP/s of this CPU on the model's largest matrix shape (``rows`` x d_model times the
+    biggest weight matrix of a block): the arithmetic bound of a batched forward."""
+    weight = max((p for p in lm.spec.blocks(lm.model)[0].parameters() if p.dim() == 2),
+                 key=lambda p: p.numel()).detach()
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    torch.nn.functional.linear(x, weight)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(x, weight)
+    return 2.0 * rows * weight.numel() * repeats / (time.perf_counter() - started) / 1e9
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -82,6 +107,18 @@ def main(argv=None) -> int:
     results["edge_sets"] = {"n": len(sets), "n_edges": len(edges), "density": args.density,
                             "batched_s": t_fast, "naive_s": t_slow, "ratio": t_slow / t_fast,
                             **differences(fast, slow)}
+    flops = forward_flops(lm, int(b.shape[1]))
+    peak = matmul_peak(lm, args.batch_size * int(b.shape[1]))
+    one_row = matmul_peak(lm, int(b.shape[1]))
+    r = results["edge_sets"]
+    r.update(gflop_per_forward=flops / 1e9, batched_gflop_s=len(sets) * flops / t_fast / 1e9,
+             naive_gflop_s=len(sets) * flops / t_slow / 1e9, peak_gflop_s=peak,
+             one_row_peak_gflop_s=one_row,
+             bound=peak / (len(sets) * flops / t_slow / 1e9))
+    print(f"edge sets: {flops / 1e9:.2f} GFLOP per forward; batched {r['batched_gflop_s']:.1f} "
+          f"GFLOP/s, naive {r['naive_gflop_s']:.1f}; matmul peak {peak:.1f} GFLOP/s at "
+          f"{args.batch_size} rows ({one_row:.1f} at one row): batching can give at most "
+          f"{r['bound']:.1f}x over the naive loop")
     for name in ("head_to_logits", "edge_sets"):
         r = results[name]
         print(f"{name}: {r['n']} rows  batched {r['batched_s']:.2f} s  naive {r['naive_s']:.2f} s"

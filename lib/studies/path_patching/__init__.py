@@ -16,7 +16,9 @@ base run along another. The forms (DESIGN.md, "Path patching"):
    input is the sum of its senders' outputs, so a set of edges (sender output -> receiver input)
    is patched exactly in one forward pass by adding ``source_out(s) - current_out(s)`` at each
    patched edge's receiver, ``current_out`` being the sender's output in that very pass; many
-   edge sets run batched, one per row. :func:`edge_patch`. Edge attribution patching (Syed et
+   edge sets run batched, one per row. :func:`edge_patch`. Overlapping edges add up: a set
+   with an edge into ``a{l}`` and edges into ``a{l}.h{h}.q|k|v`` gives head ``h``'s query
+   (key, value) input the already patched ``a{l}`` input plus its own edges' deltas. Edge attribution patching (Syed et
    al. 2023) estimates every edge at once from one forward and one backward pass: :func:`eap`.
 
 Node vocabulary
@@ -35,7 +37,7 @@ the sub-layer term with it (``path + [node, node.head]``); at ``node.head``, ``"
 requests the sub-layer's input separately per position (``.head.pos{p}``), and for attention
 ``"heads"`` (or True) requests it per head (``a{l}.h{h}``) and, where ``branch`` is truthy at
 the head too, per query/key/value (``a{l}.h{h}.q``). An unbranched node keeps its name in the
-path (nano's code drops an unbranched MLP's name, an asymmetry not kept here). ``which(path)`` is
+path, as nano's code does today (one June 2023 version of nano dropped an unbranched MLP's name). ``which(path)`` is
 called at ``emb``. Each request becomes a *run*: a context plus interventions at the sub-layer
 inputs of the split nodes (pre-norm sites of :mod:`lib.core.sites`, so only that sub-layer reads the
 other input), whose values are :class:`lib.core.engine.Ref` references to the runs of the sub-trees;
