@@ -46,7 +46,9 @@ Computation modules import no plotting library; the lineage tree is drawn by
 
 The package: :mod:`~lib.studies.path_patching.nodes` (the vocabulary), :mod:`~lib.studies.path_patching.tree`
 (1), :mod:`~lib.studies.path_patching.paths` (2), :mod:`~lib.studies.path_patching.edges` (3 and EAP),
-:mod:`~lib.studies.path_patching.studies` (notebook 07's payloads); every name is importable from here.
+:mod:`~lib.studies.path_patching.studies` (notebook 07's payloads),
+:mod:`~lib.studies.path_patching.circuits` (circuits from ranked edges and their faithfulness
+curves); every name is importable from here.
 """
 
 from lib.studies.path_patching.nodes import (  # noqa: F401
@@ -67,4 +69,8 @@ from lib.studies.path_patching.edges import (  # noqa: F401
 from lib.studies.path_patching.studies import (  # noqa: F401
     _probs, capital_study, ioi_head_study, eap_study, _corr, CAPITAL_SCHEMA, IOI_SCHEMA,
     EAP_SCHEMA,
+)
+from lib.studies.path_patching.circuits import (  # noqa: F401
+    DIRECTIONS, THRESHOLDS, CIRCUIT_SCHEMA, k_grid, edge_order, circuit_at, patched_sets,
+    faithfulness_curve, curve_summary, circuit_study,
 )
