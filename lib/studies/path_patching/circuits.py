@@ -8,8 +8,12 @@ integrated-gradients variant, exact single-edge patching ...). The circuit of si
 
 * ``direction="keep"``: the circuit's edges carry the clean (base) run, every *other* edge is
   patched from the corrupt (source) run. At k = 0 every edge is patched, which with node-level
-  edges is the corrupt run itself (each receiver's input is the sum of its senders' outputs;
-  tested on every tiny architecture); at k = n_edges nothing is patched: the clean run.
+  edges is the corrupt run itself: each receiver's input is the sum of its senders' outputs,
+  so it reads the corrupt residual stream (up to float rounding; tested on every tiny
+  architecture, Gemma 3 included: its post-attention and post-MLP norms sit inside the
+  senders' outputs ``attn_add`` / ``mlp_add``, and only per-head senders, which that norm
+  mixes, are not additive; :func:`edge_patch` refuses those there). At k = n_edges nothing is
+  patched: the engine hands back the clean run's own readout, bit for bit.
 * ``direction="remove"`` (the reverse curve): only the circuit's edges are patched.
 
 Each edge set is one row of :func:`lib.studies.path_patching.edge_patch` (exact: one forward pass
