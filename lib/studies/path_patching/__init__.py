@@ -37,8 +37,8 @@ the sub-layer term with it (``path + [node, node.head]``); at ``node.head``, ``"
 requests the sub-layer's input separately per position (``.head.pos{p}``), and for attention
 ``"heads"`` (or True) requests it per head (``a{l}.h{h}``) and, where ``branch`` is truthy at
 the head too, per query/key/value (``a{l}.h{h}.q``). An unbranched node keeps its name in the
-path, as nano's code does today (one June 2023 version of nano dropped an unbranched MLP's name). ``which(path)`` is
-called at ``emb``. Each request becomes a *run*: a context plus interventions at the sub-layer
+path, as nano's code does today (one June 2023 version of nano dropped an unbranched MLP's
+name). ``which(path)`` is called at ``emb``. Each request becomes a *run*: a context plus interventions at the sub-layer
 inputs of the split nodes (pre-norm sites of :mod:`lib.core.sites`, so only that sub-layer reads the
 other input), whose values are :class:`lib.core.engine.Ref` references to the runs of the sub-trees;
 equal lineages give equal references, and the engine computes each distinct one once.
@@ -46,10 +46,13 @@ equal lineages give equal references, and the engine computes each distinct one 
 Computation modules import no plotting library; the lineage tree is drawn by
 :mod:`lib.plots.path_patching`.
 
-The package: :mod:`~lib.studies.path_patching.nodes` (the vocabulary), :mod:`~lib.studies.path_patching.tree`
-(1), :mod:`~lib.studies.path_patching.paths` (2), :mod:`~lib.studies.path_patching.edges` (3, EAP and EAP-IG),
-:mod:`~lib.studies.path_patching.roles` (the IOI heads' roles from attention, direct logit
-attribution and copy scores), :mod:`~lib.studies.path_patching.studies` (notebook 07's payloads); every name is importable from here.
+The package: :mod:`~lib.studies.path_patching.nodes` (the vocabulary),
+:mod:`~lib.studies.path_patching.tree` (1), :mod:`~lib.studies.path_patching.paths` (2),
+:mod:`~lib.studies.path_patching.edges` (3, EAP and EAP-IG), :mod:`~lib.studies.path_patching.roles`
+(the IOI heads' roles from attention, direct logit attribution and copy scores),
+:mod:`~lib.studies.path_patching.studies` (notebook 07's payloads),
+:mod:`~lib.studies.path_patching.circuits` (circuits from ranked edges and their faithfulness
+curves); every name is importable from here.
 """
 
 from lib.studies.path_patching.nodes import (  # noqa: F401
@@ -74,4 +77,8 @@ from lib.studies.path_patching.studies import (  # noqa: F401
 from lib.studies.path_patching.roles import (  # noqa: F401
     ATTENTION_MIN, COPY_MIN, ROLES, ROLES_SCHEMA, frozen_norm, eager_attention, role_of,
     head_roles,
+)
+from lib.studies.path_patching.circuits import (  # noqa: F401
+    DIRECTIONS, THRESHOLDS, CIRCUIT_SCHEMA, k_grid, edge_order, circuit_at, patched_sets,
+    faithfulness_curve, curve_summary, circuit_study,
 )
