@@ -246,3 +246,18 @@ def test_plots_return_figures(study):
     for s in (None, scores):
         g = cp.circuit_graph(edges, "top 6 edges", scores=s)
         assert g.axes
+
+
+def test_smallest_circuit_picks_the_first_ranking_reaching_the_threshold():
+    edges = [["emb", "a0"], ["a0", "logits"], ["emb", "logits"]]
+    curve = lambda name, k80: {"ranking": name, "direction": "keep",  # noqa: E731
+                                "summary": {"k_80": k80, "k_90": None}}
+    payload = {"edges": edges, "rankings": {"a": [0.1, -3.0, 2.0], "b": [5.0, 0.0, 1.0]},
+               "curves": [curve("a", 2), curve("b", 1),
+                          {"ranking": "a", "direction": "remove",
+                           "summary": {"k_80": 0, "k_90": 0}}]}
+    best = pp.smallest_circuit(payload, 0.8)
+    assert best == {"ranking": "b", "k": 1, "edges": [["emb", "a0"]], "scores": [5.0]}
+    assert pp.smallest_circuit(payload, 0.9) is None
+    with pytest.raises(ValueError, match="threshold"):
+        pp.smallest_circuit(payload, 0.7)

@@ -335,6 +335,8 @@ WRONG_FIELD = {
     "path_patching_capital": (("records", 0, "prob"), float("nan")),
     "path_patching_ioi": (("to_logits", 0, "head"), "h0"),
     "path_patching_eap": (("records", 0, "exact"), [1.0]),
+    "path_patching_roles": (("heads", 0, "role"), 3),
+    "circuit_faithfulness": (("curves", 0, "faithfulness", 0), "high"),
     "das_mlp_hand_built": (("iia", "*"), "1.0"),
     "das_mlp_equality": (("per_layer", "*", 0, "iia"), None),
     "das_mlp_abab": (("equal", "per_layer"), {"layer": 0}),

@@ -17,6 +17,7 @@ import pytest
 
 from lib.core import paths
 from lib.runner import list_notebooks, run_notebooks
+from lib.studies.path_patching import ROLES
 
 MODEL = "tiny-random"
 PROMPT_FILES = ["cpp_python.json", "finance_medical.json"]
@@ -226,9 +227,15 @@ def check_07(ws, executed):
         assert 0 <= row["share_negative"] <= 1
     eap = json.loads((out / "path_patching_eap.json").read_text())
     assert len(eap["records"]) == 15                             # node-level edges, 2 layers
+    assert eap["exact_pairs"] == 2 and eap["n_pairs"] == data["n_pairs"]
+    roles = json.loads((out / "path_patching_roles.json").read_text())
+    assert len(roles["heads"]) == 3 and all(h["role"] in ROLES for h in roles["heads"])
+    circuit = json.loads((out / "circuit_faithfulness.json").read_text())
+    assert {c["ranking"] for c in circuit["curves"]} == {"eap", "eap_ig", "exact"}
+    assert all(c["ks"][-1] == 15 for c in circuit["curves"])
     figures(ws, *(f"path_patching_{n}" for n in
                   ("capital_heatmap", "capital_cumulative", "lineage", "ioi_heads",
-                   "ioi_queries", "eap")))
+                   "ioi_queries", "eap", "ioi_roles")), "circuit_faithfulness")
 
 
 def check_08(ws, executed):

@@ -101,3 +101,16 @@ def circuit_graph(edges: Sequence[Sequence[str]], title: str = "",
     ax.axis("off")
     plt.close(fig)
     return fig
+
+
+def circuit_table(payload: Mapping):
+    """One row per ranking and direction of a circuit study: the smallest k reaching 80 % and
+    90 % (for "remove": leaving at most 20 % / 10 %), CPR and CMD (a DataFrame)."""
+    import pandas as pd
+
+    n = len(payload["edges"])
+    return pd.DataFrame([{"ranking": c["ranking"], "direction": c["direction"],
+                          "k 80 %": c["summary"]["k_80"], "k 90 %": c["summary"]["k_90"],
+                          "CPR": c["summary"]["cpr"], "CMD": c["summary"]["cmd"],
+                          "edges": n, "pairs": c["n_pairs"]}
+                         for c in payload["curves"]]).round(3)

@@ -309,3 +309,19 @@ def head_roles(lm, pairs: list[dict], ioi_result: dict, n_heads: int, parameters
                            path_delta={r["sender"]: r["delta"] for r in strongest},
                            progress=True)
     return result, io.provenance(lm, parameters, seed)
+
+
+def circuits(lm, pairs: list[dict], eap_result: dict, n_points: int, batch_size: int,
+             parameters: dict, seed: int):
+    """Notebook 07, part 5: faithfulness curves of the circuits ranked by EAP, EAP-IG (means
+    over every pair) and exact edge effects (means over the exact pairs), kept and removed."""
+    from lib.studies import path_patching as pp
+
+    records = eap_result["records"]
+    edges = [(r["sender"], r["receiver"]) for r in records]
+    rankings = {"eap": [r["eap_all"] for r in records],
+                "eap_ig": [r["eap_ig_all"] for r in records],
+                "exact": [r["exact"] for r in records]}
+    result = pp.circuit_study(lm, pairs, edges, rankings, n_points=n_points,
+                              batch_size=batch_size, exact_pairs=eap_result["exact_pairs"])
+    return result, io.provenance(lm, parameters, seed)

@@ -332,3 +332,22 @@ def circuit_study(lm, pairs: Sequence[Mapping], edges: Sequence[tuple[str, str]]
     return {"edges": [[s, r] for s, r in edges],
             "rankings": {name: [float(v) for v in scores] for name, scores in rankings.items()},
             "curves": curves, "n_pairs": len(pairs), "exact_pairs": int(exact_pairs)}
+
+
+def smallest_circuit(payload: Mapping[str, Any], threshold: float = 0.8) -> dict[str, Any] | None:
+    """The smallest circuit of a :func:`circuit_study` payload whose kept edges recover at least
+    ``threshold`` of the clean logit difference ("keep" curves; ties: the first ranking): its
+    ranking, size, edges and their scores; None when no curve reaches it."""
+    key = {0.8: "k_80", 0.9: "k_90"}.get(threshold)
+    if key is None:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    reached = [c for c in payload["curves"]
+               if c["direction"] == "keep" and c["summary"][key] is not None]
+    if not reached:
+        return None
+    best = min(reached, key=lambda c: c["summary"][key])
+    edges = [tuple(e) for e in payload["edges"]]
+    scores = payload["rankings"][best["ranking"]]
+    order = edge_order(scores)[:best["summary"][key]]
+    return {"ranking": best["ranking"], "k": best["summary"][key],
+            "edges": [list(edges[j]) for j in order], "scores": [scores[j] for j in order]}
