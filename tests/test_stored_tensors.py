@@ -10,6 +10,7 @@ again only for the tensors it was measured on (their checksum), else measured ag
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -264,3 +265,32 @@ def test_a_graph_unit_of_another_shape_or_range_is_set_aside(tmp_path, value):
         assert io.UnitStore(tmp_path, {"k": 1}).get("M1_L1_k4_all", study.graph_check(2)) is None
     store.put("M1_L1_k4_all", [[-1, 2], [3, -1]])
     assert store.get("M1_L1_k4_all", study.graph_check(2)) == [[-1, 2], [3, -1]]
+
+
+def test_a_das_run_has_one_shape_for_its_unit_and_for_das_iia():
+    """The unit check of a DAS run and das_iia.json's kind are one definition (RUN_SHAPE plus
+    the IIA range): a run refused as a unit is refused inside das_iia.json too, and a valid
+    one passes both."""
+    import copy
+
+    from lib.core.schema import SchemaError
+
+    path = next(p for p in sorted(io.paths.FULL_COMPUTE.rglob("das_iia.json")))
+    result = json.loads(path.read_text())
+    run = result["runs"][0]
+    study.check_run(run)
+    study.DAS_SCHEMA(result)
+    assert study.DAS_SCHEMA.shape["runs"].shape is study.RUN_SHAPE
+    for change, fragment in ((lambda r: r.pop("n_test"), "missing keys ['n_test']"),
+                             (lambda r: r.update(curve=[{"epoch": 0}]), "missing keys ['loss']"),
+                             (lambda r: r.update(iia=1.5), "iia: an accuracy in [0, 1]"),
+                             (lambda r: r.update(control_iia=-0.1), "control_iia: an accuracy"),
+                             (lambda r: r.update(rank="64"), "expected int")):
+        bad = copy.deepcopy(run)
+        change(bad)
+        with pytest.raises(SchemaError, match=re.escape(fragment)):
+            study.check_run(bad)
+        whole = copy.deepcopy(result)
+        whole["runs"][0] = bad
+        with pytest.raises(SchemaError, match=re.escape(fragment)):
+            study.DAS_SCHEMA(whole)

@@ -21,10 +21,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from lib.core import io, paths
+from lib.core import io, paths, schema
 from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
 from lib.core.tensorfiles import TensorFileError, set_aside
 from lib.core.schema import NUM, Kind, map_of, maybe, nonempty, one_of, optional
@@ -32,6 +31,8 @@ from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
 from lib.studies.das import tuning as tu
+from lib.studies.das.arithmetic_tables import (graphs_table, runs_table,  # noqa: F401
+                                               sanity_cells, shipped_table, tokenization_lines)
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
 # each result's key: the parameters its numbers depend on (the DAS and graph keys add the tuned
@@ -54,18 +55,38 @@ FT_SCHEMA = Kind("das_finetune", "09_das_arithmetic", {
                         "val_loss": NUM, "val_accuracy": float}]),
     "steps": int, "trainable_parameters": int, "test_accuracy": float, "val_accuracy": float,
     "weights_sha256": optional(str), "head": str, "params_key": str})
+#: one DAS run, as :func:`das_runs` stores it (a unit) and ``das_iia.json`` lists it; its IIAs
+#: are accuracies in [0, 1] besides (:func:`check_run`)
+RUN_SHAPE = {"model": int, "layer": int, "rank": int, "site": str,
+             "positions": one_of(str, [int]), "iia": float, "control_iia": float,
+             "curve": [{"epoch": int, "loss": NUM}], "steps": int, "trainable_parameters": int,
+             "orthogonality_error": float, "n_train": int, "n_test": int}
+
+
+def check_run(res: Any, where: str = "run") -> None:
+    """A DAS run (a unit, or an item of ``das_iia.json``'s runs) as :func:`das_runs` reads it:
+    of :data:`RUN_SHAPE`, its IIAs numbers in [0, 1]; raises
+    :class:`lib.core.schema.SchemaError` (a ValueError) otherwise."""
+    schema.check(RUN_SHAPE, res, where)
+    for k in ("iia", "control_iia"):
+        if not 0 <= res[k] <= 1:
+            raise schema.SchemaError(f"at {where}.{k}: an accuracy in [0, 1], got {res[k]!r}")
+
+
+def _check_runs(payload: dict) -> None:
+    for i, run in enumerate(payload["runs"]):
+        check_run(run, f"$.runs[{i}]")
+
+
 DAS_SCHEMA = Kind("das_iia", "09_das_arithmetic", {
-    "runs": nonempty([{"model": int, "layer": int, "rank": int, "site": str,
-                       "positions": one_of(str, [int]), "iia": float, "control_iia": float,
-                       "curve": [{"epoch": int, "loss": NUM}], "steps": int,
-                       "trainable_parameters": int, "orthogonality_error": float,
-                       "n_train": int, "n_test": int}]),
+    "runs": nonempty([RUN_SHAPE]),
     "sanity_grid": [{"train_model": str, "test_model": str, "layer": int, "rank": int,
                      "site": str, "iia": float}],
     "full_swap": [{"model": int, "layer": int, "iia": float, "source_prediction_is_label": float,
                    "source_sum_is_label": float}],
     "layers": nonempty([int]), "ranks": nonempty([int]), "sites": map_of(maybe([int])),
-    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str})
+    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str},
+    extra=_check_runs)
 GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
     "arrangements": nonempty([int]), "predictions_file": str, "params_key": str,
     "graphs": [{"model": int, "layer": int, "rank": int, "site": str, "n": int,
@@ -132,20 +153,6 @@ def weights_key(ft: dict) -> dict:
     """The fingerprint entry of every later result's key (files written before fingerprints
     name none)."""
     return {"TUNED_WEIGHTS_SHA256": ft["weights_sha256"]} if "weights_sha256" in ft else {}
-
-
-def check_run(res: Any) -> None:
-    """A DAS run's stored result (a unit) as :func:`das_runs` reads it: its IIAs are numbers in
-    [0, 1] (a NaN is stored as null); raises ValueError otherwise."""
-    if not isinstance(res, dict):
-        raise ValueError(f"a DAS run is a JSON object, got {type(res).__name__}")
-    for k in ("model", "layer", "rank", "site", "iia", "control_iia"):
-        if k not in res:
-            raise ValueError(f"a DAS run needs {k!r}")
-    for k in ("iia", "control_iia"):
-        if isinstance(res[k], bool) or not isinstance(res[k], (int, float)) \
-                or not 0 <= res[k] <= 1:
-            raise ValueError(f"{k} must be a number in [0, 1], got {res[k]!r}")
 
 
 def stored_rotation(path: Path, key: str, name: str, d_model: int, rank: int,
@@ -464,38 +471,3 @@ class Notebook:
         """Whether the tuned model was loaded (False when every result was stored and current)."""
         return self.ft is not None and not (isinstance(self.lm, tu.LazyTuned)
                                             and not self.lm.loaded)
-
-
-def tokenization_lines(ft: dict) -> list[str]:
-    """One line per prompt format: how the shipped tokenizer splits a prompt, or why the
-    format cannot be used."""
-    return [f"{fmt}: " + (t["error"] if "error" in t else
-                          f"{t['prompt']!r} -> {t['tokens']} (ids {t['ids']}), slots {t['slots']}")
-            for fmt, t in ft["tokenization"].items()]
-
-
-def shipped_table(ft: dict) -> pd.DataFrame:
-    return pd.DataFrame([{k: s[k] for k in ("format", "shots", "n", "accuracy")}
-                         for s in ft["shipped"]])
-
-
-def runs_table(runs: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia",
-                                             "control_iia")} for r in runs])
-
-
-def graphs_table(graphs_result: dict) -> pd.DataFrame:
-    """One row per graph: mean edge weight with its node-resampled interval, the weight-1
-    fraction, the thesis' number, degrees and clique sizes."""
-    return pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
-                          "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
-                              *g["mean_weight_ci"]),
-                          "weight-1 fraction": g["fraction"]["1.0"],
-                          **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
-                                               "mean_weight1_degree", "clique_sizes")}}
-                         for g in graphs_result["graphs"]])
-
-
-def sanity_cells(grid: list[dict], layer: int, rank: int, site: str) -> list[dict]:
-    """The sanity grid's cells at one layer, rank and site."""
-    return [g for g in grid if g["layer"] == layer and g["rank"] == rank and g["site"] == site]
