@@ -330,6 +330,49 @@ def test_an_unwritable_model_cache_is_named(tmp_path, monkeypatch):
         models._load_embedded("smollm2-135m")
 
 
+@pytest.mark.parametrize("how", ["truncated", "nan", "shape", "missing", "source"])
+def test_a_damaged_model_cache_is_named_with_the_fix_and_never_reconverted(how, tmp_path,
+                                                                          monkeypatch):
+    """The safetensors copy of a converted GGUF model (a tiny stand-in here) read back checked:
+    cut short, a NaN, a misshapen or missing tensor (transformers would fill it with random
+    values and only warn), an unreadable source.json: each names the file and says to delete
+    the folder so the next load converts again. Nothing is converted in the test."""
+    from safetensors.torch import load_file, save_file
+
+    from lib.core import models
+
+    model, tokenizer, _ = models._build_tiny("tiny-random-llama", 0)
+    cache = tmp_path / "models" / "smollm2-135m"
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    (cache / "source.json").write_text(json.dumps({"kind": "gguf", "file": "x.gguf",
+                                                   "sha256": "0" * 64}))
+    monkeypatch.setattr(models.paths, "MODEL_CACHE", tmp_path / "models")
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    loaded, _, source = models._load_embedded("smollm2-135m")   # the intact copy loads
+    assert source["file"] == "x.gguf" and loaded.config.num_hidden_layers == 2
+    weights = cache / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.0.mlp.down_proj.weight"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif how == "source":
+        (cache / "source.json").write_text('{"kind": "gg')
+    else:
+        if how == "nan":
+            tensors[name][0, 0] = float("nan")
+        elif how == "shape":
+            tensors[name] = tensors[name][:-1]
+        else:
+            del tensors[name]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    shown = "source.json" if how == "source" else "model.safetensors"
+    with pytest.raises(models.ModelCacheError,
+                       match=rf"{shown}: .*delete the folder .*smollm2-135m and load "
+                             "smollm2-135m again to convert it afresh"):
+        models._load_embedded("smollm2-135m")
+
+
 def test_an_output_folder_that_cannot_take_a_file_is_refused_before_the_computation(tmp_path):
     """A file where the folder should be (as a read-only, full or dangling folder would):
     refused before compute runs, so no computation is lost."""
