@@ -270,6 +270,59 @@ def test_07_refuses_meaningless_inputs_before_any_study(param, value, fragment, 
     assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
 
 
+def test_06_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, capsys):
+    """05's result where 06's hidden-state trace goes: refused in the cell that loads the model,
+    before load_model (no model line printed), and the file is left as it was."""
+    import shutil
+
+    fc = tmp_path / "fc"
+    target = fc / "tiny-random" / "causal_trace_hidden.json"
+    target.parent.mkdir(parents=True)
+    shutil.copy(paths.FULL_COMPUTE / "smollm2-135m" / "interchange_default.json", target)
+    before = target.read_bytes()
+    rc = runner.main(["--notebooks", "06", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", f"FULL_COMPUTE_DIR={fc}",
+                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}", "-p", "N_FACTS=-1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED: 06_causal_tracing.ipynb" in err, err
+    assert "causal_trace_hidden.json holds a interchange" in err or "WrongKindError" in err, err
+    [failed] = (tmp_path / "runs").rglob("06_causal_tracing.failed.ipynb")
+    assert "tiny-random: 2 layers" not in failed.read_text()   # the model line never printed
+    assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == \
+        ["causal_trace_hidden.json"]
+
+
+def test_check_results_refuses_another_kind_and_sets_aside_an_unreadable_file(tmp_path):
+    """lib.core.io.check_results, the check a notebook runs on all its result files before its
+    model loads: missing files pass, an unreadable or malformed one is set aside (left alone
+    with force, which overwrites it), another kind's valid result is refused, nothing moved."""
+    from lib.core.schema import WrongKindError
+    from lib.studies import steps
+
+    files = steps.trace_files(tmp_path, ["hidden", "mlp"], True, True)
+    assert sorted(p.name for p in files) == ["causal_trace_facts.json",
+                                             "causal_trace_hidden.json",
+                                             "causal_trace_mlp.json", "causal_trace_severed.json"]
+    io.check_results(files)                                     # nothing stored: fine
+    hidden, mlp = tmp_path / "causal_trace_hidden.json", tmp_path / "causal_trace_mlp.json"
+    hidden.write_text('{"answer": "Par')
+    mlp.write_text('{"answer": "Paris"}')
+    io.check_results(files, force=True)                         # forced: left to be overwritten
+    assert hidden.exists() and mlp.exists()
+    with pytest.warns(io.ResultFileWarning, match="causal_trace_hidden.json could not be read"):
+        io.check_results(files)
+    assert not hidden.exists() and not mlp.exists()
+    assert (tmp_path / "causal_trace_hidden.json.corrupt").exists()
+    assert (tmp_path / "causal_trace_mlp.json.corrupt").exists()
+    other = paths.FULL_COMPUTE / "smollm2-135m" / "causal_trace_severed.json"
+    hidden.write_bytes(other.read_bytes())                      # 06's own, but another kind
+    for force in (False, True):
+        with pytest.raises(WrongKindError, match=r"causal_trace_hidden.json holds a "
+                           r"causal_trace_severed result .*nothing was moved"):
+            io.check_results(files, force=force)
+    assert hidden.read_bytes() == other.read_bytes()
+
+
 def test_a_truncated_ioi_file_is_named(tmp_path):
     from lib.studies import ioi
 

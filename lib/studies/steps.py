@@ -196,6 +196,18 @@ def domain_effects(model: str, device: str, dtype: str, seed: int, pair_sets: Se
     return payload, io.provenance(lm, parameters, seed)
 
 
+def trace_files(out: Path, kinds: Sequence[str], severed: bool, averages: bool) -> dict:
+    """Notebook 06's result files in ``out`` and their kinds (for
+    :func:`lib.core.io.check_results` before the model loads): one trace per kind, the severed
+    curves when ``severed``, the fact averages when ``averages``."""
+    files: dict = {Path(out) / f"causal_trace_{k}.json": TRACE_SCHEMA for k in kinds}
+    if severed:
+        files[Path(out) / "causal_trace_severed.json"] = SEVERED_SCHEMA
+    if averages:
+        files[Path(out) / "causal_trace_facts.json"] = FACTS_SCHEMA
+    return files
+
+
 def fact_averages(lm, facts: Sequence[dict], noise: float, samples: int, seed: int,
                   window: int, kinds: Sequence[str], severed: bool, batch_size: int,
                   units_dir: Path, parameters: dict, force: bool = False):
