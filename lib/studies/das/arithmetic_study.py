@@ -176,6 +176,13 @@ def stored_rotation(path: Path, key: str, name: str, d_model: int, rank: int,
     return da.AtPositions(inner, positions)
 
 
+def rotation_path(rotations_dir: Path, key: str, name: str) -> Path:
+    """Where run ``name``'s rotation is stored: one folder per DAS unit store key (the run's
+    parameters apart from the grid, and the thread count), so that two parameter sets
+    written into one folder each keep, and reuse, their own rotations."""
+    return Path(rotations_dir) / key / f"{name}.safetensors"
+
+
 def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
              site_positions: dict, states, train_models: dict, test_pairs: dict,
              stored: dict | None, units: io.UnitStore, rotations_dir: Path, n_train: int,
@@ -184,7 +191,9 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
     ``das_iia.json`` (``stored``) or the unit store when its rotation file is there and
     carries the unit store's key (:func:`stored_rotation`), else trained on the training
     arrangements, evaluated on the test arrangements, its rotation saved with that key and its
-    result stored as a unit. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
+    result stored as a unit. Rotations live in ``rotations_dir / <key> /`` (:func:`rotation_path`),
+    so runs of other parameters into the same folder keep their own files and never overwrite
+    these. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
     name to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained here,
     whose results then replace any stored ones (what was computed from their old rotations,
     checks and graphs, is computed again)."""
@@ -198,7 +207,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
             for rank in ranks:
                 for site, positions in site_positions.items():
                     name = da.run_name(m, layer, rank, site)
-                    rot_path = Path(rotations_dir) / f"{name}.safetensors"
+                    rot_path = rotation_path(rotations_dir, units.key, name)
                     res = stored_runs.get(name) or units.get(name, check_run)
                     module = None if res is None else stored_rotation(
                         rot_path, units.key, name, lm.d_model, rank, positions)
