@@ -354,6 +354,48 @@ def test_09_refuses_before_the_shipped_accuracy_and_the_fine_tune(params, fragme
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("notebook, param, value", [
+    ("09", "DAS_N_TEST", 1000000), ("09", "DAS_N_TRAIN", 1000000),
+    ("08", "MLP_N_TRAIN", 10000000), ("08", "DAS_N_TRAIN", 10000000)])
+def test_a_size_that_will_not_fit_in_memory_is_refused_before_any_model_call(
+        notebook, param, value, tmp_path, monkeypatch):
+    """Within its declared bound, but more than this machine has (here: 300 MB available for
+    09, 2 GB for 08, whose defaults take 1.3 GB): the
+    notebook's study refuses it when built, naming the parameter, the estimate, the memory
+    available and the largest value that fits, before any model loads or data is built; that
+    largest value is then accepted."""
+    from lib.core import memory
+    from lib.core.params import read_parameters
+    from lib.studies.das import arithmetic_study, mlp_study
+
+    study = arithmetic_study if notebook == "09" else mlp_study
+    available = 300 * 10 ** 6 if notebook == "09" else 2 * 10 ** 9
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": available)
+    monkeypatch.setattr("lib.core.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    values = {name: p.default for name, p in read_parameters(study.NOTEBOOK).items()}
+    values.update(FULL_COMPUTE_DIR=str(tmp_path / "fc"), CACHE_DIR=str(tmp_path / "cache"),
+                  GRAPHS_DIR=str(tmp_path / "g"), THREADS=0, **{param: value})
+    with pytest.raises(memory.WontFitError) as err:
+        study.Notebook(values)
+    message = str(err.value)
+    assert f"{param}={value} needs about" in message
+    assert f"of the {'300.0 MB' if notebook == '09' else '2.0 GB'} available on cpu" in message
+    largest = int(re.search(rf"the largest {param} that fits is about (\d+)", message)[1])
+    assert 0 < largest < value
+    study.Notebook({**values, param: largest})       # the value it names fits
+    assert not list(tmp_path.rglob("*.*"))
+
+
+def test_check_fits_names_the_largest_value_and_reads_the_machine():
+    from lib.core import memory
+
+    assert memory.available_bytes() > 0                  # /proc/meminfo on this machine
+    memory.check_fits("N", 10, 1.0)                      # a few bytes always fit
+    with pytest.raises(memory.WontFitError, match=r"N=10\d* needs about .* the largest N "
+                       r"that fits is about \d+: lower it"):
+        memory.check_fits("N", 10 ** 18, 1000.0)
+
+
 def test_a_name_with_a_trailing_newline_is_refused(tmp_path, capsys):
     expect_cli_error(tmp_path, capsys, ["05"], ["NAME=run\n"], "NAME", "plain file-name part")
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lib.core import io, paths, schema
+from lib.core.memory import check_fits
 from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
 from lib.core.tensorfiles import TensorFileError, set_aside
 from lib.core.schema import NUM, Kind, map_of, maybe, nonempty, one_of, optional
@@ -376,6 +377,16 @@ class Notebook:
         if v["N_VAL"] + v["N_TEST"] >= len(ar.ARRANGEMENTS):   # before any model call
             raise ParameterError(f"N_VAL + N_TEST = {v['N_VAL'] + v['N_TEST']} leaves no training "
                                  f"arrangement of the {len(ar.ARRANGEMENTS)}; lower them")
+        # one test set of counterfactuals per evaluated causal model (those run and M7), one
+        # training set at a time: refused before any model call when they cannot fit (the
+        # larger named first, the other's memory counted as taken)
+        sizes = {"DAS_N_TEST": len(set(self.model_ids) | {7}) * ar.CF_BYTES,
+                 "DAS_N_TRAIN": ar.CF_BYTES}
+        total = sum(v[name] * per for name, per in sizes.items())
+        for name, per in sorted(sizes.items(), key=lambda item: -v[item[0]] * item[1]):
+            check_fits(name, v[name], per, total - v[name] * per,
+                       what="the test counterfactuals of every evaluated causal model and "
+                       "one training set")
         if v["GRAPH_ARRANGEMENTS"]:  # a graph needs a rotation trained at its layer: refused first
             check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"])
         self.ft_args = dict(fmt=v["FORMAT"], split_seed=v["SPLIT_SEED"], n_val=v["N_VAL"],
