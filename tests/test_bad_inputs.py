@@ -386,6 +386,23 @@ def test_a_size_that_will_not_fit_in_memory_is_refused_before_any_model_call(
     assert not list(tmp_path.rglob("*.*"))
 
 
+def test_00_refuses_projections_that_will_not_fit_before_any_forward(monkeypatch):
+    """N_PROJECTIONS=100000 within its bound, with 50 MB available: refused once the model's
+    width is known, before any activation is computed."""
+    from lib.core import memory
+    from lib.core.prompts import PromptPairs
+    from lib.studies import separability, steps
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 50 * 10 ** 6)
+    monkeypatch.setattr(separability, "score_layers", lambda *a, **k: pytest.fail("ran"))
+    pairs = PromptPairs("x_y", ("x", "y"), tuple(f"write x {i}" for i in range(8)),
+                        tuple(f"write y {i}" for i in range(8)))
+    with pytest.raises(memory.WontFitError, match=r"N_PROJECTIONS=100000 needs about .* the "
+                                                  r"largest N_PROJECTIONS that fits is about \d+"):
+        steps.layer_scores("tiny-random", "cpu", "float32", [pairs], "all", ["resid_post"],
+                           ["wasserstein"], 5, 100000, 0, 4, 0, {})
+
+
 def test_check_fits_names_the_largest_value_and_reads_the_machine():
     from lib.core import memory
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib.core import io
+from lib.core.memory import check_fits
 from lib.core.schema import NUM, STAT, Kind, map_of, maybe, names, nonempty, optional
 
 # --- the kinds of result of notebooks 01, 02 and 06 (lib.core.schema), checked on every read -
@@ -105,6 +106,11 @@ def layer_scores(model: str, device: str, dtype: str, pair_sets: Sequence, layer
         S.check_folds(comparisons, n_folds)
     lm = load_model(model, device, dtype)
     layers = parse_layers(layers_spec, lm.n_layers)
+    if "wasserstein" in metrics:   # before any forward: the directions and the projections,
+        # float64, about six P x (n_a + n_b) arrays in flight (sorted copies, gathers)
+        pool = max(len(c.prompts_a) + len(c.prompts_b) for c in comparisons)
+        check_fits("N_PROJECTIONS", n_projections, 8 * (lm.d_model + 6 * pool),
+                   what=f"directions of width {lm.d_model} and {pool} prompts projected")
     print(f"{lm.name}: {lm.n_layers} layers, d_model={lm.d_model}; scoring {len(layers)} "
           f"layers x {len(components)} components x {len(comparisons)} comparisons")
     results = S.score_layers(lm, comparisons, layers, components, metrics, n_folds=n_folds,
