@@ -4,7 +4,7 @@ Rotation files written before tensor files carried a key (``lib.core.tensorfiles
 parameters, and notebook 09 now retrains a rotation whose key is not its DAS unit store's. This
 script adds the key to each stored rotation of a current result, and nothing else:
 
-* notebook 09 (``<folder>/<model>/das_iia.json`` with ``das_rotations/``): the key of the DAS
+* notebook 09 (``<folder>/<model>/das_iia.json`` with ``das_rotations/<key>/``): the key of the DAS
   unit store the result's runs were computed under, derived from the result's provenance as
   ``lib.studies.das.arithmetic_study.Notebook`` derives it (the result's parameters less the
   grid's, plus the torch thread count): ``io.UnitStore(..., key_unit).key``;
@@ -60,7 +60,8 @@ def targets(root: Path) -> list[tuple[Path, str]]:
         key = das_unit_key(result)
         for run in result["runs"]:
             name = run_name(run["model"], run["layer"], run["rank"], run["site"])
-            out.append((result_path.parent / "das_rotations" / f"{name}.safetensors", key))
+            out.append((arithmetic_study.rotation_path(result_path.parent / "das_rotations",
+                                                       key, name), key))
     for result_path in sorted(root.rglob("equality.json")):
         result = json.loads(result_path.read_text(encoding="utf-8"))
         for path in sorted((result_path.parent / "rotations").glob("equality_*.safetensors")):

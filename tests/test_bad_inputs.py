@@ -270,6 +270,59 @@ def test_07_refuses_meaningless_inputs_before_any_study(param, value, fragment, 
     assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
 
 
+def test_06_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, capsys):
+    """05's result where 06's hidden-state trace goes: refused in the cell that loads the model,
+    before load_model (no model line printed), and the file is left as it was."""
+    import shutil
+
+    fc = tmp_path / "fc"
+    target = fc / "tiny-random" / "causal_trace_hidden.json"
+    target.parent.mkdir(parents=True)
+    shutil.copy(paths.FULL_COMPUTE / "smollm2-135m" / "interchange_default.json", target)
+    before = target.read_bytes()
+    rc = runner.main(["--notebooks", "06", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", f"FULL_COMPUTE_DIR={fc}",
+                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}", "-p", "N_FACTS=-1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED: 06_causal_tracing.ipynb" in err, err
+    assert "causal_trace_hidden.json holds a interchange" in err or "WrongKindError" in err, err
+    [failed] = (tmp_path / "runs").rglob("06_causal_tracing.failed.ipynb")
+    assert "tiny-random: 2 layers" not in failed.read_text()   # the model line never printed
+    assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == \
+        ["causal_trace_hidden.json"]
+
+
+def test_check_results_refuses_another_kind_and_sets_aside_an_unreadable_file(tmp_path):
+    """lib.core.io.check_results, the check a notebook runs on all its result files before its
+    model loads: missing files pass, an unreadable or malformed one is set aside (left alone
+    with force, which overwrites it), another kind's valid result is refused, nothing moved."""
+    from lib.core.schema import WrongKindError
+    from lib.studies import steps
+
+    files = steps.trace_files(tmp_path, ["hidden", "mlp"], True, True)
+    assert sorted(p.name for p in files) == ["causal_trace_facts.json",
+                                             "causal_trace_hidden.json",
+                                             "causal_trace_mlp.json", "causal_trace_severed.json"]
+    io.check_results(files)                                     # nothing stored: fine
+    hidden, mlp = tmp_path / "causal_trace_hidden.json", tmp_path / "causal_trace_mlp.json"
+    hidden.write_text('{"answer": "Par')
+    mlp.write_text('{"answer": "Paris"}')
+    io.check_results(files, force=True)                         # forced: left to be overwritten
+    assert hidden.exists() and mlp.exists()
+    with pytest.warns(io.ResultFileWarning, match="causal_trace_hidden.json could not be read"):
+        io.check_results(files)
+    assert not hidden.exists() and not mlp.exists()
+    assert (tmp_path / "causal_trace_hidden.json.corrupt").exists()
+    assert (tmp_path / "causal_trace_mlp.json.corrupt").exists()
+    other = paths.FULL_COMPUTE / "smollm2-135m" / "causal_trace_severed.json"
+    hidden.write_bytes(other.read_bytes())                      # 06's own, but another kind
+    for force in (False, True):
+        with pytest.raises(WrongKindError, match=r"causal_trace_hidden.json holds a "
+                           r"causal_trace_severed result .*nothing was moved"):
+            io.check_results(files, force=force)
+    assert hidden.read_bytes() == other.read_bytes()
+
+
 def test_a_truncated_ioi_file_is_named(tmp_path):
     from lib.studies import ioi
 
@@ -301,6 +354,65 @@ def test_09_refuses_before_the_shipped_accuracy_and_the_fine_tune(params, fragme
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("notebook, param, value", [
+    ("09", "DAS_N_TEST", 1000000), ("09", "DAS_N_TRAIN", 1000000),
+    ("08", "MLP_N_TRAIN", 10000000), ("08", "DAS_N_TRAIN", 10000000)])
+def test_a_size_that_will_not_fit_in_memory_is_refused_before_any_model_call(
+        notebook, param, value, tmp_path, monkeypatch):
+    """Within its declared bound, but more than this machine has (here: 300 MB available for
+    09, 2 GB for 08, whose defaults take 1.3 GB): the
+    notebook's study refuses it when built, naming the parameter, the estimate, the memory
+    available and the largest value that fits, before any model loads or data is built; that
+    largest value is then accepted."""
+    from lib.core import memory
+    from lib.core.params import read_parameters
+    from lib.studies.das import arithmetic_study, mlp_study
+
+    study = arithmetic_study if notebook == "09" else mlp_study
+    available = 300 * 10 ** 6 if notebook == "09" else 2 * 10 ** 9
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": available)
+    monkeypatch.setattr("lib.core.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    values = {name: p.default for name, p in read_parameters(study.NOTEBOOK).items()}
+    values.update(FULL_COMPUTE_DIR=str(tmp_path / "fc"), CACHE_DIR=str(tmp_path / "cache"),
+                  GRAPHS_DIR=str(tmp_path / "g"), THREADS=0, **{param: value})
+    with pytest.raises(memory.WontFitError) as err:
+        study.Notebook(values)
+    message = str(err.value)
+    assert f"{param}={value} needs about" in message
+    assert f"of the {'300.0 MB' if notebook == '09' else '2.0 GB'} available on cpu" in message
+    largest = int(re.search(rf"the largest {param} that fits is about (\d+)", message)[1])
+    assert 0 < largest < value
+    study.Notebook({**values, param: largest})       # the value it names fits
+    assert not list(tmp_path.rglob("*.*"))
+
+
+def test_00_refuses_projections_that_will_not_fit_before_any_forward(monkeypatch):
+    """N_PROJECTIONS=100000 within its bound, with 50 MB available: refused once the model's
+    width is known, before any activation is computed."""
+    from lib.core import memory
+    from lib.core.prompts import PromptPairs
+    from lib.studies import separability, steps
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 50 * 10 ** 6)
+    monkeypatch.setattr(separability, "score_layers", lambda *a, **k: pytest.fail("ran"))
+    pairs = PromptPairs("x_y", ("x", "y"), tuple(f"write x {i}" for i in range(8)),
+                        tuple(f"write y {i}" for i in range(8)))
+    with pytest.raises(memory.WontFitError, match=r"N_PROJECTIONS=100000 needs about .* the "
+                                                  r"largest N_PROJECTIONS that fits is about \d+"):
+        steps.layer_scores("tiny-random", "cpu", "float32", [pairs], "all", ["resid_post"],
+                           ["wasserstein"], 5, 100000, 0, 4, 0, {})
+
+
+def test_check_fits_names_the_largest_value_and_reads_the_machine():
+    from lib.core import memory
+
+    assert memory.available_bytes() > 0                  # /proc/meminfo on this machine
+    memory.check_fits("N", 10, 1.0)                      # a few bytes always fit
+    with pytest.raises(memory.WontFitError, match=r"N=10\d* needs about .* the largest N "
+                       r"that fits is about \d+: lower it"):
+        memory.check_fits("N", 10 ** 18, 1000.0)
+
+
 def test_a_name_with_a_trailing_newline_is_refused(tmp_path, capsys):
     expect_cli_error(tmp_path, capsys, ["05"], ["NAME=run\n"], "NAME", "plain file-name part")
 
@@ -327,6 +439,49 @@ def test_an_unwritable_model_cache_is_named(tmp_path, monkeypatch):
     blocker.write_text("not a folder", encoding="utf-8")
     monkeypatch.setattr(models.paths, "MODEL_CACHE", blocker / "models")
     with pytest.raises(OSError, match="CAUSAL_MODEL_CACHE"):
+        models._load_embedded("smollm2-135m")
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan", "shape", "missing", "source"])
+def test_a_damaged_model_cache_is_named_with_the_fix_and_never_reconverted(how, tmp_path,
+                                                                          monkeypatch):
+    """The safetensors copy of a converted GGUF model (a tiny stand-in here) read back checked:
+    cut short, a NaN, a misshapen or missing tensor (transformers would fill it with random
+    values and only warn), an unreadable source.json: each names the file and says to delete
+    the folder so the next load converts again. Nothing is converted in the test."""
+    from safetensors.torch import load_file, save_file
+
+    from lib.core import models
+
+    model, tokenizer, _ = models._build_tiny("tiny-random-llama", 0)
+    cache = tmp_path / "models" / "smollm2-135m"
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    (cache / "source.json").write_text(json.dumps({"kind": "gguf", "file": "x.gguf",
+                                                   "sha256": "0" * 64}))
+    monkeypatch.setattr(models.paths, "MODEL_CACHE", tmp_path / "models")
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    loaded, _, source = models._load_embedded("smollm2-135m")   # the intact copy loads
+    assert source["file"] == "x.gguf" and loaded.config.num_hidden_layers == 2
+    weights = cache / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.0.mlp.down_proj.weight"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif how == "source":
+        (cache / "source.json").write_text('{"kind": "gg')
+    else:
+        if how == "nan":
+            tensors[name][0, 0] = float("nan")
+        elif how == "shape":
+            tensors[name] = tensors[name][:-1]
+        else:
+            del tensors[name]
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    shown = "source.json" if how == "source" else "model.safetensors"
+    with pytest.raises(models.ModelCacheError,
+                       match=rf"{shown}: .*delete the folder .*smollm2-135m and load "
+                             "smollm2-135m again to convert it afresh"):
         models._load_embedded("smollm2-135m")
 
 

@@ -511,3 +511,67 @@ def test_the_runner_refuses_another_notebooks_result_before_loading_the_model(tm
     assert target.read_bytes() == before and sorted(os.listdir(scores_dir)) == ["tiny-random.json"]
     [failed] = (tmp_path / "runs").rglob("*.failed.ipynb")
     assert "d_model=" not in failed.read_text(), "the model was loaded before the refusal"
+
+
+def _first_number(data, where=()):
+    """The place of the first float (not an int, not a bool) of ``data``, provenance aside."""
+    if isinstance(data, float):
+        return where
+    items = data.items() if isinstance(data, dict) else \
+        enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if key == "provenance":
+            continue
+        found = _first_number(value, where + (key,))
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_FIELD))
+def test_a_result_holding_nan_is_set_aside_and_recomputed(name, tmp_path):
+    """A valid file of the right kind but for one NaN (written as JSON's NaN, which this
+    repository never writes: it stores null) is no current result: set aside, recomputed."""
+    kind = KINDS[name]
+    target = tmp_path / "result.json"
+    data, parameters = _current_copy(name, target)
+    payload = {k: v for k, v in json.loads(json.dumps(data)).items() if k != "provenance"}
+    where = _first_number(data)
+    assert where is not None, f"{name}'s example holds no number"
+    _set(data, where, float("nan"))
+    target.write_text(json.dumps(data), encoding="utf-8")   # allow_nan: the NaN literal
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return payload, io.provenance(None, parameters)
+
+    with pytest.warns(io.ResultFileWarning, match=r"result.json could not be read \(not a valid "
+                                                  rf"{name} result: .*finite number, got nan"):
+        got = io.load_or_compute(target, parameters, compute, check=kind, quiet=True)
+    assert calls == [1] and (tmp_path / "result.json.corrupt").exists()
+    assert got["provenance"]["kind"] == name
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_FIELD))
+def test_a_result_of_other_parameters_is_recomputed_and_only_then_replaced(name, tmp_path):
+    """A valid result of the right kind written with other parameters (one value changed) is
+    not current: computed again and replaced once the new result is written, never set aside;
+    a failing computation leaves it untouched."""
+    kind = KINDS[name]
+    target = tmp_path / "result.json"
+    data, parameters = _current_copy(name, target)
+    payload = {k: v for k, v in json.loads(json.dumps(data)).items() if k != "provenance"}
+    other = {**parameters, "OTHER_PARAMETER": "changed"}
+    before = target.read_bytes()
+
+    def fails():
+        raise RuntimeError("the computation failed")
+
+    with pytest.raises(RuntimeError):
+        io.load_or_compute(target, other, fails, check=kind, quiet=True)
+    assert target.read_bytes() == before
+    got = io.load_or_compute(target, other, lambda: (payload, io.provenance(None, other)),
+                             check=kind, quiet=True)
+    assert got["provenance"]["parameters"]["OTHER_PARAMETER"] == "changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

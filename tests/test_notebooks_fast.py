@@ -273,7 +273,9 @@ def check_09(ws, executed):
     assert len(data["sanity_grid"]) == 2 * 2 * 2 * 2    # (M1, M2) trained x tested x layers x sites
     for row in data["full_swap"]:
         assert abs(row["iia"] - row["source_prediction_is_label"]) < 1e-9
-    assert len(list((out / "das_rotations").glob("*.safetensors"))) == 12
+    # one subfolder of rotations per parameter set (the DAS unit store's key)
+    assert len(list((out / "das_rotations").glob("*/*.safetensors"))) == 12
+    assert len(list((out / "das_rotations").iterdir())) == 1
     figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid", "das_graph_means")
     graph = json.loads((out / "das_graph.json").read_text())
     # one graph per causal model at GRAPH_LAYERS="1" only
@@ -386,8 +388,8 @@ def test_09_on_another_cpu_reuses_refuses_or_recomputes(workspace):
 
 
 def test_09_trains_a_damaged_or_foreign_rotation_again_and_keeps_its_results(workspace):
-    """A NaN in a stored rotation, or a rotation of other parameters under a run's name (left by
-    an interrupted run with another DAS_LR in the same folder), is set aside with a warning
+    """A NaN in a stored rotation, or a rotation of other parameters under a run's name (copied
+    into this parameter set's subfolder by hand), is set aside with a warning
     naming it and trained again, and what was computed from it (das_iia.json; das_graph.json
     for a graph's rotation) is computed again: never reported beside the foreign file. Training
     is repeatable, so every file keeps its bytes."""
@@ -399,10 +401,10 @@ def test_09_trains_a_damaged_or_foreign_rotation_again_and_keeps_its_results(wor
     out = workspace["FULL_COMPUTE_DIR"] / MODEL
     if not (out / "das_iia.json").exists():
         pytest.skip("notebook 09 did not run in this session (filtered out)")
-    rotations = out / "das_rotations"
+    [rotations] = (out / "das_rotations").iterdir()   # the defaults' key's subfolder
     files = sorted(rotations.glob("*.safetensors"))
     keys = {read_header(p)[2] for p in files}
-    assert len(keys) == 1 and None not in keys   # every rotation carries its unit store's key
+    assert keys == {rotations.name}   # every rotation carries its unit store's key
     before = {p: p.read_bytes() for p in files}
     names = ("das_iia.json", "das_graph.json")
     stored = {n: json.loads((out / n).read_text()) for n in names}

@@ -130,3 +130,67 @@ def test_every_size_parameter_has_an_upper_bound():
             if not (p.rule and "..".join(p.rule.split("..")[1:]).strip()):
                 missing.append(f"{nb.stem}:{name} [{p.rule}]")
     assert not missing, f"size parameters without an upper bound: {missing}"
+
+
+# --- every declared rule, broken on each side, refused by the runner before any kernel -------
+
+#: one value each named rule refuses (the rules of lib.core.params)
+BAD_NAMED = {"layers": "first", "positions": "last", "sites": "mlp", "name": "../escaped",
+             "text": "   ", "device": "gpu", "dtype": "float64", "noise": "loud",
+             "prompt files": '["nope.json"]'}
+
+
+def _number(value: float, type_: str) -> str:
+    """CLI text of ``value`` for a parameter of ``type_`` (a list holds it as its one item)."""
+    text = str(int(value)) if "int" in type_ else repr(float(value))
+    return f"[{text}]" if type_.startswith("list") else text
+
+
+def _broken_values():
+    """(notebook, parameter, CLI text, why) for every ruled parameter of every notebook: a
+    value below and one above a numeric range (where it has that side), an unknown choice,
+    or a value its named rule refuses."""
+    from lib.core.params import _range
+
+    cases = []
+    for nb in list_notebooks():
+        for name, p in read_parameters(nb).items():
+            rule = p.rule
+            if rule is None or name == "MODEL":   # MODEL: --models, tested in test_bad_inputs
+                continue
+            if ".." in rule and "|" not in rule:
+                lo, hi = _range(rule)
+                if lo is not None:
+                    below = lo - 1 if "int" in p.type else lo - max(abs(lo), 1e-3)
+                    cases.append((nb, name, _number(below, p.type), "below"))
+                if hi is not None:
+                    above = hi + 1 if "int" in p.type else hi + max(abs(hi), 1.0)
+                    cases.append((nb, name, _number(above, p.type), "above"))
+            elif "|" in rule:
+                bad = "zz_unknown"
+                cases.append((nb, name, f'["{bad}"]' if p.type.startswith("list") else bad,
+                              "choice"))
+            else:
+                cases.append((nb, name, BAD_NAMED[rule], rule))
+    return cases
+
+
+BROKEN = _broken_values()
+
+
+def test_every_rule_kind_is_broken_somewhere():
+    whys = {why for *_, why in BROKEN}
+    assert {"below", "above", "choice"} <= whys and set(BAD_NAMED) - {"model"} <= whys, whys
+
+
+@pytest.mark.parametrize("nb, name, text, why", BROKEN,
+                         ids=[f"{nb.stem[:2]}-{name}-{why}" for nb, name, _, why in BROKEN])
+def test_every_parameter_outside_its_rule_is_refused_before_any_kernel(nb, name, text, why,
+                                                                     tmp_path):
+    from lib import runner
+
+    with pytest.raises(ParameterError) as err:
+        runner.check_run([nb], ["tiny-random"], runner.parse_params([f"{name}={text}"]),
+                         tmp_path / "runs")
+    assert name in str(err.value), str(err.value)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ipynb"))

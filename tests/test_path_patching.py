@@ -392,3 +392,30 @@ def test_every_ioi_answer_name_is_a_token_of_its_prompt_on_the_real_tokenizer():
                    io="Paul", s="Grace")
     with pytest.raises(ValueError, match="IOI pair 0: the io name 'Paul'"):
         ioi.aligned_pairs(lm, [opening])
+
+
+@pytest.mark.parametrize("how", ["positions", "heads"])
+def test_a_split_request_at_the_head_of_an_unsplit_node_is_refused(lm, pair, how):
+    """``branch`` returning "positions" (or "heads") at a1.head while falsy at a1 itself: a1 is
+    not split, a1.head is never visited, and the request used to change nothing in silence
+    (the patch ran as the base run, or as whatever else the tree did). Refused, naming the
+    node and the fix; allow_noop=True keeps the old behaviour."""
+    b, s, engine = pair
+
+    def which(path):   # a1's sub-layer input from the source, at every position or head
+        return 1 if "a1.head" in path else 0
+
+    def branch(path):   # forgets to split a1 itself
+        return how if path[-1] == "a1.head" else False
+
+    with pytest.raises(ValueError, match=rf"returns '{how}' at a1\.head but is falsy at a1 "
+                                         r"itself.*Return True at a1 too.*allow_noop=True"):
+        pp.tree_patch(lm, [b, s], (which, branch), engine=engine)
+    [out] = pp.tree_patch(lm, [b, s], (which, branch), engine=engine, allow_noop=True)
+    assert_f32_close(out.readout, engine.clean_readout(0))   # the silent no-op, when asked for
+
+    def split(path):    # the same request with a1 split: it patches
+        return True if path[-1] == "a1" else branch(path)
+
+    [out] = pp.tree_patch(lm, [b, s], (which, split), engine=engine)
+    assert out.row.interventions

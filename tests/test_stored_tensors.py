@@ -10,6 +10,7 @@ again only for the tensors it was measured on (their checksum), else measured ag
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -50,11 +51,19 @@ def task():
 
 
 def runs_of(task, folder, stored=None, params=None, units_dir="units"):
-    """:func:`das_runs` of M1 and M7 at layer 0, rank 4, rotations in ``folder``."""
-    units = io.UnitStore(folder / units_dir, params or {"DAS_LR": 0.01})
+    """:func:`das_runs` of M1 and M7 at layer 0, rank 4, rotations in ``folder / "rotations"``
+    (each parameter set's in its key's subfolder)."""
+    params = params or {"DAS_LR": 0.01}
+    units = io.UnitStore(folder / units_dir, params)
     return study.das_runs(task["lm"], [1, 7], [0], [4], {"all": None}, task["states"],
                           task["train_models"], task["test_pairs"], stored, units,
-                          folder / "rotations", 64, 1, 32, 0.01, "independent", 0)
+                          folder / "rotations", 64, 1, 32, params["DAS_LR"], "independent", 0)
+
+
+def rotation(folder, name, params=None):
+    """Where :func:`runs_of` keeps run ``name``'s rotation for ``params``."""
+    key = io.UnitStore(folder / "units", params or {"DAS_LR": 0.01}).key
+    return study.rotation_path(folder / "rotations", key, name)
 
 
 def test_stored_rotations_are_reused_and_carry_their_units_key(task, tmp_path):
@@ -62,7 +71,8 @@ def test_stored_rotations_are_reused_and_carry_their_units_key(task, tmp_path):
     assert trained == {"M1_L0_k4_all", "M7_L0_k4_all"}
     key = io.UnitStore(tmp_path / "units", {"DAS_LR": 0.01}).key
     for name in trained:
-        assert read_header(tmp_path / "rotations" / f"{name}.safetensors")[2] == key
+        path = rotation(tmp_path, name)
+        assert path.parent.name == key and read_header(path)[2] == key
     # a current das_iia.json (here: the runs) and its rotations: nothing trained, in a fresh
     # clone too (no units)
     again, _, trained = runs_of(task, tmp_path, {"runs": runs}, units_dir="fresh")
@@ -72,10 +82,10 @@ def test_stored_rotations_are_reused_and_carry_their_units_key(task, tmp_path):
 @pytest.mark.parametrize("how", DAMAGE + ("other run",))
 def test_a_damaged_rotation_is_set_aside_and_trained_again(task, tmp_path, how):
     runs, _, _ = runs_of(task, tmp_path)
-    path = tmp_path / "rotations" / "M1_L0_k4_all.safetensors"
+    path = rotation(tmp_path, "M1_L0_k4_all")
     original = path.read_bytes()
     if how == "other run":   # M7's rotation, with the right key, under M1's name
-        path.write_bytes((tmp_path / "rotations" / "M7_L0_k4_all.safetensors").read_bytes())
+        path.write_bytes(rotation(tmp_path, "M7_L0_k4_all").read_bytes())
     else:
         damage(path, how)
     with pytest.warns(TensorFileWarning, match=r"M1_L0_k4_all.safetensors: .*set it aside as "
@@ -83,24 +93,28 @@ def test_a_damaged_rotation_is_set_aside_and_trained_again(task, tmp_path, how):
         again, modules, trained = runs_of(task, tmp_path, {"runs": runs})
     assert trained == {"M1_L0_k4_all"}   # only the damaged one, trained to the same result
     assert again == runs and path.read_bytes() == original
-    assert (tmp_path / "rotations" / "M1_L0_k4_all.safetensors.set-aside").exists()
+    assert path.with_name("M1_L0_k4_all.safetensors.set-aside").exists()
 
 
-def test_rotations_of_another_learning_rate_are_not_taken_for_the_defaults(task, tmp_path):
-    """An interrupted run with DAS_LR=0.05 into the same folder leaves its rotations under the
-    default run's names: the default run trains its own again instead of reporting its
-    stored IIA beside them."""
+def test_rotations_of_two_parameter_sets_in_one_folder_coexist(task, tmp_path):
+    """A run with DAS_LR=0.05 into the default run's folder (interrupted or not) writes its
+    rotations beside the defaults', in its own key's subfolder: it overwrites none of them,
+    and each parameter set then reuses its own rotations and trains nothing."""
     runs, _, _ = runs_of(task, tmp_path)
-    defaults = {p: p.read_bytes() for p in (tmp_path / "rotations").glob("*.safetensors")}
-    units = io.UnitStore(tmp_path / "units_lr", {"DAS_LR": 0.05})
-    study.das_runs(task["lm"], [1, 7], [0], [4], {"all": None}, task["states"],
-                   task["train_models"], task["test_pairs"], None, units,
-                   tmp_path / "rotations", 64, 1, 32, 0.05, "independent", 0)
-    assert any(p.read_bytes() != b for p, b in defaults.items())   # the other run's files
-    with pytest.warns(TensorFileWarning, match="written with other parameters"):
-        again, _, trained = runs_of(task, tmp_path, {"runs": runs})
-    assert trained == {"M1_L0_k4_all", "M7_L0_k4_all"} and again == runs
-    assert {p: p.read_bytes() for p in defaults} == defaults
+    defaults = {p: p.read_bytes() for p in (tmp_path / "rotations").rglob("*.safetensors")}
+    assert len(defaults) == 2
+    other = {"DAS_LR": 0.05}
+    runs_lr, _, trained = runs_of(task, tmp_path, params=other, units_dir="units_lr")
+    assert trained == {"M1_L0_k4_all", "M7_L0_k4_all"}
+    assert {p: p.read_bytes() for p in defaults} == defaults          # nothing overwritten
+    files = sorted((tmp_path / "rotations").rglob("*.safetensors"))
+    assert len(files) == 4 and len({p.parent for p in files}) == 2
+    assert read_header(rotation(tmp_path, "M1_L0_k4_all", other))[2] != \
+        read_header(rotation(tmp_path, "M1_L0_k4_all"))[2]
+    for stored, params, units_dir in ((runs, None, "fresh"), (runs_lr, other, "fresh_lr")):
+        again, _, trained = runs_of(task, tmp_path, {"runs": stored}, params, units_dir)
+        assert trained == set() and again == stored
+    assert not list((tmp_path / "rotations").rglob("*.set-aside"))
 
 
 @pytest.mark.parametrize("iia", ["NaN", "null", "1.5"])
@@ -264,3 +278,32 @@ def test_a_graph_unit_of_another_shape_or_range_is_set_aside(tmp_path, value):
         assert io.UnitStore(tmp_path, {"k": 1}).get("M1_L1_k4_all", study.graph_check(2)) is None
     store.put("M1_L1_k4_all", [[-1, 2], [3, -1]])
     assert store.get("M1_L1_k4_all", study.graph_check(2)) == [[-1, 2], [3, -1]]
+
+
+def test_a_das_run_has_one_shape_for_its_unit_and_for_das_iia():
+    """The unit check of a DAS run and das_iia.json's kind are one definition (RUN_SHAPE plus
+    the IIA range): a run refused as a unit is refused inside das_iia.json too, and a valid
+    one passes both."""
+    import copy
+
+    from lib.core.schema import SchemaError
+
+    path = next(p for p in sorted(io.paths.FULL_COMPUTE.rglob("das_iia.json")))
+    result = json.loads(path.read_text())
+    run = result["runs"][0]
+    study.check_run(run)
+    study.DAS_SCHEMA(result)
+    assert study.DAS_SCHEMA.shape["runs"].shape is study.RUN_SHAPE
+    for change, fragment in ((lambda r: r.pop("n_test"), "missing keys ['n_test']"),
+                             (lambda r: r.update(curve=[{"epoch": 0}]), "missing keys ['loss']"),
+                             (lambda r: r.update(iia=1.5), "iia: an accuracy in [0, 1]"),
+                             (lambda r: r.update(control_iia=-0.1), "control_iia: an accuracy"),
+                             (lambda r: r.update(rank="64"), "expected int")):
+        bad = copy.deepcopy(run)
+        change(bad)
+        with pytest.raises(SchemaError, match=re.escape(fragment)):
+            study.check_run(bad)
+        whole = copy.deepcopy(result)
+        whole["runs"][0] = bad
+        with pytest.raises(SchemaError, match=re.escape(fragment)):
+            study.DAS_SCHEMA(whole)

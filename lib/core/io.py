@@ -11,7 +11,8 @@ Every JSON the notebooks write goes through :func:`write_json`, which
 * keeps an existing file untouched when only the time would change, so the same inputs and
   seed give byte-identical files (set ``SOURCE_DATE_EPOCH`` to fix the time of new files too).
 
-:func:`read_current` is the one "is the stored result current" check. Each kind of result
+:func:`read_current` is the one "is the stored result current" check, and :func:`check_results`
+runs its file checks on all of a notebook's results before its model loads. Each kind of result
 declares its shape (:class:`lib.core.schema.Kind`, beside the code that writes it), checked on
 every read: a stored file that cannot be read or does not have its kind's shape is named, set
 aside (renamed to ``<name>.corrupt``) and treated as missing, so it is recomputed; a valid
@@ -253,6 +254,26 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
     otherwise always gives None (the file is overwritten once the result is computed).
     """
     path = Path(path)
+    data = _readable(path, check, force)
+    if data is None or force:
+        return None
+    import torch
+
+    prov = data.get("provenance") or {}
+    stored = prov.get("parameters")
+    if not isinstance(stored, dict) or prov.get("torch_threads") != torch.get_num_threads():
+        return None
+    wanted = json.loads(dumps(parameters))
+    stored = json.loads(dumps(stored))
+    if any(k not in stored or stored[k] != v for k, v in wanted.items()):
+        return None
+    return data
+
+
+def _readable(path: Path, check: Callable[[dict], Any] | None, force: bool) -> dict | None:
+    """The result at ``path`` when it exists, parses and passes ``check``, else None; an
+    unreadable or malformed file is set aside (not with ``force``, which overwrites it), and a
+    valid result of another kind raises :class:`lib.core.schema.WrongKindError`."""
     if not path.exists() or (force and not isinstance(check, schema.Kind)):
         return None
     try:
@@ -266,19 +287,18 @@ def read_current(path: str | os.PathLike, parameters: dict, force: bool = False,
     why = _problem(path, data, check)   # raises for a result of another kind
     if why and not force:
         set_aside(path, why[:300])
-    if why or force:
-        return None
-    import torch
+    return None if why else data
 
-    prov = data.get("provenance") or {}
-    stored = prov.get("parameters")
-    if not isinstance(stored, dict) or prov.get("torch_threads") != torch.get_num_threads():
-        return None
-    wanted = json.loads(dumps(parameters))
-    stored = json.loads(dumps(stored))
-    if any(k not in stored or stored[k] != v for k, v in wanted.items()):
-        return None
-    return data
+
+def check_results(files: dict, force: bool = False) -> None:
+    """Check every stored result a notebook will read or write (``files``: path -> its
+    :class:`lib.core.schema.Kind`) before anything expensive, a model load above all: a valid
+    result of another kind raises :class:`lib.core.schema.WrongKindError` (nothing moved), and
+    an unreadable or malformed one is set aside with a warning now, as :func:`read_current`
+    would set it aside later (with ``force`` it is left to be overwritten). Missing files are
+    fine. Call it with every result file of the notebook before its ``load_model``."""
+    for path, kind in files.items():
+        _readable(Path(path), kind, force)
 
 
 def _problem(path: Path, data: dict, check: Callable[[dict], Any] | None) -> str:

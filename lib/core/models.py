@@ -15,7 +15,8 @@ Names understood by :func:`load_model`:
 * any Hugging Face id or local directory.
 
 GGUF files are dequantised once (30-100 s) and cached as safetensors under
-``lib.core.paths.MODEL_CACHE``; later loads take a few seconds. ``trust_remote_code`` is never set.
+``lib.core.paths.MODEL_CACHE``; later loads take a few seconds and read the copy back checked
+(:class:`ModelCacheError`: unreadable, a tensor missing or misshapen, non-finite values). ``trust_remote_code`` is never set.
 
 Every loaded tokenizer refuses an empty prompt and a prompt longer than the model's context
 (:class:`PromptError`, with the length and the limit), wherever in the library it is called.
@@ -61,6 +62,12 @@ class ModelUnavailableError(RuntimeError):
 
 class PromptError(ValueError):
     """An empty prompt, or one longer than the model's context."""
+
+
+class ModelCacheError(ValueError):
+    """The cached safetensors copy of an embedded GGUF model cannot be used (unreadable, a
+    tensor missing, extra or misshapen, NaN or infinite values, no source.json); the message
+    names the file and the fix (delete the cached folder, so the next load converts again)."""
 
 
 def check_model_name(name) -> str:
@@ -291,9 +298,50 @@ def _load_embedded(name: str):
             raise OSError(f"the model cache {paths.MODEL_CACHE} (CAUSAL_MODEL_CACHE) cannot hold "
                           f"the converted {name}: {err.strerror or err}; point "
                           "CAUSAL_MODEL_CACHE at a writable folder, or unset it") from err
+    return _load_cached(name, cache_dir)
+
+
+def _load_cached(name: str, cache_dir: Path):
+    """The converted copy in ``cache_dir``, read back checked (:class:`ModelCacheError`): its
+    source.json names the GGUF file it came from, its weights read as safetensors, every
+    tensor of the model is in them and of its shape (none missing, which transformers would
+    fill with random values with a mere warning; none extra), and every value is finite."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def refuse(what: str, problem: str):
+        return ModelCacheError(f"{what}: {problem}, so it is not the converted {name} that was "
+                               f"written; delete the folder {cache_dir} and load {name} again "
+                               "to convert it afresh from its GGUF file")
+
+    marker = cache_dir / "source.json"
+    try:
+        source = json.loads(marker.read_text(encoding="utf-8"))
+        if not isinstance(source, dict) or source.get("kind") != "gguf" or \
+                not isinstance(source.get("sha256"), str):
+            raise ValueError("not the GGUF source record a conversion writes")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise refuse(str(marker), f"cannot be read ({err})") from err
     # Caches written before conversion times were dropped still hold one: never pass it on.
-    source = {k: v for k, v in json.loads(marker.read_text()).items() if k != "converted_in_s"}
-    model, tokenizer, _ = _load_pretrained(str(cache_dir), torch.device("cpu"), {})
+    source = {k: v for k, v in source.items() if k != "converted_in_s"}
+    weights = sorted(cache_dir.glob("*.safetensors"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(cache_dir))
+        # with output_loading_info it returns (model, info); its declared type says model
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(cache_dir),
+                                                           output_loading_info=True)
+        model, info = loaded
+    except Exception as err:   # safetensors' own error type, a size mismatch, bad JSON ...
+        raise refuse(str(weights[0] if weights else cache_dir),
+                     f"cannot be loaded ({type(err).__name__}: {str(err)[:160]})") from err
+    wrong = [f"{what} {sorted(info.get(key) or [])[:3]}" for key, what in
+             (("missing_keys", "lacks"), ("unexpected_keys", "holds unknown tensors"),
+              ("mismatched_keys", "holds misshapen")) if info.get(key)]
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        wrong.append(f"holds NaN or infinite values in {sorted(bad)[:3]}")
+    if wrong:
+        raise refuse(str(weights[0] if weights else cache_dir), "; ".join(wrong))
     return model, tokenizer, source
 
 

@@ -9,8 +9,9 @@ wrong type (``"records": [{"x": 1}]``), which would otherwise fail much later as
 =======================  =========================================================================
 ``str``, ``int``,        that type (a ``bool`` is no ``int``)
 ``bool``
-``float``                a finite number, int or float (JSON's ``NaN`` / ``Infinity`` are refused;
-                         the writer stores NaN as null, so a field that can be NaN is ``maybe``)
+``float``                a finite number, int or float (JSON's ``NaN`` / ``Infinity`` are refused,
+                         in undeclared fields too; the writer stores NaN as null, so a field that
+                         can be NaN is ``maybe``)
 ``dict``, ``list``,      any object, any list, anything
 ``ANY``
 ``[shape]``              a list whose every item has ``shape``
@@ -202,6 +203,22 @@ def check(shape, value: Any, where: str = "$") -> None:
     raise TypeError(f"not a shape: {shape!r}")
 
 
+def check_finite(value: Any, where: str = "$") -> None:
+    """Raise :class:`SchemaError` at the first NaN or infinity anywhere in ``value``, in fields
+    its shape declares and in those it does not: results are written with NaN as null
+    (:func:`lib.core.io.write_json`), so a file holding one was not written as it reads."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SchemaError(f"at {where}: expected a finite number, got {value} (results "
+                              "store NaN as null)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, f"{where}[{i}]")
+
+
 def require_keys(*keys: str, lists: tuple[str, ...] = ()) -> Callable[[dict], None]:
     """A schema check by key names alone, for :func:`lib.core.io.write_json` /
     :func:`lib.core.io.read_current` where no :class:`Kind` is declared: the payload is an object
@@ -254,6 +271,7 @@ class Kind:
             raise SchemaError(f"it names its kind {declared!r}, not {self.name!r}")
         try:
             check(self.shape, payload)
+            check_finite(payload)
             if self.extra is not None:
                 self.extra(payload)
         except SchemaError:

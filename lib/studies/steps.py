@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib.core import io
+from lib.core.memory import check_fits
 from lib.core.schema import NUM, STAT, Kind, map_of, maybe, names, nonempty, optional
 
 # --- the kinds of result of notebooks 01, 02 and 06 (lib.core.schema), checked on every read -
@@ -105,6 +106,11 @@ def layer_scores(model: str, device: str, dtype: str, pair_sets: Sequence, layer
         S.check_folds(comparisons, n_folds)
     lm = load_model(model, device, dtype)
     layers = parse_layers(layers_spec, lm.n_layers)
+    if "wasserstein" in metrics:   # before any forward: the directions and the projections,
+        # float64, about six P x (n_a + n_b) arrays in flight (sorted copies, gathers)
+        pool = max(len(c.prompts_a) + len(c.prompts_b) for c in comparisons)
+        check_fits("N_PROJECTIONS", n_projections, 8 * (lm.d_model + 6 * pool),
+                   what=f"directions of width {lm.d_model} and {pool} prompts projected")
     print(f"{lm.name}: {lm.n_layers} layers, d_model={lm.d_model}; scoring {len(layers)} "
           f"layers x {len(components)} components x {len(comparisons)} comparisons")
     results = S.score_layers(lm, comparisons, layers, components, metrics, n_folds=n_folds,
@@ -194,6 +200,18 @@ def domain_effects(model: str, device: str, dtype: str, seed: int, pair_sets: Se
                                                  "abs_delta": "|Δ bias| (mass_B - mass_A shift)"},
                "pairs": results}
     return payload, io.provenance(lm, parameters, seed)
+
+
+def trace_files(out: Path, kinds: Sequence[str], severed: bool, averages: bool) -> dict:
+    """Notebook 06's result files in ``out`` and their kinds (for
+    :func:`lib.core.io.check_results` before the model loads): one trace per kind, the severed
+    curves when ``severed``, the fact averages when ``averages``."""
+    files: dict = {Path(out) / f"causal_trace_{k}.json": TRACE_SCHEMA for k in kinds}
+    if severed:
+        files[Path(out) / "causal_trace_severed.json"] = SEVERED_SCHEMA
+    if averages:
+        files[Path(out) / "causal_trace_facts.json"] = FACTS_SCHEMA
+    return files
 
 
 def fact_averages(lm, facts: Sequence[dict], noise: float, samples: int, seed: int,

@@ -10,7 +10,8 @@
 * Notebook 09, a fine-tuned language model on the thesis' ``X+Y+Z=`` task:
   :mod:`~lib.studies.das.arithmetic` (task, causal models, the tuned model),
   :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),
-  :mod:`~lib.studies.das.arithmetic_study` (the notebook's results).
+  :mod:`~lib.studies.das.arithmetic_study` (the notebook's results; its tables:
+  :mod:`~lib.studies.das.arithmetic_tables`).
 """
 
 from lib.studies.das.rotation import (  # noqa: F401

@@ -214,6 +214,11 @@ def causal_models(pool: Sequence[int] | None = None) -> dict[int, CausalModel]:
     return {i: causal_model(i, pool) for i in MODEL_IDS}
 
 
+#: memory of one counterfactual of :func:`counterfactual_pairs` at its peak, for
+#: :func:`lib.core.memory.check_fits` (measured: 200-290 bytes at 0.2-0.8 million, rounded up)
+CF_BYTES = 320
+
+
 def counterfactual_pairs(model: CausalModel, size: int, seed: int,
                          semantics: str = "independent") -> dict[str, torch.Tensor]:
     """``size`` counterfactuals of ``model`` as arrangement indices: ``base``, ``source`` and

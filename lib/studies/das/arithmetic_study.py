@@ -21,10 +21,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from lib.core import io, paths
+from lib.core import io, paths, schema
+from lib.core.memory import check_fits
 from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
 from lib.core.tensorfiles import TensorFileError, set_aside
 from lib.core.schema import NUM, Kind, map_of, maybe, nonempty, one_of, optional
@@ -32,6 +32,8 @@ from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
 from lib.studies.das import tuning as tu
+from lib.studies.das.arithmetic_tables import (graphs_table, runs_table,  # noqa: F401
+                                               sanity_cells, shipped_table, tokenization_lines)
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
 # each result's key: the parameters its numbers depend on (the DAS and graph keys add the tuned
@@ -54,18 +56,38 @@ FT_SCHEMA = Kind("das_finetune", "09_das_arithmetic", {
                         "val_loss": NUM, "val_accuracy": float}]),
     "steps": int, "trainable_parameters": int, "test_accuracy": float, "val_accuracy": float,
     "weights_sha256": optional(str), "head": str, "params_key": str})
+#: one DAS run, as :func:`das_runs` stores it (a unit) and ``das_iia.json`` lists it; its IIAs
+#: are accuracies in [0, 1] besides (:func:`check_run`)
+RUN_SHAPE = {"model": int, "layer": int, "rank": int, "site": str,
+             "positions": one_of(str, [int]), "iia": float, "control_iia": float,
+             "curve": [{"epoch": int, "loss": NUM}], "steps": int, "trainable_parameters": int,
+             "orthogonality_error": float, "n_train": int, "n_test": int}
+
+
+def check_run(res: Any, where: str = "run") -> None:
+    """A DAS run (a unit, or an item of ``das_iia.json``'s runs) as :func:`das_runs` reads it:
+    of :data:`RUN_SHAPE`, its IIAs numbers in [0, 1]; raises
+    :class:`lib.core.schema.SchemaError` (a ValueError) otherwise."""
+    schema.check(RUN_SHAPE, res, where)
+    for k in ("iia", "control_iia"):
+        if not 0 <= res[k] <= 1:
+            raise schema.SchemaError(f"at {where}.{k}: an accuracy in [0, 1], got {res[k]!r}")
+
+
+def _check_runs(payload: dict) -> None:
+    for i, run in enumerate(payload["runs"]):
+        check_run(run, f"$.runs[{i}]")
+
+
 DAS_SCHEMA = Kind("das_iia", "09_das_arithmetic", {
-    "runs": nonempty([{"model": int, "layer": int, "rank": int, "site": str,
-                       "positions": one_of(str, [int]), "iia": float, "control_iia": float,
-                       "curve": [{"epoch": int, "loss": NUM}], "steps": int,
-                       "trainable_parameters": int, "orthogonality_error": float,
-                       "n_train": int, "n_test": int}]),
+    "runs": nonempty([RUN_SHAPE]),
     "sanity_grid": [{"train_model": str, "test_model": str, "layer": int, "rank": int,
                      "site": str, "iia": float}],
     "full_swap": [{"model": int, "layer": int, "iia": float, "source_prediction_is_label": float,
                    "source_sum_is_label": float}],
     "layers": nonempty([int]), "ranks": nonempty([int]), "sites": map_of(maybe([int])),
-    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str})
+    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str},
+    extra=_check_runs)
 GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
     "arrangements": nonempty([int]), "predictions_file": str, "params_key": str,
     "graphs": [{"model": int, "layer": int, "rank": int, "site": str, "n": int,
@@ -134,20 +156,6 @@ def weights_key(ft: dict) -> dict:
     return {"TUNED_WEIGHTS_SHA256": ft["weights_sha256"]} if "weights_sha256" in ft else {}
 
 
-def check_run(res: Any) -> None:
-    """A DAS run's stored result (a unit) as :func:`das_runs` reads it: its IIAs are numbers in
-    [0, 1] (a NaN is stored as null); raises ValueError otherwise."""
-    if not isinstance(res, dict):
-        raise ValueError(f"a DAS run is a JSON object, got {type(res).__name__}")
-    for k in ("model", "layer", "rank", "site", "iia", "control_iia"):
-        if k not in res:
-            raise ValueError(f"a DAS run needs {k!r}")
-    for k in ("iia", "control_iia"):
-        if isinstance(res[k], bool) or not isinstance(res[k], (int, float)) \
-                or not 0 <= res[k] <= 1:
-            raise ValueError(f"{k} must be a number in [0, 1], got {res[k]!r}")
-
-
 def stored_rotation(path: Path, key: str, name: str, d_model: int, rank: int,
                     positions) -> da.AtPositions | None:
     """The rotation of run ``name`` stored at ``path`` for a stored result of that run, or
@@ -169,6 +177,13 @@ def stored_rotation(path: Path, key: str, name: str, d_model: int, rank: int,
     return da.AtPositions(inner, positions)
 
 
+def rotation_path(rotations_dir: Path, key: str, name: str) -> Path:
+    """Where run ``name``'s rotation is stored: one folder per DAS unit store key (the run's
+    parameters apart from the grid, and the thread count), so that two parameter sets
+    written into one folder each keep, and reuse, their own rotations."""
+    return Path(rotations_dir) / key / f"{name}.safetensors"
+
+
 def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
              site_positions: dict, states, train_models: dict, test_pairs: dict,
              stored: dict | None, units: io.UnitStore, rotations_dir: Path, n_train: int,
@@ -177,7 +192,9 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
     ``das_iia.json`` (``stored``) or the unit store when its rotation file is there and
     carries the unit store's key (:func:`stored_rotation`), else trained on the training
     arrangements, evaluated on the test arrangements, its rotation saved with that key and its
-    result stored as a unit. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
+    result stored as a unit. Rotations live in ``rotations_dir / <key> /`` (:func:`rotation_path`),
+    so runs of other parameters into the same folder keep their own files and never overwrite
+    these. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
     name to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained here,
     whose results then replace any stored ones (what was computed from their old rotations,
     checks and graphs, is computed again)."""
@@ -191,7 +208,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
             for rank in ranks:
                 for site, positions in site_positions.items():
                     name = da.run_name(m, layer, rank, site)
-                    rot_path = Path(rotations_dir) / f"{name}.safetensors"
+                    rot_path = rotation_path(rotations_dir, units.key, name)
                     res = stored_runs.get(name) or units.get(name, check_run)
                     module = None if res is None else stored_rotation(
                         rot_path, units.key, name, lm.d_model, rank, positions)
@@ -360,6 +377,16 @@ class Notebook:
         if v["N_VAL"] + v["N_TEST"] >= len(ar.ARRANGEMENTS):   # before any model call
             raise ParameterError(f"N_VAL + N_TEST = {v['N_VAL'] + v['N_TEST']} leaves no training "
                                  f"arrangement of the {len(ar.ARRANGEMENTS)}; lower them")
+        # one test set of counterfactuals per evaluated causal model (those run and M7), one
+        # training set at a time: refused before any model call when they cannot fit (the
+        # larger named first, the other's memory counted as taken)
+        sizes = {"DAS_N_TEST": len(set(self.model_ids) | {7}) * ar.CF_BYTES,
+                 "DAS_N_TRAIN": ar.CF_BYTES}
+        total = sum(v[name] * per for name, per in sizes.items())
+        for name, per in sorted(sizes.items(), key=lambda item: -v[item[0]] * item[1]):
+            check_fits(name, v[name], per, total - v[name] * per,
+                       what="the test counterfactuals of every evaluated causal model and "
+                       "one training set")
         if v["GRAPH_ARRANGEMENTS"]:  # a graph needs a rotation trained at its layer: refused first
             check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"])
         self.ft_args = dict(fmt=v["FORMAT"], split_seed=v["SPLIT_SEED"], n_val=v["N_VAL"],
@@ -464,38 +491,3 @@ class Notebook:
         """Whether the tuned model was loaded (False when every result was stored and current)."""
         return self.ft is not None and not (isinstance(self.lm, tu.LazyTuned)
                                             and not self.lm.loaded)
-
-
-def tokenization_lines(ft: dict) -> list[str]:
-    """One line per prompt format: how the shipped tokenizer splits a prompt, or why the
-    format cannot be used."""
-    return [f"{fmt}: " + (t["error"] if "error" in t else
-                          f"{t['prompt']!r} -> {t['tokens']} (ids {t['ids']}), slots {t['slots']}")
-            for fmt, t in ft["tokenization"].items()]
-
-
-def shipped_table(ft: dict) -> pd.DataFrame:
-    return pd.DataFrame([{k: s[k] for k in ("format", "shots", "n", "accuracy")}
-                         for s in ft["shipped"]])
-
-
-def runs_table(runs: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia",
-                                             "control_iia")} for r in runs])
-
-
-def graphs_table(graphs_result: dict) -> pd.DataFrame:
-    """One row per graph: mean edge weight with its node-resampled interval, the weight-1
-    fraction, the thesis' number, degrees and clique sizes."""
-    return pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
-                          "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
-                              *g["mean_weight_ci"]),
-                          "weight-1 fraction": g["fraction"]["1.0"],
-                          **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
-                                               "mean_weight1_degree", "clique_sizes")}}
-                         for g in graphs_result["graphs"]])
-
-
-def sanity_cells(grid: list[dict], layer: int, rank: int, site: str) -> list[dict]:
-    """The sanity grid's cells at one layer, rank and site."""
-    return [g for g in grid if g["layer"] == layer and g["rank"] == rank and g["site"] == site]

@@ -24,6 +24,10 @@ from lib.core.tensorfiles import TensorFileError, set_aside, tensors_sha256
 from lib.studies.das.mlp import MLP, accuracy, interchange_data, load_mlp, save_mlp, train_mlps
 
 CACHE = paths.REPO_ROOT / ".cache" / "das_mlp"
+#: memory of one counterfactual with its block activations (``interchange_data``) and of one
+#: factual example, at their peak, for :func:`lib.core.memory.check_fits` (measured on
+#: hierarchical equality, object_dim 4: 940 and 240 bytes at 0.4-0.8 million, rounded up)
+CF_BYTES, EXAMPLE_BYTES = 1000, 256
 
 
 def network_spec(model: CausalModel, n_train: int, n_test: int, epochs: int, batch_size: int,

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from lib.core import paths
+from lib.core.memory import check_fits
 from lib.core.io import load_or_compute, params_key, provenance_without_lm
 from lib.core.schema import NUM, Kind, map_of, nonempty
 from lib.core.params import parse_layers, parse_list
@@ -88,6 +89,14 @@ class Notebook:
                              cache_dir=paths.resolve_dir(v["CACHE_DIR"], mlp_das.CACHE))
         self.das_args = dict(epochs=v["DAS_EPOCHS"], batch_size=v["DAS_BATCH"], lr=v["DAS_LR"],
                              seed=v["SEED"])
+        # each data set is built and dropped in turn: one at a time must fit
+        for name, per in (("N_FACTUAL_HAND", mlp_das.EXAMPLE_BYTES),
+                          ("MLP_N_TRAIN", mlp_das.EXAMPLE_BYTES),
+                          ("MLP_N_TEST", mlp_das.EXAMPLE_BYTES), ("N_CF_HAND", mlp_das.CF_BYTES),
+                          ("SELECT_N_TRAIN", mlp_das.CF_BYTES), ("DAS_N_TRAIN", mlp_das.CF_BYTES),
+                          ("DAS_N_TEST", mlp_das.CF_BYTES), ("SWEEP_N_TRAIN", mlp_das.CF_BYTES)):
+            check_fits(name, v[name], per, what="its examples or counterfactuals, with the "
+                       "network's activations")
         if v["THREADS"]:   # 0 keeps the current count, as in every notebook
             torch.set_num_threads(v["THREADS"])
         torch.manual_seed(v["SEED"])

@@ -35,9 +35,9 @@ class TreePatch:
 
 
 class _TreeBuilder:
-    def __init__(self, lm, n_inputs: int, length: int, which, branch):
+    def __init__(self, lm, n_inputs: int, length: int, which, branch, allow_noop: bool = False):
         self.lm, self.n_inputs, self.length = lm, n_inputs, length
-        self.which, self.branch = which, branch
+        self.which, self.branch, self.allow_noop = which, branch, allow_noop
         self.clean: dict[int, _Run] = {}   # input index -> _Run
         self.memo: dict[tuple, _Run] = {}
 
@@ -65,6 +65,7 @@ class _TreeBuilder:
         below = ("f", layer - 1) if kind == "a" and layer > 0 else \
             ("emb",) if kind == "a" else ("a", layer)
         if not self.branch(path):
+            self._check_unsplit_head(path, name)
             lin, run = self.request(below, path)
             return Lineage(name, (lin,)), run
         lin_r, run_r = self.request(below, path[:-1])
@@ -105,6 +106,20 @@ class _TreeBuilder:
         if key not in self.memo:
             self.memo[key] = _Run(run_r.context, run_r.ivs + tuple(ivs))
         return lineage, self.memo[key]
+
+    def _check_unsplit_head(self, path: list[str], name: str) -> None:
+        """Refuse a ``branch`` that asks to split ``name``'s sub-layer input (``"positions"``
+        or ``"heads"`` at ``name.head``) while leaving ``name`` itself unsplit: the head is
+        then never visited, so the request would silently change nothing."""
+        if self.allow_noop:
+            return
+        how = self.branch(path + [f"{name}.head"])
+        if isinstance(how, str) and how in ("positions", "heads"):
+            raise ValueError(
+                f"branch(path) returns {how!r} at {name}.head but is falsy at {name} itself "
+                f"(path {path}), so {name} is not split and its head is never visited: the "
+                f"{how} request would change nothing. Return True at {name} too (nano's "
+                "node_position_patch does), or pass allow_noop=True")
 
     def _heads(self, layer: int, below, hpath, run_r):
         lm = self.lm
@@ -160,11 +175,13 @@ class _TreeBuilder:
 def tree_rows(lm, n_inputs: int, length: int, patches: Sequence[tuple[Callable, Callable]],
               allow_noop: bool = False) -> tuple[list[Row], list[Lineage]]:
     """Engine rows and lineage trees of ``patches``, a list of ``(which, branch)`` pairs. A
-    patch that is the plain base run (``which`` chose input 0 on every path) is refused unless
-    ``allow_noop``: it is almost always a node name spelled otherwise than here."""
+    patch that is the plain base run (``which`` chose input 0 on every path), and a ``branch``
+    that asks for ``"positions"`` or ``"heads"`` at ``X.head`` of a node ``X`` it leaves unsplit
+    (a request that would be silently ignored), are refused unless ``allow_noop``: either is
+    almost always a node name spelled otherwise than here."""
     rows, lineages = [], []
     for i, (which, branch) in enumerate(patches):
-        lin, run = _TreeBuilder(lm, n_inputs, length, which, branch).build()
+        lin, run = _TreeBuilder(lm, n_inputs, length, which, branch, allow_noop).build()
         if run.context == 0 and not run.ivs and not allow_noop:
             raise ValueError(
                 f"tree patch {i} changes nothing: which(path) chose input 0 (the base) on every "
