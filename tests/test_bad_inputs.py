@@ -292,6 +292,31 @@ def test_06_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, ca
         ["causal_trace_hidden.json"]
 
 
+def test_07_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, capsys):
+    """05's result where 07's EAP result goes: refused by check_results before load_model, and
+    the file is left as it was."""
+    import shutil
+
+    fc = tmp_path / "fc"
+    target = fc / "tiny-random" / "path_patching_eap.json"
+    target.parent.mkdir(parents=True)
+    shutil.copy(paths.FULL_COMPUTE / "smollm2-135m" / "interchange_default.json", target)
+    before = target.read_bytes()
+    rc = runner.main(["--notebooks", "07", "--models", "tiny-random", "--runs-dir",
+                      str(tmp_path / "runs"), "-p", f"FULL_COMPUTE_DIR={fc}",
+                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "FAILED: 07_path_patching.ipynb" in err, err
+    assert "path_patching_eap.json holds a interchange" in err or "WrongKindError" in err, err
+    [failed] = (tmp_path / "runs").rglob("07_path_patching.failed.ipynb")
+    text = failed.read_text()
+    assert "check_results(" in text and "load_model(MODEL" in text
+    # the traceback ends in check_results: the model-loading line was never reached
+    assert text.index("WrongKindError") > 0 and "Loading weights" not in text
+    assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == \
+        ["path_patching_eap.json"]
+
+
 def test_check_results_refuses_another_kind_and_sets_aside_an_unreadable_file(tmp_path):
     """lib.core.io.check_results, the check a notebook runs on all its result files before its
     model loads: missing files pass, an unreadable or malformed one is set aside (left alone

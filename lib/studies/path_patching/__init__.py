@@ -82,3 +82,8 @@ from lib.studies.path_patching.circuits import (  # noqa: F401
     DIRECTIONS, THRESHOLDS, CIRCUIT_SCHEMA, k_grid, edge_order, circuit_at, patched_sets,
     faithfulness_curve, curve_summary, circuit_study, smallest_circuit,
 )
+
+#: notebook 07's result files (``full_compute/<model>/<name>.json``) and their kinds
+RESULT_KINDS = {"path_patching_capital": CAPITAL_SCHEMA, "path_patching_ioi": IOI_SCHEMA,
+                "path_patching_roles": ROLES_SCHEMA, "path_patching_eap": EAP_SCHEMA,
+                "circuit_faithfulness": CIRCUIT_SCHEMA}
