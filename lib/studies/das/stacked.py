@@ -215,8 +215,11 @@ def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member
             batches = [(p["base"][o[s:s + batch_size]], p["source"][o[s:s + batch_size]],
                         p["label"][o[s:s + batch_size]]) for p, o in zip(pairs, orders)]
             losses, logits, bounds = stack.losses(batches)
+            total = losses[0]
+            for loss in losses[1:]:
+                total = total + loss
             opt.zero_grad(set_to_none=True)
-            sum(losses).backward()
+            total.backward()
             opt.step()
             step += 1
             predicted = logits.detach().argmax(-1).cpu()
