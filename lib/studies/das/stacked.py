@@ -141,6 +141,8 @@ class Stack:
     def __init__(self, lm, layer: int, states: torch.Tensor, ranks: Sequence[int],
                  seeds: Sequence[int], positions: Sequence[int] | None = None,
                  use_prefix: bool = True, prefix: StreamPrefix | None = None):
+        da.check_layer_start(lm)
+        da._check_layer(lm, layer)   # ranks: refused by the rotations' constructor
         self.lm, self.layer, self.states, self.positions = lm, layer, states, positions
         self.start = prefix_start(lm, positions, use_prefix)
         self.inners = [das.LowRankRotatedSpaceIntervention(lm.d_model, int(r), seed=int(s))
