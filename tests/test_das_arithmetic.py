@@ -351,3 +351,26 @@ def test_graph_summary_of_a_dense_1000_node_graph_is_quick_and_finds_cliques():
     for clique in s["cliques"][:3]:
         assert all(W[u, v] == 1 for u in clique for v in clique if u != v)
     assert sum(s["clique_sizes"]) == s["nodes_in_cliques"]   # removed cliques are disjoint
+
+
+@pytest.mark.parametrize("layer, rank, n_train, fragment", [
+    (2, 4, 8, "layer must be an int from 0 to 1"),
+    (-1, 4, 8, "layer must be an int from 0 to 1"),
+    (0, 0, 8, "rank must be an int from 1 to d"),
+    (0, 10_000, 8, "rank must be an int from 1 to d"),
+    (0, 4, 0, "budget of training counterfactuals"),
+])
+def test_das_run_refuses_a_layer_rank_or_budget_outside_the_model_before_training(
+        tuned, layer, rank, n_train, fragment, monkeypatch):
+    """A layer or rank the model cannot have, or no training counterfactuals, is refused
+    naming it before any step (09 refuses them earlier still, before the fine-tune:
+    test_bad_inputs)."""
+    lm, tokens = tuned
+    states = da.residual_states(lm, tokens, [0])[0]
+    pairs = ar.counterfactual_pairs(ar.causal_model(1), 8, seed=0)
+    train = {k: v[:n_train] for k, v in pairs.items()}
+    steps = []
+    monkeypatch.setattr(da, "run_from", lambda *a: steps.append(a))
+    with pytest.raises(ValueError, match=fragment):
+        da.das_run(lm, layer, rank, states, train, pairs, epochs=1, batch_size=4)
+    assert not steps

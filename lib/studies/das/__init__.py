@@ -10,6 +10,7 @@
 * Notebook 09, a fine-tuned language model on the thesis' ``X+Y+Z=`` task:
   :mod:`~lib.studies.das.arithmetic` (task, causal models, the tuned model),
   :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),
+  :mod:`~lib.studies.das.stacked` (several rotations at one layer trained in one pass),
   :mod:`~lib.studies.das.arithmetic_study` (the notebook's results; its tables:
   :mod:`~lib.studies.das.arithmetic_tables`).
 """

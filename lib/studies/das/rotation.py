@@ -366,6 +366,9 @@ def train_das(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
         raise DASError(f"lr must be positive, got {lr!r}")
     if shuffle not in SHUFFLES:
         raise DASError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+    if len(train) < 1:   # else a ZeroDivisionError after an epoch of no steps
+        raise DASError("train holds no examples: the budget of training counterfactuals must "
+                       "be at least 1")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise DASError("the intervention has no trainable parameters (a random control?)")
