@@ -361,6 +361,7 @@ def test_a_truncated_ioi_file_is_named(tmp_path):
     ({"CAUSAL_MODELS": "7,7"}, "CAUSAL_MODELS names [7, 7]"),
     ({"RANKS": [4, 4]}, "RANKS names [4, 4]"),
     ({"GRAPH_ARRANGEMENTS": 1}, "GRAPH_ARRANGEMENTS = 1"),
+    ({"GRAPH_ARRANGEMENTS": 300}, "more than the 200 test arrangements"),
     ({"N_VAL": 500, "N_TEST": 500}, "N_VAL + N_TEST = 1000"),
     ({"RANKS": [4, 4000], "GRAPH_ARRANGEMENTS": 0}, "exceed tiny-random's width"),
 ])

@@ -374,3 +374,22 @@ def test_das_run_refuses_a_layer_rank_or_budget_outside_the_model_before_trainin
     with pytest.raises(ValueError, match=fragment):
         da.das_run(lm, layer, rank, states, train, pairs, epochs=1, batch_size=4)
     assert not steps
+
+
+def test_graph_pool_is_held_out_by_default_and_the_in_sample_pool_is_unchanged():
+    """GRAPH_POOL="test": the arrangements come from the test split only, seeded; "all": the
+    same pool as before the parameter existed (so those results stay current)."""
+    from lib.core.params import ParameterError
+    from lib.studies.das import arithmetic as ar
+    from lib.studies.das.arithmetic_study import graph_pool
+
+    split = ar.split_arrangements(0, 100, 200)
+    pool = graph_pool(40, 0, split["test"])
+    assert len(pool) == 40 == len(set(pool)) and pool == sorted(pool)
+    assert set(pool) <= set(split["test"]) and not set(pool) & set(split["train"])
+    assert graph_pool(40, 0, split["test"]) == pool != graph_pool(40, 1, split["test"])
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    assert graph_pool(40, 0) == sorted(perm[:40].tolist())
+    assert graph_pool(1000, 0) == list(range(1000))
+    with pytest.raises(ParameterError, match="GRAPH_POOL='all'"):
+        graph_pool(201, 0, split["test"])

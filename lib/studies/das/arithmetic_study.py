@@ -17,7 +17,7 @@ after the fine-tune names the tuned weights' fingerprint (``TUNED_WEIGHTS_SHA256
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ DAS_SCHEMA = Kind("das_iia", "09_das_arithmetic", {
     extra=_check_runs)
 GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
     "arrangements": nonempty([int]), "predictions_file": str, "params_key": str,
+    "pool": optional(str),
     "graphs": [{"model": int, "layer": int, "rank": int, "site": str, "n": int,
                 "mean_weight": float, "fraction": map_of(float), "mean_weight_ci": [float],
                 "cliques": [[int]], "clique_sizes": [int],
@@ -277,17 +278,34 @@ def graph_check(n: int):
     return check
 
 
+def graph_pool(n_arrangements: int, seed: int, test: Sequence[int] | None = None) -> list[int]:
+    """The arrangements of a graph: the first ``n_arrangements`` of a seeded permutation of the
+    ``test`` arrangements (held out from fine-tuning and from every rotation's training), or of
+    all 1,000 when ``test`` is None (the thesis' in-sample graphs: the same pool as before
+    GRAPH_POOL existed). Sorted."""
+    if test is None:
+        perm = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))
+        return sorted(perm[:n_arrangements].tolist()) if n_arrangements < 1000 \
+            else list(range(1000))
+    if n_arrangements > len(test):
+        raise ParameterError(f"GRAPH_ARRANGEMENTS = {n_arrangements} is more than the "
+                             f"{len(test)} test arrangements (N_TEST); lower it, or set "
+                             "GRAPH_POOL='all' for the thesis' in-sample graphs")
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    return sorted(int(test[i]) for i in perm[:n_arrangements].tolist())
+
+
 def graphs(lm, modules: dict, states, n_arrangements: int, rank: int, site: str,
            graph_layers: list[int], units: io.UnitStore, predictions_path: Path, key: dict,
-           seed: int, fresh: Collection[str] = ()):
-    """Pairwise-IIA graphs on ``n_arrangements`` arrangements (the first of a seeded
-    permutation) for the rotations of ``rank`` and ``site`` at ``graph_layers``: every ordered
+           seed: int, fresh: Collection[str] = (), test: Sequence[int] | None = None):
+    """Pairwise-IIA graphs on ``n_arrangements`` arrangements (:func:`graph_pool`: of the
+    ``test`` arrangements, or of all when None) for the rotations of ``rank`` and ``site`` at
+    ``graph_layers``: every ordered
     pair's predicted class (one unit per graph, so an interrupted run resumes; all stored in
     ``predictions_path`` with the graph key), the edge weights against each causal model, their
     summary and node-resampled intervals. A stored graph of a run in ``fresh`` (its rotation
     trained in this process) is computed again. Returns ``(payload, provenance)``."""
-    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))
-    pool = sorted(perm[:n_arrangements].tolist()) if n_arrangements < 1000 else list(range(1000))
+    pool = graph_pool(n_arrangements, seed, test)
     summaries, predictions = [], {}
     for name, (m, layer, r, s, module) in modules.items():
         if r != rank or s != site or layer not in graph_layers:
@@ -311,7 +329,8 @@ def graphs(lm, modules: dict, states, n_arrangements: int, rank: int, site: str,
                           **{k: v for k, v in summary.items() if k != "cliques"},
                           "cliques": [[pool[v] for v in c] for c in summary["cliques"]]})
     payload = {"arrangements": pool, "graphs": summaries, "params_key": io.params_key(key),
-               "predictions_file": Path(predictions_path).name}
+               "predictions_file": Path(predictions_path).name,
+               "pool": "all (in-sample)" if test is None else "test (held out)"}
     # every ordered pair's predicted class (rows: base, columns: source, -1 on the diagonal),
     # so the graphs can be read again against any causal model's labels
     io.save_tensors(predictions_path, predictions,
@@ -374,6 +393,8 @@ class Notebook:
         if v["GRAPH_ARRANGEMENTS"] == 1:
             raise ParameterError("GRAPH_ARRANGEMENTS = 1: a graph needs two arrangements or "
                                  "more (0 skips the graphs)")
+        if v["GRAPH_POOL"] == "test" and v["GRAPH_ARRANGEMENTS"] > v["N_TEST"]:
+            graph_pool(v["GRAPH_ARRANGEMENTS"], 0, range(v["N_TEST"]))   # its refusal
         if v["N_VAL"] + v["N_TEST"] >= len(ar.ARRANGEMENTS):   # before any model call
             raise ParameterError(f"N_VAL + N_TEST = {v['N_VAL'] + v['N_TEST']} leaves no training "
                                  f"arrangement of the {len(ar.ARRANGEMENTS)}; lower them")
@@ -471,10 +492,14 @@ class Notebook:
         if self.runs is None:
             self.das()
         key = self._key(*DAS_KEY, *GRAPH_KEY)
+        pool_key = {"GRAPH_ARRANGEMENTS": v["GRAPH_ARRANGEMENTS"]}
+        # GRAPH_POOL "all" is what every graph was before it existed: keyed as then, so those
+        # results stay current; a held-out pool is a key of its own
+        if v["GRAPH_POOL"] != "all":
+            key["GRAPH_POOL"] = pool_key["GRAPH_POOL"] = v["GRAPH_POOL"]
         # a graph depends on its rotation (a DAS unit) and the pool alone
         units = io.UnitStore(self.out_dir / "das_units" / "graphs",
-                             {**self.key_unit, "GRAPH_ARRANGEMENTS": v["GRAPH_ARRANGEMENTS"]},
-                             v["FORCE"])
+                             {**self.key_unit, **pool_key}, v["FORCE"])
         # a graph of a run trained here is computed again (the file keeps its bytes when
         # training gave the same rotation)
         redo = {n for n, (_, layer, r, s, _) in self.modules.items() if n in self.trained
@@ -485,7 +510,8 @@ class Notebook:
             compute=lambda: graphs(self.lm, self.modules, self.states, v["GRAPH_ARRANGEMENTS"],
                                    self.ranks[0], self.sites[0], self.graph_layers or [], units,
                                    self.out_dir / "das_graph_predictions.safetensors", key,
-                                   v["SEED"], redo))
+                                   v["SEED"], redo,
+                                   None if v["GRAPH_POOL"] == "all" else self.split["test"]))
 
     def model_used(self) -> bool:
         """Whether the tuned model was loaded (False when every result was stored and current)."""

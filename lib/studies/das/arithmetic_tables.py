@@ -33,8 +33,10 @@ def graphs_table(graphs_result: dict) -> pd.DataFrame:
                           "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
                               *g["mean_weight_ci"]),
                           "weight-1 fraction": g["fraction"]["1.0"],
-                          **{k: g[k] for k in ("thesis_mean_weight_gpt2_layer7_rank256",
-                                               "mean_weight1_degree", "clique_sizes")}}
+                          "thesis (in-sample, GPT-2 layer 7 of 12, 800x our counterfactuals)":
+                              g["thesis_mean_weight_gpt2_layer7_rank256"],
+                          **{k: g[k] for k in ("mean_weight1_degree", "clique_sizes")},
+                          "pool": graphs_result.get("pool", "all (in-sample)")}
                          for g in graphs_result["graphs"]])
 
 
