@@ -87,17 +87,19 @@ def plot_wrong_model_grid(cells: list[dict], title: str = "Wrong causal model",
                         "label": f"{c['balanced_iia']['median']:.3f}\n"
                                  f"({c['balanced_iia']['min']:.2f}–{c['balanced_iia']['max']:.2f})\n"
                                  f"control {c['control_balanced_iia']['median']:.2f}\n"
-                                 f"True: labels {c['label_true_share']:.2f}, "
-                                 f"net {c['factual_true_share']['median']:.2f}"}
+                                 f"True {c['label_true_share']:.2f} / "
+                                 f"{c['factual_true_share']['median']:.2f}"}
                        for c in cells])
     order = list(dict.fromkeys(df["train_model"]))
     df["train_model"] = pd.Categorical(df["train_model"], categories=order[::-1])
     df["test_model"] = pd.Categorical(df["test_model"], categories=order)
     return (ggplot(df, aes("test_model", "train_model", fill="value"))
             + geom_tile(color="white")
-            + geom_text(aes(label="label"), size=6.5)
+            + geom_text(aes(label="label"), size=7)
             + facet_wrap("~inputs")
             + scale_fill_gradient(low="#f7fbff", high="#2171b5", limits=(0, 1))
-            + labs(x="IIA tested on counterfactuals of", y=y_label,
+            + labs(x="IIA tested on counterfactuals of\n(tiles: median balanced IIA, range over "
+                     "networks, control's median, True share of labels / of the network's answers)",
+                   y=y_label,
                    fill="balanced IIA\n(median)", title=title)
             + theme_bw())
