@@ -414,6 +414,9 @@ def test_grid_result_has_its_declared_shape(tmp_path):
                                                     if k != "label_true_share"}]}
     with pytest.raises(SchemaError, match="label_true_share"):
         mlp_study.SCHEMAS["wrong_model"](broken)
+    missing = {**grid, "params_key": "x", "cells": grid["cells"][1:]}
+    with pytest.raises(SchemaError, match="not one of each"):
+        mlp_study.SCHEMAS["wrong_model"](missing)
 
 
 def test_notebook_08_refuses_grid_sizes_out_of_its_bounds_before_any_kernel():

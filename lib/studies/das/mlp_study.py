@@ -79,8 +79,25 @@ _SHAPES: dict[str, dict] = {
                     "networks": nonempty([{"task": str, "seed": int, "mlp_test_accuracy": float,
                                            "iia": float, "control_iia": float}])},
 }
+
+
+def _grid_complete(payload: dict) -> None:
+    """The grid has every (trained on, tested on, inputs) cell once, each with one row per
+    network, in the order of ``seeds``."""
+    cells = [(c["train_model"], c["test_model"], c["inputs"]) for c in payload["cells"]]
+    want = [(p, q, i) for p in mlp_grid.TASKS for q in mlp_grid.TASKS for i in mlp_grid.INPUTS]
+    if sorted(cells) != sorted(want):
+        raise ValueError(f"cells {sorted(cells)} are not one of each of {want}")
+    for c in payload["cells"]:
+        if [r["seed"] for r in c["per_network"]] != payload["seeds"]:
+            raise ValueError(f"cell {c['train_model']}->{c['test_model']} ({c['inputs']}) has "
+                             f"networks {[r['seed'] for r in c['per_network']]}, not the seeds "
+                             f"{payload['seeds']}")
+
+
 #: one kind per result file (``full_compute/das_mlp/<name>.json``), by name
-SCHEMAS = {name: Kind(f"das_mlp_{name}", "08_das_mlp", {**shape, "params_key": str})
+SCHEMAS = {name: Kind(f"das_mlp_{name}", "08_das_mlp", {**shape, "params_key": str},
+                      extra=_grid_complete if name == "wrong_model" else None)
            for name, shape in _SHAPES.items()}
 
 
