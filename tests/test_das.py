@@ -311,3 +311,127 @@ def test_task_networks_share_the_cache_of_task_network_and_selection_takes_the_b
     assert all(0 <= r["validation_iia"] <= 1 and 0 <= r["control_iia"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="at least one candidate"):
         mlp_das.select_network([], 0, train, val, 1, 64, 1e-2, 0)
+
+
+# --- balanced IIA and the wrong-model grid (lib.studies.das.scores, mlp_grid) --------------------
+
+def test_balanced_iia_and_shares_on_hand_made_predictions():
+    from lib.studies.das.scores import balanced_iia, class_iia, iia_scores
+
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0])       # 6 True, 2 False
+    preds = torch.tensor([1, 1, 1, 1, 1, 0, 0, 1])        # True: 5 of 6 right; False: 1 of 2
+    assert class_iia(preds, labels) == [0.5, 5 / 6]
+    assert balanced_iia(preds, labels) == pytest.approx((0.5 + 5 / 6) / 2)   # 0.6667
+    scores = iia_scores(preds, labels, factual_predictions=torch.tensor([1, 0, 1, 0, 1, 1, 1, 1]))
+    assert scores["iia"] == 6 / 8 and scores["label_true_share"] == 6 / 8
+    assert scores["prediction_true_share"] == 6 / 8 and scores["factual_true_share"] == 6 / 8
+    # always True: plain IIA is the True share of the labels, balanced IIA one half
+    ones = torch.ones(8, dtype=torch.long)
+    assert iia_scores(ones, labels)["iia"] == 0.75 and balanced_iia(ones, labels) == 0.5
+    # a class no example has is left out of the mean (and reported as None)
+    assert class_iia(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1])) == [None, 2 / 3]
+    assert balanced_iia(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1])) == 2 / 3
+    with pytest.raises(ValueError, match="one length"):
+        balanced_iia(torch.tensor([1, 0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="class indices"):
+        balanced_iia(torch.tensor([1, 0]), torch.tensor([1, 2]))
+
+
+def _always_true_network() -> MLP:
+    net = MLP(init="torch")
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([0.0, 1.0]))     # class 1 (True) on every input
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("rotation_seed", [0, 1, 2])
+def test_a_grid_cell_of_a_network_that_always_answers_true_scores_one_half(rotation_seed):
+    """The failure the issue found: a network answering True on (nearly) every input of another
+    pairing scores the True share of the labels with plain IIA, whatever the rotation; balanced
+    IIA is 0.5 for every rotation, and the shares say why."""
+    from lib.studies.das import mlp_grid
+
+    test = mlp_grid.task_model("ABAB").counterfactual_dataset(512, seed=3)
+    module = das.random_control(das.RotatedSpaceIntervention(16, [(0, 8), (8, 16)], seed=0),
+                                seed=rotation_seed)
+    scores = mlp_grid.cell_scores(_always_true_network(), 0, module, test)
+    assert scores["balanced_iia"] == 0.5 and scores["class_iia"] == [0.0, 1.0]
+    assert scores["iia"] == scores["label_true_share"] == float(test.labels.float().mean())
+    assert scores["factual_true_share"] == 1.0 and scores["prediction_true_share"] == 1.0
+
+
+def test_shared_inputs_vary_every_pairings_variables():
+    from lib.studies.das import mlp_grid
+
+    assert len(mlp_grid.SHARED_PATTERNS) == 10 and "ABCD" in mlp_grid.SHARED_PATTERNS
+    for pairing in mlp_grid.TASKS:
+        data = mlp_grid.task_model(pairing, "shared").counterfactual_dataset(2000, seed=1)
+        share = float(data.base_labels.float().mean())
+        assert 0.7 < share < 0.9        # 8 of the 10 patterns are True under each pairing
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        mlp_grid.task_model("AABB", "mixed")
+
+
+@pytest.mark.parametrize("n_networks,n_train,name", [
+    (0, 1000, "GRID_NETWORKS"), (65, 1000, "GRID_NETWORKS"), (True, 1000, "GRID_NETWORKS"),
+    (8, 0, "GRID_N_TRAIN"), (8, 10_000_001, "GRID_N_TRAIN"), (8, 1.5, "GRID_N_TRAIN")])
+def test_grid_refuses_bad_sizes_before_training(n_networks, n_train, name, tmp_path):
+    from lib.studies.das import mlp_grid, mlp_study
+
+    with pytest.raises(ValueError, match=rf"{name} must be .*; choose"):
+        mlp_grid.wrong_model_grid("independent", {"cache_dir": tmp_path}, {}, 64, n_train,
+                                  n_networks, 0, mlp_study.counterfactuals, progress=False)
+    assert not list(tmp_path.iterdir())    # nothing was trained or cached
+
+
+def test_grid_result_has_its_declared_shape(tmp_path):
+    from lib.core.schema import SchemaError
+    from lib.studies.das import mlp_grid, mlp_study
+
+    mlp_args = dict(n_train=512, n_test=64, epochs=1, batch_size=128, lr=1e-2, seed=0,
+                    init="torch", cache_dir=tmp_path)
+    das_args = dict(epochs=1, batch_size=128, lr=1e-2, seed=0)
+    grid = mlp_grid.wrong_model_grid("independent", mlp_args, das_args, 128, 256, 2, 0,
+                                     mlp_study.counterfactuals, progress=False)
+    mlp_study.SCHEMAS["wrong_model"]({**grid, "params_key": "x"})
+    assert len(grid["cells"]) == 3 * 3 * 2 and grid["seeds"] == [0, 1]
+    for cell in grid["cells"]:
+        assert [r["seed"] for r in cell["per_network"]] == [0, 1]
+        values = sorted(r["balanced_iia"] for r in cell["per_network"])
+        s = cell["balanced_iia"]
+        assert s["n"] == 2 and s["min"] == values[0] and s["max"] == values[1]
+        assert s["median"] == pytest.approx(sum(values) / 2)
+        assert s["min"] <= s["ci_low"] <= s["ci_high"] <= s["max"]
+        assert 0 < cell["label_true_share"] < 1
+    assert set(grid["tasks"]) == set(mlp_grid.TASKS) and len(grid["networks"]) == 6
+    own = mlp_study.task_table(grid)
+    assert list(own["task"]) == list(mlp_grid.TASKS)
+    assert len(mlp_study.grid_table(grid, "shared")) == 9
+    broken = {**grid, "params_key": "x", "cells": [{k: v for k, v in grid["cells"][0].items()
+                                                    if k != "label_true_share"}]}
+    with pytest.raises(SchemaError, match="label_true_share"):
+        mlp_study.SCHEMAS["wrong_model"](broken)
+    missing = {**grid, "params_key": "x", "cells": grid["cells"][1:]}
+    with pytest.raises(SchemaError, match="not one of each"):
+        mlp_study.SCHEMAS["wrong_model"](missing)
+
+
+def test_notebook_08_refuses_grid_sizes_out_of_its_bounds_before_any_kernel():
+    from lib.core import paths
+    from lib.core.params import ParameterError, check_params
+    from lib.studies.das import mlp_study
+
+    nb = paths.NOTEBOOKS / "08_das_mlp.ipynb"
+    for name, bad in (("GRID_NETWORKS", 0), ("GRID_NETWORKS", 65), ("GRID_N_TRAIN", 0),
+                      ("GRID_N_TRAIN", 10_000_001)):
+        with pytest.raises(ParameterError, match=name):
+            check_params([nb], {name: bad})
+    check_params([nb], {"GRID_NETWORKS": 64, "GRID_N_TRAIN": 1280000})
+    # the study object refuses them too (a caller that skips the runner), before any work
+    from lib.core.params import read_parameters
+    values = {k: p.default for k, p in read_parameters(nb).items()}
+    with pytest.raises(ValueError, match="GRID_NETWORKS"):
+        mlp_study.Notebook({**values, "GRID_NETWORKS": 0, "THREADS": 0})

@@ -13,7 +13,8 @@ from lib.runner import run_notebooks
 NOTEBOOK = paths.NOTEBOOKS / "08_das_mlp.ipynb"
 SMALL = {"N_FACTUAL_HAND": 2000, "N_CF_HAND": 256, "MLP_N_TRAIN": 4096, "MLP_N_TEST": 512,
          "MLP_EPOCHS": 1, "DAS_N_TRAIN": 1024, "DAS_N_TEST": 512, "DAS_EPOCHS": 2,
-         "DAS_BATCH": 256, "SWEEP_N_TRAIN": 512, "N_NETWORKS": 3, "SELECT_N_TRAIN": 512}
+         "DAS_BATCH": 256, "SWEEP_N_TRAIN": 512, "N_NETWORKS": 3, "SELECT_N_TRAIN": 512,
+         "GRID_NETWORKS": 2, "GRID_N_TRAIN": 512}
 FIGURES = ("equality_network_selection", "equality_training_curve", "equality_iia_per_layer", "abab_iia_per_layer",
            "wrong_model_grid")
 
@@ -57,9 +58,13 @@ def test_notebook_08_runs_and_writes_its_outputs(tmp_path):
     assert {abab["equal"]["task"], abab["and"]["task"]} == {"abab_equal", "abab_and"}
     assert [r["layer"] for r in abab["and"]["per_layer"]] == [0, 1, 2]
     wrong = read_json(out / "wrong_model.json")
-    assert len(wrong["grid"]) == 9
-    assert {(r["train_model"], r["test_model"]) for r in wrong["grid"]} == {
-        (a, b) for a in ("AABB", "ABAB", "ABBA") for b in ("AABB", "ABAB", "ABBA")}
+    assert len(wrong["cells"]) == 18 and wrong["seeds"] == [0, 1] and wrong["n_train"] == 512
+    assert {(r["train_model"], r["test_model"], r["inputs"]) for r in wrong["cells"]} == {
+        (a, b, i) for a in ("AABB", "ABAB", "ABBA") for b in ("AABB", "ABAB", "ABBA")
+        for i in ("own", "shared")}
+    for cell in wrong["cells"]:
+        assert len(cell["per_network"]) == 2 and 0 <= cell["balanced_iia"]["median"] <= 1
+        assert 0 < cell["label_true_share"] < 1
     prov = eq["provenance"]
     assert prov["model"]["name"] == "das_mlp" and prov["parameters"]["DAS_N_TRAIN"] == 1024
     for sem in ("independent", "conditioned"):

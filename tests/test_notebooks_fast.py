@@ -44,7 +44,7 @@ FAST_PARAMETERS = {
     "08": {"N_FACTUAL_HAND": 500, "N_CF_HAND": 64, "MLP_N_TRAIN": 1024, "MLP_N_TEST": 128,
            "MLP_EPOCHS": 1, "DAS_N_TRAIN": 256, "DAS_N_TEST": 128, "DAS_EPOCHS": 1,
            "DAS_BATCH": 128, "SWEEP_N_TRAIN": 256, "LAYERS": "0,1", "SEMANTICS": "independent",
-           "N_NETWORKS": 2, "SELECT_N_TRAIN": 128},
+           "N_NETWORKS": 2, "SELECT_N_TRAIN": 128, "GRID_NETWORKS": 2, "GRID_N_TRAIN": 256},
     # the X+Y+Z= task: the tiny model is fine-tuned for one epoch (it stays at chance)
     "09": {"N_SHIPPED": 2, "SHOTS": 1, "FT_EPOCHS": 1, "FT_BATCH": 256, "LAYERS": "0,1",
            "RANKS": [4], "SITES": "all,eq", "CAUSAL_MODELS": "1,2,7", "DAS_N_TRAIN": 128,
@@ -243,6 +243,9 @@ def check_08(ws, executed):
     hand = json.loads((out / "hand_built.json").read_text())
     assert hand["factual_accuracy"] == 1.0 and hand["iia"] == {"independent": 1.0}
     assert len(list(out.glob("*.json"))) >= 3
+    grid = json.loads((out / "wrong_model.json").read_text())
+    assert grid["n_networks"] == 2 and len(grid["cells"]) == 18
+    assert all("balanced_iia" in c and "label_true_share" in c for c in grid["cells"])
     # the equality study's rotations carry its result's key; its networks' cache files carry
     # theirs and the checksum of the tensors their stored accuracy was measured on
     from lib.core.tensorfiles import read_header, tensors_sha256

@@ -217,3 +217,11 @@ def test_partial_spearman_equals_the_closed_form_and_removes_a_shared_cause():
     assert partial_spearman(z, z * 2, z)["rho"] is None   # nothing left once z is removed
     with pytest.raises(ValueError, match="equal length"):
         partial_spearman([1, 2], [1, 2, 3], [1, 2, 3])
+
+
+def test_summarize_median_hand_values():
+    s = stats.summarize_median([10.0, 1.0, 3.0, 2.0, 4.0], 1000, seed=0)
+    assert (s["median"], s["q1"], s["q3"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0,
+                                                                           10.0, 5)
+    assert 1.0 <= s["ci_low"] <= 3.0 <= s["ci_high"] <= 10.0
+    assert stats.summarize_median([0.5])["ci_low"] == 0.5

@@ -14,6 +14,8 @@ rank correlation, all computed by scipy.stats.
   as one of the permutations, ``(1 + #{T* as extreme as T}) / (1 + P)`` (Phipson & Smyth 2010,
   "Permutation p-values should never be zero"), so it is never 0. Two-sided means
   ``|T*| >= |T|``.
+* :func:`summarize_median`: the median over units (networks trained alike ...), its quartiles,
+  range and the percentile-bootstrap interval of the median.
 * :func:`spearman` wraps :func:`scipy.stats.spearmanr` with a JSON-ready result.
 
 Every random function takes a ``seed`` and builds its own ``numpy.random.Generator`` for scipy:
@@ -76,6 +78,22 @@ def summarize(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
     return {"mean": float(arr.mean()),
             "std": float(arr.std(ddof=1)) if arr.size > 1 else None,
             "n": int(arr.size), "ci_low": low, "ci_high": high}
+
+
+def _median(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(x, axis=axis)
+
+
+def summarize_median(values: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
+                     confidence: float = 0.95) -> dict:
+    """``{"median", "q1", "q3", "min", "max", "n", "ci_low", "ci_high"}`` of ``values``: the
+    median, its quartiles and range (the spread over units, e.g. networks trained alike) and
+    the percentile-bootstrap interval of the median."""
+    arr = _as_1d(values)
+    low, high = bootstrap_ci(arr, n_bootstrap, confidence, seed, statistic=_median)
+    q1, median, q3 = (float(q) for q in np.quantile(arr, [0.25, 0.5, 0.75]))
+    return {"median": median, "q1": q1, "q3": q3, "min": float(arr.min()),
+            "max": float(arr.max()), "n": int(arr.size), "ci_low": low, "ci_high": high}
 
 
 def permutation_test(x: Sequence[float], y: Sequence[float], n_permutations: int = 10000,

@@ -1,5 +1,6 @@
 """Figures of distributed alignment search (notebook 08): the choice of network, training curves,
-IIA per layer beside the random-subspace control, and the wrong-causal-model grid.
+IIA per layer beside the random-subspace control, and the wrong-causal-model grid (balanced IIA
+over networks).
 
 DAS: Geiger, Wu et al. 2023, "Finding alignments between interpretable causal variables and
 distributed neural representations". Every function takes rows from the notebook's result JSON
@@ -74,18 +75,31 @@ def plot_layer_iia(panels: dict[str, list[dict]], title: str = "IIA per layer") 
             + theme_bw())
 
 
-def plot_wrong_model_grid(rows: list[dict], title: str = "Wrong causal model",
+def plot_wrong_model_grid(cells: list[dict], title: str = "Wrong causal model",
                           y_label: str = "DAS trained on (and network of)") -> ggplot:
-    """``rows``: dicts with ``train_model`` (the causal model DAS was trained with, and whose
-    task the network solves), ``test_model`` (the counterfactuals IIA is measured on), ``iia``."""
-    df = pd.DataFrame(rows)
+    """``cells``: the grid's cells (``train_model``, ``test_model``, ``inputs``, summaries of
+    ``balanced_iia`` and ``control_balanced_iia`` over networks, ``label_true_share`` and
+    ``factual_true_share``). One panel per input distribution; each tile shows the median
+    balanced IIA, its range over the networks, the control's median and the True shares of the
+    labels and of the network's own answers."""
+    df = pd.DataFrame([{"train_model": c["train_model"], "test_model": c["test_model"],
+                        "inputs": f"{c['inputs']} inputs", "value": c["balanced_iia"]["median"],
+                        "label": f"{c['balanced_iia']['median']:.3f}\n"
+                                 f"({c['balanced_iia']['min']:.2f}–{c['balanced_iia']['max']:.2f})\n"
+                                 f"control {c['control_balanced_iia']['median']:.2f}\n"
+                                 f"True {c['label_true_share']:.2f} / "
+                                 f"{c['factual_true_share']['median']:.2f}"}
+                       for c in cells])
     order = list(dict.fromkeys(df["train_model"]))
     df["train_model"] = pd.Categorical(df["train_model"], categories=order[::-1])
     df["test_model"] = pd.Categorical(df["test_model"], categories=order)
-    return (ggplot(df, aes("test_model", "train_model", fill="iia"))
+    return (ggplot(df, aes("test_model", "train_model", fill="value"))
             + geom_tile(color="white")
-            + geom_text(aes(label="iia"), format_string="{:.3f}", size=9)
+            + geom_text(aes(label="label"), size=7)
+            + facet_wrap("~inputs")
             + scale_fill_gradient(low="#f7fbff", high="#2171b5", limits=(0, 1))
-            + labs(x="IIA tested on counterfactuals of", y=y_label,
-                   fill="IIA", title=title)
+            + labs(x="IIA tested on counterfactuals of\n(tiles: median balanced IIA, range over "
+                     "networks, control's median, True share of labels / of the network's answers)",
+                   y=y_label,
+                   fill="balanced IIA\n(median)", title=title)
             + theme_bw())

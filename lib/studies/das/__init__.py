@@ -5,8 +5,9 @@
   this package (``from lib.studies import das; das.train_das(...)``).
 * :mod:`lib.studies.das.causal_model`: high-level causal models and their counterfactual data.
 * Notebook 08, small MLPs: :mod:`~lib.studies.das.mlp` (the networks),
-  :mod:`~lib.studies.das.mlp_das` (the experiment steps), :mod:`~lib.studies.das.mlp_study`
-  (the notebook's results).
+  :mod:`~lib.studies.das.mlp_das` (the experiment steps), :mod:`~lib.studies.das.mlp_grid` (the
+  wrong-model grid over networks), :mod:`~lib.studies.das.mlp_study` (the notebook's results).
+* :mod:`lib.studies.das.scores`: IIA per label class, balanced IIA and the label shares.
 * Notebook 09, a fine-tuned language model on the thesis' ``X+Y+Z=`` task:
   :mod:`~lib.studies.das.arithmetic` (task, causal models, the tuned model),
   :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),

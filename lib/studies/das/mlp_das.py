@@ -57,11 +57,10 @@ def task_network(model: CausalModel, n_train: int, n_test: int, epochs: int, bat
     ``{"curve", "test_accuracy", "n_train", "n_test"}``. Training and test inputs come from
     different seeds (fresh random object vectors).
 
-    ``init`` (see :class:`lib.studies.das.mlp.MLP`): ``"torch"``, nn.Linear's default, is what the DAS
-    tutorial's recorded run had (transformers 4.x left ``PreTrainedModel._init_weights`` a no-op,
-    so pyvene's MLP kept PyTorch's initialisation); ``"normal"`` (N(0, 0.02²)) is what
-    transformers 5 does to the same model, and trains worse here (test accuracy 0.981 against
-    0.998 for seed 0)."""
+    ``init`` (see :class:`lib.studies.das.mlp.MLP`): ``"torch"``, nn.Linear's default, or
+    ``"normal"`` (weights N(0, 0.02²), biases 0), what a fresh pyvene ``MLPForClassification``
+    gets (measured with pyvene 0.1.8, transformers 4.57.6, torch 2.13.0:
+    ``scripts/pyvene_mlp_init.py``)."""
     return task_networks(model, [seed], n_train, n_test, epochs, batch_size, lr, h_dim,
                          n_layers, cache_dir, force, init)[0]
 

@@ -1,9 +1,10 @@
 """Notebook 08's four results, each one function of the notebook's parameters: the hand-built
 network, the hierarchical-equality study (network selection, layer-0 runs, per-layer sweep),
-the ABAB tasks and the wrong-causal-model grid (Geiger, Wu et al. 2023; maraPislar's thesis
+the ABAB tasks and the wrong-causal-model grid over several networks per task, scored by
+balanced IIA (:mod:`lib.studies.das.mlp_grid`; Geiger, Wu et al. 2023; maraPislar's thesis
 experiments). :class:`Notebook` reads each through :func:`lib.core.io.load_or_compute`, so a
 current result is read and nothing is trained. The building blocks live in
-:mod:`lib.studies.das.mlp_das`.
+:mod:`lib.studies.das.mlp_das`; each result's kind (:data:`SCHEMAS`) is declared here.
 
 Every sampler is seeded from ``seed * 1000 + offset``; training and test sets take different
 offsets, so every IIA is measured on counterfactuals disjoint from those it was trained on.
@@ -20,10 +21,10 @@ import torch
 from lib.core import paths
 from lib.core.memory import check_fits
 from lib.core.io import load_or_compute, params_key, provenance_without_lm
-from lib.core.schema import NUM, Kind, map_of, nonempty
+from lib.core.schema import NUM, Kind, map_of, maybe, nonempty
 from lib.core.params import parse_layers, parse_list
 from lib.studies import das
-from lib.studies.das import mlp_das
+from lib.studies.das import mlp_das, mlp_grid
 from lib.studies.das.causal_model import (CausalModel, CounterfactualDataset, encode,
                                           hierarchical_equality, pair_equality_model)
 from lib.studies.das.mlp import accuracy, hand_built_equality_mlp, interchange_data
@@ -36,8 +37,13 @@ NETWORKS_KEY = ("MLP_N_TRAIN", "MLP_N_TEST", "MLP_EPOCHS", "MLP_BATCH", "MLP_LR"
                 "DAS_N_TRAIN", "DAS_N_TEST", "DAS_EPOCHS", "DAS_BATCH", "DAS_LR",
                 "SWEEP_N_TRAIN", "LAYERS", "SEMANTICS", "SEED")
 EQUALITY_KEY = NETWORKS_KEY + ("N_NETWORKS", "SELECT_N_TRAIN")
-# what pyvene's DAS tutorial reports at layer 0, drawn beside the network selection
-PYVENE_REFERENCES = {"pyvene, conditioned (0.97)": 0.97, "pyvene, independent (0.99)": 0.99}
+GRID_KEY = ("MLP_N_TRAIN", "MLP_N_TEST", "MLP_EPOCHS", "MLP_BATCH", "MLP_LR", "MLP_INIT",
+            "DAS_N_TEST", "DAS_EPOCHS", "DAS_BATCH", "DAS_LR", "SEMANTICS", "SEED",
+            "GRID_NETWORKS", "GRID_N_TRAIN")
+# what pyvene's DAS tutorial reports at layer 0, each for the one network its run trained
+PYVENE_IIA = {"independent": 0.99, "conditioned": 0.97}
+PYVENE_REFERENCES = {f"pyvene, {s}, one network ({v})": v for s, v in
+                     sorted(PYVENE_IIA.items(), key=lambda kv: kv[1])}
 
 # --- the kinds of result notebook 08 writes (lib.core.schema), checked on every read ----------
 _MLP = {"n_train": int, "n_test": int, "test_accuracy": float, "test_label_counts": [int],
@@ -46,6 +52,12 @@ _DAS_RUN = {"layer": int, "semantics": str, "iia": float, "control_iia": float, 
             "n_test": int, "orthogonality_error": float, "trainable_parameters": int,
             "subspaces": [[int]],
             "curve": [{"epoch": int, "loss": NUM, "train_accuracy": float, "eval_iia": float}]}
+# a quantity over networks (lib.core.stats.summarize_median) and one network's grid cell
+_SPREAD = {k: float for k in ("median", "q1", "q3", "min", "max", "ci_low", "ci_high")} | {"n": int}
+_GRID_NETWORK = {"seed": int, "iia": float, "balanced_iia": float, "class_iia": [maybe(float)],
+                 "label_true_share": float, "prediction_true_share": float,
+                 "factual_true_share": float, "control_iia": float,
+                 "control_balanced_iia": float}
 _SHAPES: dict[str, dict] = {
     "hand_built": {"factual_accuracy": float, "factual_label_counts": [int],
                    "iia": map_of(float)},
@@ -58,13 +70,35 @@ _SHAPES: dict[str, dict] = {
                                                "mlp_test_accuracy": float}]}},
     "abab": {v: {"task": str, "semantics": str, "mlp": _MLP, "per_layer": nonempty([_DAS_RUN])}
              for v in ("equal", "and")},
-    "wrong_model": {"semantics": str, "layer": int,
-                    "grid": nonempty([{"train_model": str, "test_model": str, "iia": float,
-                                       "control_iia": float}]),
-                    "networks": map_of({"mlp_test_accuracy": float, "iia": float})},
+    "wrong_model": {"semantics": str, "layer": int, "n_networks": int, "seeds": nonempty([int]),
+                    "n_train": int, "n_test": int, "shared_patterns": nonempty([str]),
+                    "cells": nonempty([{"train_model": str, "test_model": str, "inputs": str,
+                                        "label_true_share": float,
+                                        **{name: _SPREAD for name in mlp_grid.SUMMARISED},
+                                        "per_network": nonempty([_GRID_NETWORK])}]),
+                    "tasks": map_of({"balanced_iia": _SPREAD, "mlp_test_accuracy": _SPREAD}),
+                    "networks": nonempty([{"task": str, "seed": int, "mlp_test_accuracy": float,
+                                           "iia": float, "control_iia": float}])},
 }
+
+
+def _grid_complete(payload: dict) -> None:
+    """The grid has every (trained on, tested on, inputs) cell once, each with one row per
+    network, in the order of ``seeds``."""
+    cells = [(c["train_model"], c["test_model"], c["inputs"]) for c in payload["cells"]]
+    want = [(p, q, i) for p in mlp_grid.TASKS for q in mlp_grid.TASKS for i in mlp_grid.INPUTS]
+    if sorted(cells) != sorted(want):
+        raise ValueError(f"cells {sorted(cells)} are not one of each of {want}")
+    for c in payload["cells"]:
+        if [r["seed"] for r in c["per_network"]] != payload["seeds"]:
+            raise ValueError(f"cell {c['train_model']}->{c['test_model']} ({c['inputs']}) has "
+                             f"networks {[r['seed'] for r in c['per_network']]}, not the seeds "
+                             f"{payload['seeds']}")
+
+
 #: one kind per result file (``full_compute/das_mlp/<name>.json``), by name
-SCHEMAS = {name: Kind(f"das_mlp_{name}", "08_das_mlp", {**shape, "params_key": str})
+SCHEMAS = {name: Kind(f"das_mlp_{name}", "08_das_mlp", {**shape, "params_key": str},
+                      extra=_grid_complete if name == "wrong_model" else None)
            for name, shape in _SHAPES.items()}
 
 
@@ -80,7 +114,8 @@ class Notebook:
         self.semantics = parse_list(v["SEMANTICS"])
         parsed = {**v, "LAYERS": self.layers, "SEMANTICS": self.semantics}
         self.keys = {name: {k: parsed[k] for k in key} for name, key in
-                     (("hand", HAND_KEY), ("networks", NETWORKS_KEY), ("equality", EQUALITY_KEY))}
+                     (("hand", HAND_KEY), ("networks", NETWORKS_KEY), ("equality", EQUALITY_KEY),
+                      ("grid", GRID_KEY))}
         self.out_dir = paths.resolve_dir(v["FULL_COMPUTE_DIR"], paths.FULL_COMPUTE) / SLUG
         self.graphs_dir = paths.resolve_dir(v["GRAPHS_DIR"], paths.GRAPHS)
         self.mlp_args = dict(n_train=v["MLP_N_TRAIN"], n_test=v["MLP_N_TEST"],
@@ -94,9 +129,12 @@ class Notebook:
                           ("MLP_N_TRAIN", mlp_das.EXAMPLE_BYTES),
                           ("MLP_N_TEST", mlp_das.EXAMPLE_BYTES), ("N_CF_HAND", mlp_das.CF_BYTES),
                           ("SELECT_N_TRAIN", mlp_das.CF_BYTES), ("DAS_N_TRAIN", mlp_das.CF_BYTES),
-                          ("DAS_N_TEST", mlp_das.CF_BYTES), ("SWEEP_N_TRAIN", mlp_das.CF_BYTES)):
+                          ("DAS_N_TEST", mlp_das.CF_BYTES), ("SWEEP_N_TRAIN", mlp_das.CF_BYTES),
+                          ("GRID_N_TRAIN", mlp_das.CF_BYTES)):
             check_fits(name, v[name], per, what="its examples or counterfactuals, with the "
                        "network's activations")
+        if v["WRONG_MODEL"]:   # before anything is trained
+            mlp_grid.check_grid_args(v["GRID_NETWORKS"], v["GRID_N_TRAIN"])
         if v["THREADS"]:   # 0 keeps the current count, as in every notebook
             torch.set_num_threads(v["THREADS"])
         torch.manual_seed(v["SEED"])
@@ -132,19 +170,63 @@ class Notebook:
             v["SWEEP_N_TRAIN"], v["SEED"])) if v["ABAB"] else None
 
     def wrong_model(self) -> dict | None:
-        """``None`` when the WRONG_MODEL parameter is off."""
+        """The wrong-causal-model grid (:mod:`lib.studies.das.mlp_grid`) over GRID_NETWORKS
+        networks per task; ``None`` when the WRONG_MODEL parameter is off."""
         v = self.values
-        return self._result("wrong_model", "networks", lambda: wrong_model(
+        return self._result("wrong_model", "grid", lambda: mlp_grid.wrong_model_grid(
             self.semantics[0], self.mlp_args, self.das_args, v["DAS_N_TEST"],
-            v["SWEEP_N_TRAIN"], v["SEED"])) if v["WRONG_MODEL"] else None
+            v["GRID_N_TRAIN"], v["GRID_NETWORKS"], v["SEED"], counterfactuals)) \
+            if v["WRONG_MODEL"] else None
 
 
 def main_table(equality_result: dict) -> pd.DataFrame:
-    """The layer-0 runs of the equality study, one row per semantics."""
-    return pd.DataFrame([{"semantics": s, "IIA": r["iia"], "random control": r["control_iia"],
+    """The layer-0 runs of the equality study, one row per semantics: the selected network's
+    test IIA and control beside the median validation IIA of all candidates (selection
+    semantics only: the selection ran with it) and pyvene's number, one unselected network's."""
+    sel = equality_result["selection"]
+    seed, n = equality_result["mlp"]["seed"], len(sel["candidates"])
+    median = (float(pd.Series([c["validation_iia"] for c in sel["candidates"]]).median())
+              if sel["candidates"] else None)
+    return pd.DataFrame([{"semantics": s, f"selected network (seed {seed}), test IIA": r["iia"],
+                          "random control": r["control_iia"],
+                          f"median of the {n} candidates (validation IIA)":
+                              median if s == sel["semantics"] else None,
+                          "pyvene (one network, not selected)": PYVENE_IIA.get(s),
                           "n_train": r["n_train"], "n_test": r["n_test"],
                           "‖RᵀR − I‖": r["orthogonality_error"]}
                          for s, r in equality_result["main"].items()])
+
+
+def _spread(summary: dict) -> dict:
+    return {"median": summary["median"], "95% CI of the median":
+            f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]",
+            "min–max": f"{summary['min']:.3f}–{summary['max']:.3f}"}
+
+
+def grid_table(grid_result: dict, inputs: str = "own") -> pd.DataFrame:
+    """The wrong-model grid on one input distribution, one row per (trained on, tested on)
+    cell: balanced IIA over the networks (median, interval, range), the control's median, the
+    share of True labels and the networks' median True shares (unintervened and intervened)."""
+    return pd.DataFrame([{"DAS trained on (network of)": c["train_model"],
+                          "tested on": c["test_model"],
+                          **{f"balanced IIA {k}": v for k, v in _spread(c["balanced_iia"]).items()},
+                          "control (median)": c["control_balanced_iia"]["median"],
+                          "IIA (median)": c["iia"]["median"],
+                          "label True share": c["label_true_share"],
+                          "network True share": c["factual_true_share"]["median"],
+                          "True share after swap": c["prediction_true_share"]["median"]}
+                         for c in grid_result["cells"] if c["inputs"] == inputs])
+
+
+def task_table(grid_result: dict) -> pd.DataFrame:
+    """AABB, ABAB and ABBA each on its own task over the grid's networks: MLP test accuracy
+    and balanced IIA at block 0 (own inputs), median and spread."""
+    return pd.DataFrame([{"task": p, "networks": t["balanced_iia"]["n"],
+                          "MLP test accuracy (median)": t["mlp_test_accuracy"]["median"],
+                          **{f"balanced IIA {k}": v for k, v in _spread(t["balanced_iia"]).items()},
+                          "balanced IIA IQR": f"{t['balanced_iia']['q1']:.3f}–"
+                                              f"{t['balanced_iia']['q3']:.3f}"}
+                         for p, t in grid_result["tasks"].items()])
 
 
 def abab_table(abab_result: dict) -> pd.DataFrame:
@@ -250,24 +332,3 @@ def abab(semantics: str, layers: list[int], mlp_args: dict, das_args: dict, das_
               + ", ".join(f"{r['layer']}: {r['iia']:.4f} (control {r['control_iia']:.4f})"
                           for r in runs))
     return result
-
-
-def wrong_model(semantics: str, mlp_args: dict, das_args: dict, das_n_test: int,
-                sweep_n_train: int, seed: int) -> dict:
-    """Section 4: DAS at layer 0 trained on one pairing's network (AABB, ABAB, ABBA) and
-    tested on each pairing's counterfactuals, beside a random rotation of the same rank."""
-    models = {p: pair_equality_model(p, "equal", object_dim=4) for p in ("AABB", "ABAB", "ABBA")}
-    tests = {p: counterfactuals(m, das_n_test, semantics, seed, 42) for p, m in models.items()}
-    grid, diag = [], {}
-    for p, m in models.items():
-        net, net_info = mlp_das.task_network(m, **mlp_args)
-        module, res = mlp_das.das_at_layer(
-            net, 0, counterfactuals(m, sweep_n_train, semantics, seed, 41), tests[p], **das_args)
-        res.pop("seconds_per_epoch")
-        control = das.random_control(module, seed=seed + 1)
-        for q in models:
-            grid.append({"train_model": p, "test_model": q,
-                         "iia": mlp_das.iia_on(net, 0, module, tests[q]),
-                         "control_iia": mlp_das.iia_on(net, 0, control, tests[q])})
-        diag[p] = {"mlp_test_accuracy": net_info["test_accuracy"], "iia": res["iia"]}
-    return {"semantics": semantics, "layer": 0, "grid": grid, "networks": diag}
