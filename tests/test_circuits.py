@@ -261,3 +261,21 @@ def test_smallest_circuit_picks_the_first_ranking_reaching_the_threshold():
     assert pp.smallest_circuit(payload, 0.9) is None
     with pytest.raises(ValueError, match="threshold"):
         pp.smallest_circuit(payload, 0.7)
+
+
+def test_area_intervals_and_paired_differences():
+    """Identical pairs: every resample is the curve itself, so the intervals collapse to the
+    areas of curve_summary; a curve against itself differs by exactly 0; mismatched curves are
+    refused."""
+    ks = [0, 1, 2, 4]
+    faith = [0.0, 0.5, 0.75, 1.0]
+    curve = {"ks": ks, "n_edges": 4, "direction": "keep", "faithfulness": faith,
+             "clean_ld": [2.0] * 5, "corrupt_ld": [0.0] * 5,
+             "ld": [[2.0 * f for f in faith]] * 5}
+    summary = pp.curve_summary(curve)
+    got = pp.area_intervals(curve)
+    assert got["cpr"] == pytest.approx([summary["cpr"]] * 2)
+    assert got["cmd"] == pytest.approx([summary["cmd"]] * 2)
+    assert pp.area_difference(curve, curve) == {"cpr": [0.0, 0.0], "cmd": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="share their pairs and ks"):
+        pp.area_difference(curve, {**curve, "ks": [0, 1, 3, 4]})

@@ -105,12 +105,25 @@ def circuit_graph(edges: Sequence[Sequence[str]], title: str = "",
 
 def circuit_table(payload: Mapping):
     """One row per ranking and direction of a circuit study: the smallest k reaching 80 % and
-    90 % (for "remove": leaving at most 20 % / 10 %), CPR and CMD (a DataFrame)."""
+    90 % (for "remove": leaving at most 20 % / 10 %), CPR and CMD with their 95 % intervals
+    over pairs (:func:`lib.studies.path_patching.circuits.area_intervals`; a DataFrame)."""
     import pandas as pd
 
+    from lib.studies.path_patching.circuits import area_difference, area_intervals
+
     n = len(payload["edges"])
-    return pd.DataFrame([{"ranking": c["ranking"], "direction": c["direction"],
-                          "k 80 %": c["summary"]["k_80"], "k 90 %": c["summary"]["k_90"],
-                          "CPR": c["summary"]["cpr"], "CMD": c["summary"]["cmd"],
-                          "edges": n, "pairs": c["n_pairs"]}
-                         for c in payload["curves"]]).round(3)
+    # each direction's first ranking is the reference of the paired CPR differences
+    first = {c["direction"]: c for c in reversed(payload["curves"])}
+    rows = []
+    for c in payload["curves"]:
+        ci = area_intervals(c)
+        base = first[c["direction"]]
+        diff = area_difference(c, base)["cpr"] if base is not c else None
+        rows.append({"ranking": c["ranking"], "direction": c["direction"],
+                     "k 80 %": c["summary"]["k_80"], "k 90 %": c["summary"]["k_90"],
+                     "CPR": c["summary"]["cpr"], "CPR 95 %": "{:.3f}–{:.3f}".format(*ci["cpr"]),
+                     "CMD": c["summary"]["cmd"], "CMD 95 %": "{:.3f}–{:.3f}".format(*ci["cmd"]),
+                     f"CPR − {base['ranking']} (paired 95 %)":
+                         "" if diff is None else "{:+.3f} to {:+.3f}".format(*diff),
+                     "edges": n, "pairs": c["n_pairs"]})
+    return pd.DataFrame(rows).round(3)

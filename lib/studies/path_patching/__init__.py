@@ -80,7 +80,8 @@ from lib.studies.path_patching.roles import (  # noqa: F401
 )
 from lib.studies.path_patching.circuits import (  # noqa: F401
     DIRECTIONS, THRESHOLDS, CIRCUIT_SCHEMA, k_grid, edge_order, circuit_at, patched_sets,
-    faithfulness_curve, curve_summary, circuit_study, smallest_circuit,
+    faithfulness_curve, curve_summary, circuit_study, smallest_circuit, area_intervals,
+    area_difference,
 )
 
 #: notebook 07's result files (``full_compute/<model>/<name>.json``) and their kinds

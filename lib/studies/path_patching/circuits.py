@@ -351,3 +351,41 @@ def smallest_circuit(payload: Mapping[str, Any], threshold: float = 0.8) -> dict
     order = edge_order(scores)[:best["summary"][key]]
     return {"ranking": best["ranking"], "k": best["summary"][key],
             "edges": [list(edges[j]) for j in order], "scores": [scores[j] for j in order]}
+
+
+def _area_samples(curve: Mapping[str, Any], n_resamples: int, seed: int) -> dict[str, Any]:
+    """CPR and CMD of ``n_resamples`` bootstrap resamples of a curve's pairs (the same resamples
+    for every curve of as many pairs and the same seed, so two rankings can be compared paired)."""
+    ld = np.asarray(curve["ld"], dtype=np.float64)                   # (pairs, ks)
+    clean = np.asarray(curve["clean_ld"], dtype=np.float64)
+    corrupt = np.asarray(curve["corrupt_ld"], dtype=np.float64)
+    n = len(clean)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (ld[idx] - corrupt[idx][..., None]).mean(1) / \
+            (clean[idx] - corrupt[idx]).mean(1)[:, None]              # (resamples, ks)
+    x = np.asarray(curve["ks"], dtype=np.float64) / int(curve["n_edges"])
+    return {"cpr": np.trapezoid(f, x, axis=1), "cmd": np.trapezoid(np.abs(1 - f), x, axis=1)}
+
+
+def area_intervals(curve: Mapping[str, Any], n_resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """95 % percentile-bootstrap intervals over pairs of a curve's CPR and CMD (``{"cpr": [low,
+    high], "cmd": [low, high]}``), from the per-pair logit differences the curve stores: the
+    pairs are resampled, the curve recomputed as a ratio of means, its areas taken as in
+    :func:`curve_summary`."""
+    alpha = (1 - confidence) / 2
+    return {k: [float(v) for v in np.nanquantile(a, [alpha, 1 - alpha])]
+            for k, a in _area_samples(curve, n_resamples, seed).items()}
+
+
+def area_difference(curve: Mapping[str, Any], other: Mapping[str, Any], n_resamples: int = 2000,
+                    confidence: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Paired 95 % bootstrap intervals of ``curve``'s CPR and CMD minus ``other``'s (the same
+    pairs resampled for both; both curves must be on the same pairs and circuit sizes): two
+    rankings differ beyond the pairs' noise only where an interval excludes 0."""
+    if curve["ks"] != other["ks"] or len(curve["clean_ld"]) != len(other["clean_ld"]):
+        raise ValueError("area_difference: the two curves must share their pairs and ks")
+    a, b = _area_samples(curve, n_resamples, seed), _area_samples(other, n_resamples, seed)
+    alpha = (1 - confidence) / 2
+    return {k: [float(v) for v in np.nanquantile(a[k] - b[k], [alpha, 1 - alpha])] for k in a}
