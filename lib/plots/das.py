@@ -75,7 +75,25 @@ def plot_layer_iia(panels: dict[str, list[dict]], title: str = "IIA per layer") 
             + theme_bw())
 
 
-def plot_wrong_model_grid(cells: list[dict], title: str = "Wrong causal model",
+def plot_wrong_model_grid(rows: list[dict], title: str = "Wrong causal model",
+                          y_label: str = "DAS trained on (and network of)") -> ggplot:
+    """``rows``: dicts with ``train_model`` (the causal model DAS was trained with, and whose
+    task the network solves), ``test_model`` (the counterfactuals IIA is measured on), ``iia``
+    (notebook 09's sanity grid; 08's grid over networks is :func:`plot_balanced_grid`)."""
+    df = pd.DataFrame(rows)
+    order = list(dict.fromkeys(df["train_model"]))
+    df["train_model"] = pd.Categorical(df["train_model"], categories=order[::-1])
+    df["test_model"] = pd.Categorical(df["test_model"], categories=order)
+    return (ggplot(df, aes("test_model", "train_model", fill="iia"))
+            + geom_tile(color="white")
+            + geom_text(aes(label="iia"), format_string="{:.3f}", size=9)
+            + scale_fill_gradient(low="#f7fbff", high="#2171b5", limits=(0, 1))
+            + labs(x="IIA tested on counterfactuals of", y=y_label,
+                   fill="IIA", title=title)
+            + theme_bw())
+
+
+def plot_balanced_grid(cells: list[dict], title: str = "Wrong causal model",
                           y_label: str = "DAS trained on (and network of)") -> ggplot:
     """``cells``: the grid's cells (``train_model``, ``test_model``, ``inputs``, summaries of
     ``balanced_iia`` and ``control_balanced_iia`` over networks, ``label_true_share`` and
