@@ -298,8 +298,10 @@ import lib.studies  # noqa: E402,F401  (declares the modules of every kind)
 from lib.core import schema  # noqa: E402
 
 KINDS = {k.name: k for k in schema.all_kinds()}
+# results, not the resumable units a local run keeps in ignored *_units/ folders
 COMMITTED = sorted(p.relative_to(paths.REPO_ROOT) for folder in
-                   (paths.SCORES, paths.TOKEN_SETS, paths.FULL_COMPUTE) for p in folder.rglob("*.json"))
+                   (paths.SCORES, paths.TOKEN_SETS, paths.FULL_COMPUTE) for p in folder.rglob("*.json")
+                   if not any(part.endswith("_units") for part in p.parts))
 
 
 def expected_kind(rel) -> str:
@@ -340,7 +342,7 @@ WRONG_FIELD = {
     "das_mlp_hand_built": (("iia", "*"), "1.0"),
     "das_mlp_equality": (("per_layer", "*", 0, "iia"), None),
     "das_mlp_abab": (("equal", "per_layer"), {"layer": 0}),
-    "das_mlp_wrong_model": (("grid", 0, "train_model"), 1),
+    "das_mlp_wrong_model": (("cells", 0, "train_model"), 1),
     "das_finetune": (("curve",), [{"x": 1}]),
     "das_iia": (("runs", 0, "iia"), "0.9"),
     "das_graph": (("graphs", 0, "cliques"), [[1.5]]),
