@@ -54,3 +54,13 @@ def save_figure(fig, name: str, model_slug: str | None = None,
             raise
         written.append(target)
     return written
+
+
+def show(fig, name: str, model_slug: str | None = None,
+         graphs_dir: str | os.PathLike | None = None, **size) -> list[Path]:
+    """Show ``fig`` in the notebook (IPython's ``display``) and save it with
+    :func:`save_figure` (``size``: its ``width``, ``height``, ``dpi``); returns the two paths."""
+    from IPython.display import display
+
+    display(fig)
+    return save_figure(fig, name, model_slug, graphs_dir, **size)

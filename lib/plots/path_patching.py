@@ -10,6 +10,17 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 
+def label_positions(capital: dict) -> list[str]:
+    """``"<p>: <base token>|<source token>"`` for each position of 07's capital prompts (the
+    source token only where it differs), also written into every record as
+    ``position_label``; returns the labels in position order."""
+    labels = [f"{p}: {b.strip()}" + ("" if b == s else f"|{s.strip()}")
+              for p, (b, s) in enumerate(zip(capital["base_tokens"], capital["source_tokens"]))]
+    for r in capital["records"] + capital["cumulative"]:
+        r["position_label"] = labels[r["position"]]
+    return labels
+
+
 def sweep_heatmap(records: list[dict], nodes: list[str], positions: list[str], title: str = ""):
     """Node (rows, top layer first) x position heatmap of p(token), one facet per token."""
     import pandas as pd
@@ -76,12 +87,15 @@ def draw_lineage(labels: dict, edges: list, title: str = ""):
 
 def head_heatmap(records: list[dict], value: str = "delta", facet: str = "policy",
                  title: str = ""):
-    """Layer (rows) x head heatmap of ``value``, faceted by ``facet`` (diverging colours)."""
+    """Layer (rows) x head heatmap of ``value``, faceted by ``facet`` (diverging colours);
+    ``facet="receiver"`` gives one panel per receiver and freeze policy."""
     import pandas as pd
     from plotnine import (aes, facet_wrap, geom_tile, ggplot, labs, scale_fill_gradient2,
                           theme_bw)
 
     df = pd.DataFrame(records)
+    if facet == "receiver":
+        df["receiver"] = df["receiver"] + " | " + df["policy"]
     df["layer"] = pd.Categorical(df["layer"], categories=sorted(set(df["layer"]), reverse=True),
                                  ordered=True)
     df["head"] = pd.Categorical(df["head"], categories=sorted(set(df["head"])), ordered=True)
@@ -167,3 +181,12 @@ def agreement_table(result: dict):
                      "outlier exact": out["exact"], "outlier estimate": out["estimate"],
                      "pairs (exact / all)": f"{result['exact_pairs']} / {result['n_pairs']}"})
     return pd.DataFrame(rows).round(3)
+
+
+def ioi_summary(result: dict, model: str) -> str:
+    """Notebook 07's IOI headline: clean accuracy, mean logit difference, the strongest heads
+    and how much the freeze policies differ."""
+    return (f"{model}: clean accuracy {result['accuracy']:.3f} over {result['n_pairs']} pairs, "
+            f"mean logit difference {result['mean_logit_diff']:.3f}\n"
+            f"strongest heads (attention policy): {result['strongest']}\n"
+            f"freeze policies: {result['policy_difference']}")

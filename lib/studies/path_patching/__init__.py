@@ -56,7 +56,7 @@ curves); every name is importable from here.
 """
 
 from lib.studies.path_patching.nodes import (  # noqa: F401
-    FREEZE_POLICIES, Lineage, _NODE_RE, Node, parse_node, all_heads,
+    FREEZE_POLICIES, Lineage, _NODE_RE, Node, parse_node, all_heads, check_tree_node,
 )
 from lib.studies.path_patching.tree import (  # noqa: F401
     _Run, TreePatch, _TreeBuilder, tree_rows, tree_patch, node_position_patch, node_order,

@@ -63,3 +63,16 @@ def all_heads(lm) -> list[str]:
 
 
 # --- 1. tree patching ---------------------------------------------------------------------------
+
+
+def check_tree_node(name: str, lm, parameter: str = "node") -> Node:
+    """A node of the tree-patching vocabulary that ``lm`` has (``logits`` is a receiver, not a
+    tree node); a clear error naming ``parameter`` otherwise."""
+    try:
+        node = parse_node(name, lm)
+    except ValueError as err:
+        raise ValueError(f"{parameter}: {err}") from None
+    if node.kind == "logits":
+        raise ValueError(f"{parameter}: logits is no node of the tree; use emb, a<l>, f<l> or "
+                         "a head")
+    return node
