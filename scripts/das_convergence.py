@@ -92,7 +92,9 @@ def main(argv=None) -> int:
     budgets = cv.doubling_grid(args.start, args.max_steps)
     values = {name: p.default for name, p in read_parameters(study.NOTEBOOK).items()}
     values.update(MODEL=args.model, THREADS=args.threads, CACHE_DIR=args.cache_dir,
-                  FULL_COMPUTE_DIR=args.full_compute_dir, GRAPHS_DIR=args.graphs_dir)
+                  FULL_COMPUTE_DIR=args.full_compute_dir, GRAPHS_DIR=args.graphs_dir,
+                  # not in the fine-tune's key; 09 refuses layers the model lacks
+                  LAYERS=str(args.layer), GRAPH_LAYERS=str(args.layer))
     try:
         run = study.Notebook(notebook_values(study.NOTEBOOK, values))
     except ParameterError as err:

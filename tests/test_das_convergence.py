@@ -148,3 +148,25 @@ def test_script_refuses_a_layer_outside_the_model_before_training(monkeypatch):
     monkeypatch.setattr(cv, "compute", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(SystemExit, match="blocks 0 to 1"):
         script.main(["--model", "tiny-random-llama", "--layer", "5", "--max-steps", "40"])
+
+
+def test_script_writes_the_result_and_reuses_it(tmp_path, capsys):
+    """The runner target end to end on tiny Llama (09's fine-tune of it included): the JSON of
+    its kind, keyed by the tuned weights, the figure, and a second run that reads it."""
+    import das_convergence as script
+
+    from lib.core import io
+
+    dirs = ["--full-compute-dir", str(tmp_path / "fc"), "--graphs-dir", str(tmp_path / "g"),
+            "--cache-dir", str(tmp_path / "cache")]
+    argv = ["--model", "tiny-random-llama", "--layer", "0", "--models", "1", "--seeds", "0,1",
+            "--max-steps", "40", *dirs]
+    assert script.main(argv) == 0
+    path = tmp_path / "fc" / "tiny-random-llama" / "das_convergence.json"
+    result = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert result["budgets"] == [20, 40] and result["block_steps"] == 20
+    assert "TUNED_WEIGHTS_SHA256" in result["provenance"]["parameters"]
+    assert (tmp_path / "g" / "tiny-random-llama" / "das_convergence.png").exists()
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert "is current" in capsys.readouterr().out
