@@ -165,7 +165,8 @@ def test_script_writes_the_result_and_reuses_it(tmp_path, capsys):
     path = tmp_path / "fc" / "tiny-random-llama" / "das_convergence.json"
     result = io.read_result(path, cv.CONVERGENCE_SCHEMA)
     assert result["budgets"] == [20, 40] and result["block_steps"] == 20
-    assert "TUNED_WEIGHTS_SHA256" in result["provenance"]["parameters"]
+    assert result["tuned_weights_sha256"] == \
+        result["provenance"]["parameters"]["TUNED_WEIGHTS_SHA256"]
     assert (tmp_path / "g" / "tiny-random-llama" / "das_convergence.png").exists()
     capsys.readouterr()
     assert script.main(argv) == 0

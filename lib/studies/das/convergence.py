@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from lib.core import io
-from lib.core.schema import NUM, Kind, maybe, nonempty
+from lib.core.schema import NUM, Kind, maybe, nonempty, optional
 from lib.core.stats import t_interval
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
@@ -257,7 +257,7 @@ CONVERGENCE_SCHEMA = Kind("das_convergence", "scripts/das_convergence.py", {
     "plateau": nonempty([{"model": int, "reached": bool, "steps": maybe(int),
                           "tolerance": float, "decision": str,
                           "deltas": [{"from": int, "to": int, "delta": float}]}]),
-    "params_key": str}, extra=_check_payload)
+    "params_key": str, "tuned_weights_sha256": optional(str)}, extra=_check_payload)
 
 
 def payload(runs: list[dict], layer: int, rank: int, batch_size: int, lr: float,
@@ -327,5 +327,19 @@ def compute(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
                                block_steps, progress)
     out = payload(runs, layer, rank, v["DAS_BATCH"], v["DAS_LR"], v["SEMANTICS"], seeds,
                   budgets, v["DAS_N_TEST"], len(run.split["test"]), key, block_steps)
+    # the weights used, named even where 09's fine-tune result (written before fingerprints)
+    # names none and so the key cannot
+    out["tuned_weights_sha256"] = weights_sha256(lm, v["FREEZE_EMBEDDINGS"])
     return out, io.provenance(lm, key, v["SEED"])
+
+
+def weights_sha256(lm, freeze_embeddings: bool) -> str:
+    """:func:`lib.core.tensorfiles.tensors_sha256` of the tuned model's fine-tuned tensors, as
+    :func:`lib.studies.das.tuning.tuned_model` fingerprints them."""
+    from lib.core.tensorfiles import tensors_sha256
+    from lib.studies.das.tuning import _trainable
+
+    names = {n for n, _ in _trainable(lm, freeze_embeddings)}
+    return tensors_sha256({n: p.detach().cpu().contiguous()
+                           for n, p in lm.model.named_parameters() if n in names})
 
