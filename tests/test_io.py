@@ -346,6 +346,7 @@ WRONG_FIELD = {
     "das_finetune": (("curve",), [{"x": 1}]),
     "das_iia": (("runs", 0, "iia"), "0.9"),
     "das_graph": (("graphs", 0, "cliques"), [[1.5]]),
+    "das_convergence": (("runs", 0, "points", 0, "iia"), "0.9"),
 }
 
 

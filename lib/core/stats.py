@@ -16,6 +16,9 @@ rank correlation, all computed by scipy.stats.
   ``|T*| >= |T|``.
 * :func:`summarize_median`: the median over units (networks trained alike ...), its quartiles,
   range and the percentile-bootstrap interval of the median.
+* :func:`t_interval` is Student's t interval of a mean, mean ± t(1 - alpha/2, n - 1) · s / √n
+  (Student 1908, "The probable error of a mean"): for a handful of observations (three seeds),
+  where a percentile bootstrap has few distinct resamples and an interval inside [min, max].
 * :func:`spearman` wraps :func:`scipy.stats.spearmanr` with a JSON-ready result.
 
 Every random function takes a ``seed`` and builds its own ``numpy.random.Generator`` for scipy:
@@ -94,6 +97,26 @@ def summarize_median(values: Sequence[float], n_bootstrap: int = 2000, seed: int
     q1, median, q3 = (float(q) for q in np.quantile(arr, [0.25, 0.5, 0.75]))
     return {"median": median, "q1": q1, "q3": q3, "min": float(arr.min()),
             "max": float(arr.max()), "n": int(arr.size), "ci_low": low, "ci_high": high}
+
+
+
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95
+               ) -> tuple[float, float]:
+    """Student's t interval of the mean of ``values``: mean ± t(1 - alpha/2, n - 1) · s / √n
+    with the sample standard deviation s (ddof=1); with a single observation it collapses to
+    that value. For a few observations it is wider than a bootstrap's, which cannot leave
+    [min, max] and has only a few distinct resamples (10 for n = 3)."""
+    from scipy.stats import t as student_t
+
+    arr = _as_1d(values)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mean = float(arr.mean())
+    if arr.size == 1:
+        return mean, mean
+    half = float(student_t.ppf(0.5 + confidence / 2, arr.size - 1)
+                 * arr.std(ddof=1) / math.sqrt(arr.size))
+    return mean - half, mean + half
 
 
 def permutation_test(x: Sequence[float], y: Sequence[float], n_permutations: int = 10000,

@@ -1,0 +1,132 @@
+"""Notebook 09's DAS rotations against their training budget (issue 26, item 2).
+
+    python scripts/das_convergence.py --model smollm2-135m --layer 22 --models 1,7 \\
+        --seeds 0,1,2 --max-steps 640
+
+Trains one rotation per causal model and seed (09's defaults: rank 64, shared over every
+position, lr 0.01, batches of 64) stacked, from 20 steps doubling up to ``--max-steps``,
+continuing between checkpoints, and measures IIA on 09's held-out test counterfactuals at
+each budget (:mod:`lib.studies.das.convergence`). Writes
+``full_compute/<model>/das_convergence.json`` (reused while current: same parameters, same
+tuned weights) and ``graphs/<model>/das_convergence.png|pdf``. The tuned model comes from 09's
+fine-tune (its cache, ``--cache-dir``; fine-tuned when missing, ~12 minutes on 2 CPU cores).
+Prints the time it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{what}: give comma-separated integers, got {text!r}") from None
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The arguments, with every refusal that needs no model made here."""
+    from lib.studies.das import arithmetic as ar
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="09's MODEL")
+    parser.add_argument("--layer", type=int, default=22, help="block whose output is rotated")
+    parser.add_argument("--models", default="1,7", help="causal models, e.g. 1,7 (of 1..7)")
+    parser.add_argument("--seeds", default="0,1,2", help="rotation and training-pair seeds")
+    parser.add_argument("--start", type=int, default=20, help="first budget (09's 20 steps)")
+    parser.add_argument("--max-steps", type=int, required=True,
+                        help="largest budget: the grid doubles from --start up to it")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--cache-dir", default="", help="09's CACHE_DIR (tuned weights)")
+    parser.add_argument("--full-compute-dir", default="")
+    parser.add_argument("--graphs-dir", default="")
+    parser.add_argument("--force", action="store_true", help="recompute a current result")
+    args = parser.parse_args(argv)
+    args.model_ids = _ints(args.models, "models")
+    args.seed_list = _ints(args.seeds, "seeds")
+    unknown = [m for m in args.model_ids if m not in ar.MODEL_IDS]
+    if unknown or not args.model_ids or len(set(args.model_ids)) != len(args.model_ids):
+        parser.error(f"--models {args.models}: name causal models of {list(ar.MODEL_IDS)}, "
+                     "each once")
+    if not args.seed_list or min(args.seed_list) < 0 \
+            or len(set(args.seed_list)) != len(args.seed_list):
+        parser.error(f"--seeds {args.seeds}: name seeds from 0, each once")
+    if args.start < 20 or args.start % 20:
+        parser.error(f"--start {args.start}: the grid starts at 09's 20 steps or a multiple "
+                     "(one block of 09's 1280 training pairs is 20 steps)")
+    if args.max_steps < args.start:
+        parser.error(f"--max-steps {args.max_steps}: a budget below the first, {args.start} "
+                     "steps")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from tqdm import tqdm
+
+    from lib.core import io, paths
+    from lib.core.models import load_model
+    from lib.core.params import ParameterError, notebook_values, read_parameters
+    from lib.plots import save_figure
+    from lib.plots.das_convergence import plot_convergence
+    from lib.studies.das import arithmetic_study as study
+    from lib.studies.das import convergence as cv
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    shipped = load_model(args.model)
+    if not 0 <= args.layer < shipped.n_layers:
+        raise SystemExit(f"--layer {args.layer}: {args.model} has blocks 0 to "
+                         f"{shipped.n_layers - 1}")
+    if not 1 <= args.rank <= shipped.d_model:
+        raise SystemExit(f"--rank {args.rank}: choose 1 to d_model = {shipped.d_model}")
+    del shipped
+    budgets = cv.doubling_grid(args.start, args.max_steps)
+    values = {name: p.default for name, p in read_parameters(study.NOTEBOOK).items()}
+    values.update(MODEL=args.model, THREADS=args.threads, CACHE_DIR=args.cache_dir,
+                  FULL_COMPUTE_DIR=args.full_compute_dir, GRAPHS_DIR=args.graphs_dir,
+                  # not in the fine-tune's key; 09 refuses layers the model lacks
+                  LAYERS=str(args.layer), GRAPH_LAYERS=str(args.layer))
+    try:
+        run = study.Notebook(notebook_values(study.NOTEBOOK, values))
+    except ParameterError as err:
+        raise SystemExit(str(err)) from None
+    run.finetune()   # 09's das_finetune.json (read when current); the tuned model loads lazily
+    key = cv.key_of(run, args.layer, args.model_ids, args.seed_list, budgets, args.rank)
+    members = len(args.model_ids) * len(args.seed_list)
+    print(f"{members} rotations stacked at layer {args.layer}, budgets {budgets} steps")
+    bar = tqdm(total=budgets[-1], unit="step", desc="DAS convergence")
+
+    def progress(step: int) -> None:
+        bar.update(step - bar.n)
+
+    result = io.load_or_compute(
+        run.out_dir / "das_convergence.json", key, force=args.force,
+        check=cv.CONVERGENCE_SCHEMA,
+        compute=lambda: cv.compute(run, args.layer, args.model_ids, args.seed_list, budgets,
+                                   args.rank, key, progress))
+    bar.close()
+    for row in result["summary"]:
+        print(f"M{row['model']} {row['steps']:>6} steps: IIA {row['iia']['mean']:.3f} "
+              f"[{row['iia']['ci_low']:.3f}, {row['iia']['ci_high']:.3f}], control "
+              f"{row['control_iia']['mean']:.3f}, loss {row['loss']['mean']:.3f}")
+    for p in result["plateau"]:
+        print(f"M{p['model']}: {p['decision']}")
+    save_figure(plot_convergence(result, title=f"{args.model}: DAS IIA against training "
+                                                f"budget, layer {args.layer}"),
+                "das_convergence", run.slug,
+                paths.resolve_dir(args.graphs_dir, paths.GRAPHS), width=8, height=4)
+    print(f"done in {time.perf_counter() - started:.0f} s ({args.threads} thread(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""DAS convergence grid (lib.studies.das.convergence) on tiny random Llama: training continued
+across checkpoints ends where training straight to the budget ends; the first budget is 09's
+das_run on 09's training pairs; the plateau decision on hand-made curves; the result's schema;
+bad grids refused before any training (in the library and in scripts/das_convergence.py)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_f32_close
+from lib.core.stats import t_interval
+from lib.studies.das import arithmetic as ar
+from lib.studies.das import arithmetic_das as da
+from lib.studies.das import convergence as cv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+torch.set_num_threads(1)
+LAYER, BATCH = 0, 16
+
+
+@pytest.fixture(scope="module")
+def tuned(llama):
+    ar.attach_classifier(llama, seed=0)
+    tokens = ar.task_tokens(llama.tokenizer, "padded")
+    states = da.residual_states(llama, tokens, [LAYER])[LAYER]
+    split = ar.split_arrangements(0)
+    train = ar.causal_models(split["train"])
+    test_models = ar.causal_models(split["test"])
+    test = {m: ar.counterfactual_pairs(test_models[m], 64, 20 + m) for m in (1, 7)}
+    return llama, states, train, test
+
+
+def _grid(tuned, budgets, seeds=(0, 1), models=(1, 7), block_steps=2):
+    lm, states, train, test = tuned
+    return cv.convergence_grid(lm, LAYER, states, train, test, list(seeds), budgets,
+                               list(models), rank=4, batch_size=BATCH, lr=0.01,
+                               block_steps=block_steps)
+
+
+def test_checkpointed_training_equals_training_straight_to_the_budget(tuned):
+    runs, modules = _grid(tuned, [2, 4, 8])
+    straight_runs, straight = _grid(tuned, [8])
+    assert [[p["steps"] for p in r["points"]] for r in runs] == [[2, 4, 8]] * 4
+    for j, (a, b) in enumerate(zip(modules, straight)):
+        assert_f32_close(a.inner.R.detach(), b.inner.R.detach(), msg=f"member {j}")
+        assert runs[j]["points"][-1]["iia"] == straight_runs[j]["points"][-1]["iia"]
+        assert runs[j]["points"][-1]["control_iia"] == straight_runs[j]["points"][-1]["control_iia"]
+    # the straight run's one segment is the mean of the checkpointed run's three (2, 2, 4 steps)
+    for r, s in zip(runs, straight_runs):
+        losses = [p["loss"] for p in r["points"]]
+        assert_f32_close(s["points"][0]["loss"], (2 * losses[0] + 2 * losses[1] + 4 * losses[2]) / 8)
+    # the rotations moved between checkpoints
+    assert runs[0]["points"][0]["iia"] != runs[0]["points"][-1]["iia"] or \
+        runs[0]["points"][0]["loss"] != runs[0]["points"][-1]["loss"]
+
+
+def test_first_budget_is_todays_das_run_on_09s_training_pairs(tuned):
+    """Block 0 of seed s is 09's training set for SEED = s (seed * 1000 + 10 + m), in
+    train_stacked's (das_run's) order: each stacked member ends where das_run alone ends."""
+    lm, states, train, test = tuned
+    runs, modules = _grid(tuned, [3], block_steps=3)
+    for run, module in zip(runs, modules):
+        m, s = run["model"], run["seed"]
+        pairs = ar.counterfactual_pairs(train[m], 3 * BATCH, s * 1000 + 10 + m)
+        alone, res = da.das_run(lm, LAYER, 4, states, pairs, test[m], None, epochs=1,
+                                batch_size=BATCH, lr=0.01, seed=s)
+        assert_f32_close(module.inner.R.detach(), alone.inner.R.detach(), msg=f"M{m} seed {s}")
+        assert run["points"][0]["control_iia"] == res["control_iia"]
+        assert_f32_close(run["points"][0]["loss"], res["curve"][0]["loss"])
+        assert run["points"][0]["iia"] == res["iia"]
+
+
+def test_plateau_decision_on_hand_made_curves():
+    got = cv.plateau([20, 40, 80, 160], [0.10, 0.30, 0.305, 0.309])
+    assert got["reached"] and got["steps"] == 40 and "40 steps" in got["decision"]
+    assert [d["to"] for d in got["deltas"]] == [40, 80, 160]
+    assert_f32_close([d["delta"] for d in got["deltas"]], [0.20, 0.005, 0.004])
+    # a first small doubling followed by a large one is no plateau (M1 at layer 22)
+    got = cv.plateau([20, 40, 80, 160], [0.10, 0.105, 0.20, 0.30])
+    assert not got["reached"] and got["steps"] is None
+    assert got["decision"] == "not reached by 160 steps"
+    assert cv.plateau([20, 40, 80, 160], [0.10, 0.105, 0.20, 0.205])["steps"] == 80
+    assert cv.plateau([20, 40], [0.50, 0.495])["steps"] == 20     # a fall counts by size
+    assert cv.plateau([20, 40], [0.50, 0.48])["steps"] is None
+    assert not cv.plateau([20], [0.5])["reached"]                  # no doubling yet
+    with pytest.raises(ValueError, match="one mean each"):
+        cv.plateau([20, 40], [0.5])
+
+
+def test_t_interval_over_three_seeds():
+    low, high = t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)   # t(0.975, 2) * s / sqrt(3), s = 1
+    assert_f32_close([low, high], [2 - half, 2 + half])
+    assert t_interval([0.4]) == (0.4, 0.4)
+
+
+def test_schema_accepts_the_payload_and_refuses_broken_ones(tuned):
+    runs, _ = _grid(tuned, [1, 2], seeds=(0, 1, 2), models=(1,), block_steps=1)
+    key = {"X": 1}
+    payload = cv.payload(runs, LAYER, 4, BATCH, 0.01, "independent", [0, 1, 2], [1, 2], 64,
+                         200, key, block_steps=1)
+    cv.CONVERGENCE_SCHEMA(payload)
+    assert payload["plateau"][0]["model"] == 1 and len(payload["summary"]) == 2
+    row = payload["summary"][0]
+    assert row["iia"]["n"] == 3 and row["iia"]["ci_low"] <= row["iia"]["mean"] <= row["iia"]["ci_high"]
+    for broken in ({**payload, "runs": payload["runs"][:2]},
+                   {**payload, "budgets": [1, 3]},
+                   {**payload, "runs": [{**payload["runs"][0], "points": [
+                       {**p, "iia": 1.5} for p in payload["runs"][0]["points"]]},
+                       *payload["runs"][1:]]}):
+        with pytest.raises(ValueError):
+            cv.CONVERGENCE_SCHEMA(broken)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(layer=5), "layer"), (dict(models=[1, 9]), "unknown causal models"),
+    (dict(budgets=[20, 30]), "doubling grid"), (dict(seeds=[0, 0]), "seeds"),
+    (dict(rank=0), "rank"), (dict(budgets=[0]), "first budget"),
+    (dict(budgets=[3, 6]), "multiples of the block")])
+def test_bad_grids_are_refused_before_any_training(tuned, monkeypatch, change, match):
+    lm, states, train, test = tuned
+    monkeypatch.setattr(cv.st, "Stack", lambda *a, **k: pytest.fail("training started"))
+    args = dict(layer=LAYER, seeds=[0], budgets=[2, 4], models=[1], rank=4) | change
+    with pytest.raises(ValueError, match=match):   # DASError is one
+        cv.convergence_grid(lm, args["layer"], states, train, test, args["seeds"],
+                            args["budgets"], args["models"], rank=args["rank"], batch_size=BATCH,
+                            block_steps=2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max-steps", "10"], "max-steps 10"), (["--max-steps", "40", "--start", "10"], "start"),
+    (["--max-steps", "60", "--start", "30"], "start 30"),
+    (["--max-steps", "40", "--models", "1,9"], "causal models"),
+    (["--max-steps", "40", "--models", "1,x"], "comma-separated")])
+def test_script_refuses_bad_arguments_before_any_model(argv, match, capsys, monkeypatch):
+    import das_convergence as script
+
+    monkeypatch.setattr("lib.core.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        script.main(argv)
+    assert match in capsys.readouterr().err + str(exit_.value.code)
+
+
+def test_script_refuses_a_layer_outside_the_model_before_training(monkeypatch):
+    import das_convergence as script
+
+    monkeypatch.setattr(cv, "compute", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(SystemExit, match="blocks 0 to 1"):
+        script.main(["--model", "tiny-random-llama", "--layer", "5", "--max-steps", "40"])
+
+
+def test_script_writes_the_result_and_reuses_it(tmp_path, capsys):
+    """The runner target end to end on tiny Llama (09's fine-tune of it included): the JSON of
+    its kind, keyed by the tuned weights, the figure, and a second run that reads it."""
+    import das_convergence as script
+
+    from lib.core import io
+
+    dirs = ["--full-compute-dir", str(tmp_path / "fc"), "--graphs-dir", str(tmp_path / "g"),
+            "--cache-dir", str(tmp_path / "cache")]
+    argv = ["--model", "tiny-random-llama", "--layer", "0", "--models", "1", "--seeds", "0,1",
+            "--max-steps", "40", *dirs]
+    assert script.main(argv) == 0
+    path = tmp_path / "fc" / "tiny-random-llama" / "das_convergence.json"
+    result = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert result["budgets"] == [20, 40] and result["block_steps"] == 20
+    assert result["tuned_weights_sha256"] == \
+        result["provenance"]["parameters"]["TUNED_WEIGHTS_SHA256"]
+    assert (tmp_path / "g" / "tiny-random-llama" / "das_convergence.png").exists()
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert "is current" in capsys.readouterr().out
