@@ -145,15 +145,7 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
             for m, s in members]
         orders = [torch.randperm(n_block, generator=g) for g in gens]
         for a in range(0, n_block, batch_size):
-            batches = [(p["base"][o[a:a + batch_size]], p["source"][o[a:a + batch_size]],
-                        p["label"][o[a:a + batch_size]]) for p, o in zip(pairs, orders)]
-            losses, _, _ = stack.losses(batches)
-            total = losses[0]
-            for loss in losses[1:]:
-                total = total + loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            losses, _, _, _ = st.step_stack(stack, opt, pairs, orders, a, batch_size)
             step += 1
             for j, loss in enumerate(losses):
                 segment[j].append(float(loss.detach()))

@@ -188,6 +188,23 @@ class Stack:
         return losses, logits, bounds
 
 
+def step_stack(stack: "Stack", opt: torch.optim.Optimizer, pairs: Sequence[dict],
+               orders: Sequence[torch.Tensor], start: int, batch_size: int):
+    """One optimizer step of every member of ``stack`` on the rows ``start .. start +
+    batch_size`` of its own order over its own pairs: the members' losses summed, so each
+    rotation gets its own gradient. Returns ``(losses, logits, bounds, batches)``."""
+    rows = [o[start:start + batch_size] for o in orders]
+    batches = [(p["base"][r], p["source"][r], p["label"][r]) for p, r in zip(pairs, rows)]
+    losses, logits, bounds = stack.losses(batches)
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    return losses, logits, bounds, batches
+
+
 def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member],
                   positions: Sequence[int] | None = None, epochs: int = 1,
                   batch_size: int = 64, lr: float = 0.01, use_prefix: bool = True,
@@ -214,15 +231,8 @@ def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member
         orders = [torch.randperm(n, generator=g) for g in gens]
         totals, correct = [0.0] * len(members), [0] * len(members)
         for s in range(0, n, batch_size):
-            batches = [(p["base"][o[s:s + batch_size]], p["source"][o[s:s + batch_size]],
-                        p["label"][o[s:s + batch_size]]) for p, o in zip(pairs, orders)]
-            losses, logits, bounds = stack.losses(batches)
-            total = losses[0]
-            for loss in losses[1:]:
-                total = total + loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            losses, logits, bounds, batches = step_stack(stack, opt, pairs, orders, s,
+                                                         batch_size)
             step += 1
             predicted = logits.detach().argmax(-1).cpu()
             for j, (a, e, loss) in enumerate(zip(bounds, bounds[1:], losses)):
