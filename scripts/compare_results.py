@@ -48,8 +48,8 @@ CONTRACT: list[tuple[str, float, str]] = [
      "a KL sums p (log p - log q) over the vocabulary; log q of a float32 softmax of logits of "
      "+-30 carries their 1e-6 relative rounding, ~3e-5 on the KL of a zero ablation that "
      "destroys the output; seen: 3.2e-5 on a spread of 3.13"),
-    (r"/records/(exact|estimate)$", 1e-4,
-     "07's exact edge-patching and EAP effects are differences of logits of ~15: their "
+    (r"/records/(exact|estimate|estimate_ig|eap_all|eap_ig_all)$", 1e-4,
+     "07's exact edge-patching, EAP and EAP-IG effects are differences of logits of ~15: their "
      "rounding is the logits' (1e-5 relative); seen: 5.2e-5"),
     (r".*/n_candidates/.*", 1.0,
      "01's count of tokens with a positive score: one whose score is ~0 may cross zero; seen: 1"),
@@ -141,9 +141,10 @@ def walk(a, b, path: str, out: dict, ignore) -> None:
         out["other"].append(f"{path}: {a!r:.60} vs {b!r:.60}")
 
 
-#: keys that are no result: where a file came from, and how the engine planned the work (its
-#: forward and joined-row counts change when planning improves; the numbers may not)
-IGNORED = ("provenance", "params_key", "engine", "engine_stats")
+#: keys that are no result: where a file came from, how the engine planned the work (its
+#: forward and joined-row counts change when planning improves; the numbers may not) and the
+#: wall-clock seconds a study records beside its numbers
+IGNORED = ("provenance", "params_key", "engine", "engine_stats", "seconds")
 
 
 def compare(old: dict, new: dict, ignore=IGNORED) -> dict:
