@@ -270,51 +270,37 @@ def test_07_refuses_meaningless_inputs_before_any_study(param, value, fragment, 
     assert not list(fc.rglob("*.json")) and not list(tmp_path.rglob("*.png"))
 
 
-def test_06_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, capsys):
-    """05's result where 06's hidden-state trace goes: refused in the cell that loads the model,
-    before load_model (no model line printed), and the file is left as it was."""
+@pytest.mark.parametrize("notebook, stem, result, extra, model_line", [
+    # 06: the model line its loading cell prints is never printed
+    ("06", "06_causal_tracing", "causal_trace_hidden", ["-p", "N_FACTS=-1"],
+     "tiny-random: 2 layers"),
+    # 07: the traceback ends in check_results, before load_model's weights are read
+    ("07", "07_path_patching", "path_patching_eap", [], "Loading weights"),
+])
+def test_a_result_of_another_kind_is_refused_before_the_model_loads(
+        notebook, stem, result, extra, model_line, tmp_path, capsys):
+    """05's result where 06's hidden-state trace (07's EAP result) goes: refused by
+    check_results in the cell that loads the model, before load_model, and the file is left as
+    it was."""
     import shutil
 
     fc = tmp_path / "fc"
-    target = fc / "tiny-random" / "causal_trace_hidden.json"
+    target = fc / "tiny-random" / f"{result}.json"
     target.parent.mkdir(parents=True)
     shutil.copy(paths.FULL_COMPUTE / "smollm2-135m" / "interchange_default.json", target)
     before = target.read_bytes()
-    rc = runner.main(["--notebooks", "06", "--models", "tiny-random", "--runs-dir",
+    rc = runner.main(["--notebooks", notebook, "--models", "tiny-random", "--runs-dir",
                       str(tmp_path / "runs"), "-p", f"FULL_COMPUTE_DIR={fc}",
-                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}", "-p", "N_FACTS=-1"])
+                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}", *extra])
     err = capsys.readouterr().err
-    assert rc == 1 and "FAILED: 06_causal_tracing.ipynb" in err, err
-    assert "causal_trace_hidden.json holds a interchange" in err or "WrongKindError" in err, err
-    [failed] = (tmp_path / "runs").rglob("06_causal_tracing.failed.ipynb")
-    assert "tiny-random: 2 layers" not in failed.read_text()   # the model line never printed
-    assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == \
-        ["causal_trace_hidden.json"]
-
-
-def test_07_refuses_a_result_of_another_kind_before_the_model_loads(tmp_path, capsys):
-    """05's result where 07's EAP result goes: refused by check_results before load_model, and
-    the file is left as it was."""
-    import shutil
-
-    fc = tmp_path / "fc"
-    target = fc / "tiny-random" / "path_patching_eap.json"
-    target.parent.mkdir(parents=True)
-    shutil.copy(paths.FULL_COMPUTE / "smollm2-135m" / "interchange_default.json", target)
-    before = target.read_bytes()
-    rc = runner.main(["--notebooks", "07", "--models", "tiny-random", "--runs-dir",
-                      str(tmp_path / "runs"), "-p", f"FULL_COMPUTE_DIR={fc}",
-                      "-p", f"GRAPHS_DIR={tmp_path / 'g'}"])
-    err = capsys.readouterr().err
-    assert rc == 1 and "FAILED: 07_path_patching.ipynb" in err, err
-    assert "path_patching_eap.json holds a interchange" in err or "WrongKindError" in err, err
-    [failed] = (tmp_path / "runs").rglob("07_path_patching.failed.ipynb")
+    assert rc == 1 and f"FAILED: {stem}.ipynb" in err, err
+    assert f"{result}.json holds a interchange" in err or "WrongKindError" in err, err
+    [failed] = (tmp_path / "runs").rglob(f"{stem}.failed.ipynb")
     text = failed.read_text()
     assert "check_results(" in text and "load_model(MODEL" in text
-    # the traceback ends in check_results: the model-loading line was never reached
-    assert text.index("WrongKindError") > 0 and "Loading weights" not in text
+    assert "WrongKindError" in text and model_line not in text   # the model never loaded
     assert target.read_bytes() == before and sorted(p.name for p in target.parent.iterdir()) == \
-        ["path_patching_eap.json"]
+        [f"{result}.json"]
 
 
 def test_check_results_refuses_another_kind_and_sets_aside_an_unreadable_file(tmp_path):

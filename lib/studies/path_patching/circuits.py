@@ -197,24 +197,48 @@ def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
     return numerators.mean(-1) / denominators.mean(-1)
 
 
+def _resampled_ratios(num: np.ndarray, den: np.ndarray, n_resamples: int, seed: int
+                      ) -> np.ndarray:
+    """``mean(num[:, j]) / mean(den)`` for every column j of ``num`` (pairs x ks) on
+    ``n_resamples`` bootstrap resamples of the pairs (one seeded generator; the same resamples
+    for every curve of as many pairs and the same seed): (resamples, ks), NaN or infinite
+    where a resample's denominator is 0."""
+    n = len(den)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num[idx].mean(1) / den[idx].mean(1)[:, None]
+
+
 def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_resamples: int = 2000,
                      confidence: float = 0.95, seed: int = 0
                      ) -> tuple[list[float | None], list[float | None]]:
     """Percentile-bootstrap interval (as :func:`lib.core.stats.bootstrap_ci`) of the ratio of
     means ``mean(num[:, j]) / mean(den)`` for every column j of ``num`` (pairs x ks): the pairs
-    are resampled together for all columns (one seeded generator). One pair: the interval is
-    the value. None where a resample's denominator is 0."""
-    n = len(den)
-    if n == 1:
+    are resampled together for all columns (:func:`_resampled_ratios`). One pair: the interval
+    is the value. None where a resample's denominator is 0."""
+    if len(den) == 1:
         value = [float(v) for v in num[0] / den[0]]
         return list(value), list(value)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = num[idx].mean(1) / den[idx].mean(1)[:, None]    # (resamples, ks)
+    ratios = _resampled_ratios(num, den, n_resamples, seed)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(ratios, [alpha, 1 - alpha], axis=0)
     as_num = lambda v: float(v) if math.isfinite(v) else None  # noqa: E731
     return [as_num(v) for v in low], [as_num(v) for v in high]
+
+
+def _differences(clean, corrupt, lds) -> tuple[np.ndarray, np.ndarray]:
+    """The numerators (pairs x ks: ld_k - ld_corrupt) and denominators (ld_clean - ld_corrupt)
+    of faithfulness, from the per-pair logit differences."""
+    c, r, x = (np.asarray(v, dtype=np.float64) for v in (clean, corrupt, lds))
+    return x - r[:, None], c - r
+
+
+def _areas(faithfulness: np.ndarray, ks: Sequence[int], n_edges: int) -> dict[str, Any]:
+    """CPR and CMD of faithfulness values over ``ks`` (the last axis): trapezoid areas of f and
+    of |1 - f| over x = k / n_edges."""
+    x = np.asarray(ks, dtype=np.float64) / n_edges
+    return {"cpr": np.trapezoid(faithfulness, x, axis=-1),
+            "cmd": np.trapezoid(np.abs(1 - faithfulness), x, axis=-1)}
 
 
 def faithfulness_curve(lm, pairs: Sequence[Mapping], edges: Sequence[tuple[str, str]],
@@ -255,8 +279,7 @@ def faithfulness_curve(lm, pairs: Sequence[Mapping], edges: Sequence[tuple[str, 
 
 def _curve_payload(ks: Sequence[int], direction: str, n_edges: int, clean: list[float],
                    corrupt: list[float], lds: list[list[float]]) -> dict[str, Any]:
-    c, r, x = np.array(clean), np.array(corrupt), np.array(lds)    # x: (pairs, ks)
-    num, den = x - r[:, None], c - r
+    num, den = _differences(clean, corrupt, lds)                   # num: (pairs, ks)
     if den.mean() == 0:
         raise ValueError("the clean and corrupt runs give the same mean logit difference over "
                          "the pairs, so faithfulness (a fraction of their difference) is "
@@ -266,7 +289,7 @@ def _curve_payload(ks: Sequence[int], direction: str, n_edges: int, clean: list[
     return {"direction": direction, "n_edges": n_edges, "n_pairs": len(clean),
             "ks": [int(k) for k in ks], "faithfulness": [float(f) for f in faith],
             "ci_low": lows, "ci_high": highs,
-            "clean_ld_mean": float(c.mean()), "corrupt_ld_mean": float(r.mean()),
+            "clean_ld_mean": float(np.mean(clean)), "corrupt_ld_mean": float(np.mean(corrupt)),
             "clean_ld": clean, "corrupt_ld": corrupt, "ld": lds}
 
 
@@ -297,10 +320,7 @@ def curve_summary(curve: Mapping[str, Any]) -> dict[str, Any]:
         hit = [k for k, f in zip(ks, faith)
                if (f >= level if direction == "keep" else f <= 1 - level)]
         out[f"k_{round(level * 100)}"] = int(hit[0]) if hit else None
-    x = np.array(ks, dtype=np.float64) / n_edges
-    f = np.array(faith)
-    out["cpr"] = float(np.trapezoid(f, x))
-    out["cmd"] = float(np.trapezoid(np.abs(1 - f), x))
+    out.update({k: float(v) for k, v in _areas(np.array(faith), ks, n_edges).items()})
     return out
 
 
@@ -356,16 +376,9 @@ def smallest_circuit(payload: Mapping[str, Any], threshold: float = 0.8) -> dict
 def _area_samples(curve: Mapping[str, Any], n_resamples: int, seed: int) -> dict[str, Any]:
     """CPR and CMD of ``n_resamples`` bootstrap resamples of a curve's pairs (the same resamples
     for every curve of as many pairs and the same seed, so two rankings can be compared paired)."""
-    ld = np.asarray(curve["ld"], dtype=np.float64)                   # (pairs, ks)
-    clean = np.asarray(curve["clean_ld"], dtype=np.float64)
-    corrupt = np.asarray(curve["corrupt_ld"], dtype=np.float64)
-    n = len(clean)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = (ld[idx] - corrupt[idx][..., None]).mean(1) / \
-            (clean[idx] - corrupt[idx]).mean(1)[:, None]              # (resamples, ks)
-    x = np.asarray(curve["ks"], dtype=np.float64) / int(curve["n_edges"])
-    return {"cpr": np.trapezoid(f, x, axis=1), "cmd": np.trapezoid(np.abs(1 - f), x, axis=1)}
+    num, den = _differences(curve["clean_ld"], curve["corrupt_ld"], curve["ld"])
+    return _areas(_resampled_ratios(num, den, n_resamples, seed), curve["ks"],
+                  int(curve["n_edges"]))
 
 
 def area_intervals(curve: Mapping[str, Any], n_resamples: int = 2000, confidence: float = 0.95,
