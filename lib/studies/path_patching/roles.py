@@ -148,7 +148,11 @@ def head_roles(lm, pairs: Sequence[dict], heads: Sequence[str],
             raise ValueError(f"head_roles: {h!r} is not a head; use a<l>.h<h>")
     names = list(names) or sorted({p[k] for p in pairs for k in ("io", "s")})
     name_ids = torch.tensor(sorted({name_token(lm, n) for n in names}), device=lm.device)
+    # float32 copies made once (a bfloat16 model would otherwise copy its whole unembedding
+    # for every head and prompt); only the names' rows are ever read
     unembed = lm.model.get_output_embeddings().weight
+    name_rows = unembed[name_ids].float()
+    answer_rows = {t: unembed[t].float() for p in pairs for t in (p["io_id"], p["s_id"])}
     final_norm = lm.model.get_submodule(lm.spec.final_norm_path)
     layers = sorted({n.layer for n in parsed if n.layer is not None})
     last = site_name("resid_post", lm.n_layers - 1)
@@ -171,7 +175,8 @@ def head_roles(lm, pairs: Sequence[dict], heads: Sequence[str],
                                 store[site_name("attn_out", l)][0, -1])
                     if lm.spec.attn_post_norm else (lambda c: c))
             direct = final(post(store[site_name("head_out", l)][0, -1, i].float() @ w_o))
-            logit = direct @ unembed.float().T[:, [pair["io_id"], pair["s_id"]]]
+            logit = torch.stack([direct @ answer_rows[pair["io_id"]],
+                                 direct @ answer_rows[pair["s_id"]]])
             values = {"attention.io": row[io], "attention.s1": row[s1], "attention.s2": row[s2],
                       "dla.io": logit[0], "dla.s": logit[1], "dla.io_minus_s": logit[0] - logit[1]}
             for key, v in values.items():
@@ -180,7 +185,7 @@ def head_roles(lm, pairs: Sequence[dict], heads: Sequence[str],
             w_v, b_v = _value_weight(lm, l, i)
             x = store[site_name("attn_in", l)][0, [io, s1]].float()
             v = x @ w_v.float() + (b_v.float() if b_v is not None else 0.0)
-            ov = final(post(v @ w_o)) @ unembed.float()[name_ids].T
+            ov = final(post(v @ w_o)) @ name_rows.T
             for k, tok in enumerate((pair["io_id"], pair["s_id"])):
                 own = int((name_ids == tok).nonzero()[0, 0])
                 copies[h].append((int(ov[k].argmax()) == own, int(ov[k].argmin()) == own))
