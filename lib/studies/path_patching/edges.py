@@ -165,7 +165,7 @@ def node_edges(lm, layers: Sequence[int] | None = None) -> list[tuple[str, str]]
 # --- edge attribution patching ---------------------------------------------------------------------
 
 def eap(lm, base_ids, source_ids, edges, metric: Callable[[torch.Tensor], torch.Tensor],
-        ig_steps: int = 0):
+        ig_steps: int = 0, *, engine: Engine | None = None):
     """Edge attribution patching (Syed et al. 2023): for each edge ``(s, r)`` the estimate
     ``(source_out(s) - base_out(s)) . d metric / d input(r)`` at the base run, from one forward
     and one backward pass on the base (plus the source's stored run). Returns ``(scores,
@@ -176,14 +176,16 @@ def eap(lm, base_ids, source_ids, edges, metric: Callable[[torch.Tensor], torch.
     gradient averaged over ``m`` runs whose embeddings (the residual stream entering block 0)
     are ``source + (k/m) (base - source)``, k = 1..m, the other inputs those of the base, as in
     the paper's default (interpolation at the embeddings, not at each sender); m = 1 is EAP.
-    The m runs are rows of one batched forward and backward pass."""
+    The m runs are rows of one batched forward and backward pass. ``engine``: one already
+    holding the base (context 0) and source (context 1) runs, so their clean runs are shared
+    with other studies of the same pair."""
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 0:
         raise ValueError(f"ig_steps must be an integer >= 0 (0: plain EAP), got {ig_steps!r}")
-    contexts = [Context(base_ids, name="base"), Context(source_ids, name="source")]
-    engine = Engine(lm, contexts)
     pairs = [check_edge(lm, s, r) for s, r in edges]
     if any(r.kind == "head" for _, r in pairs):
         raise ValueError("eap: receivers must be a<l>, f<l> or logits")
+    engine = engine or Engine(lm, [Context(base_ids, name="base"),
+                                   Context(source_ids, name="source")])
     ssites = list(dict.fromkeys(_sender_site(s, lm) for s, _ in pairs))
     rsites = list(dict.fromkeys(_receiver_site(r, lm)[0] for _, r in pairs))
     emb = site_name("resid_pre", 0)
