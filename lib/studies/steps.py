@@ -321,8 +321,7 @@ def head_roles(lm, pairs: list[dict], ioi_result: dict, n_heads: int, parameters
     of the logit difference (head -> logits, the first freeze policy) in ``ioi_result``."""
     from lib.studies import path_patching as pp
 
-    rows = [r for r in ioi_result["to_logits"] if r["policy"] == pp.FREEZE_POLICIES[0]]
-    strongest = sorted(rows, key=lambda r: -abs(r["delta"]))[:n_heads]
+    strongest = pp.strongest_heads(ioi_result["to_logits"], n_heads)
     result = pp.head_roles(lm, pairs, [r["sender"] for r in strongest],
                            path_delta={r["sender"]: r["delta"] for r in strongest},
                            progress=True)

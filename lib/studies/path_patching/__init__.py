@@ -71,8 +71,8 @@ from lib.studies.path_patching.edges import (  # noqa: F401
     edge_patch, node_edges, eap,
 )
 from lib.studies.path_patching.studies import (  # noqa: F401
-    _probs, capital_study, ioi_head_study, eap_study, agreement, _corr, CAPITAL_SCHEMA,
-    IOI_SCHEMA, EAP_SCHEMA,
+    _probs, capital_study, ioi_head_study, strongest_heads, eap_study, agreement, _corr,
+    CAPITAL_SCHEMA, IOI_SCHEMA, EAP_SCHEMA,
 )
 from lib.studies.path_patching.roles import (  # noqa: F401
     ATTENTION_MIN, COPY_MIN, ROLES, ROLES_SCHEMA, frozen_norm, eager_attention, role_of,

@@ -135,9 +135,8 @@ def ioi_head_study(lm, pairs: Sequence[dict], receivers_of: int = 3,
         {"sender": h, "layer": parse_node(h).layer, "head": parse_node(h).head,
          "policy": f, "receiver": "logits", **summary((h, f, "logits"))}
         for h in heads for f in policies]
-    first = [r for r in to_logits if r["policy"] == policies[0]]
-    strongest = [r["sender"] for r in sorted(first, key=lambda r: -abs(r["delta"]))
-                 if r["layer"] > 0][:receivers_of]
+    strongest = [r["sender"] for r in strongest_heads(to_logits, receivers_of, policies[0],
+                                                      min_layer=1)]
     receivers = [f"{h}.q" for h in strongest]
     query_set = list(pairs)[:query_pairs]
     list(run_specs(lambda pos: [((h, f, r), dict(senders=[h], receivers=[r], freeze=f,
@@ -170,6 +169,15 @@ def agreement(estimate: torch.Tensor, exact: torch.Tensor, edges: Sequence) -> d
             "spearman_without_outlier": _corr(rank(estimate[keep]), rank(exact[keep])),
             "outlier": {"sender": edges[worst][0], "receiver": edges[worst][1],
                         "exact": float(exact[worst]), "estimate": float(estimate[worst])}}
+
+
+def strongest_heads(to_logits: Sequence[dict], n: int, policy: str = FREEZE_POLICIES[0],
+                    min_layer: int = 0) -> list[dict]:
+    """The ``n`` head -> logits rows of ``policy`` with the largest |mean change| (ties in
+    row order), from layer ``min_layer`` up (a head of layer 0 has no earlier head to send to
+    its query)."""
+    rows = [r for r in to_logits if r["policy"] == policy and r["layer"] >= min_layer]
+    return sorted(rows, key=lambda r: -abs(r["delta"]))[:n]
 
 
 def eap_study(lm, pairs: Sequence[dict], layers: Sequence[int] | None = None,
