@@ -194,16 +194,26 @@ def das_run(lm, layer: int, rank: int, states: torch.Tensor, train_pairs: dict,
     evald = pairs_data(states, eval_pairs) if eval_pairs is not None else None
     out = das.train_das(module, head, train, epochs=epochs, batch_size=batch_size, lr=lr,
                         seed=seed, eval_data=evald, progress=progress)
-    control = AtPositions(das.random_control(inner, seed=seed + 1), positions)
-    result = {"layer": layer, "rank": int(rank),
-              "positions": "all" if positions is None else list(positions),
-              "iia": shared_iia(lm, layer, module, states, test_pairs),
-              "control_iia": shared_iia(lm, layer, control, states, test_pairs),
-              "curve": out["curve"], "steps": out["steps"],
-              "trainable_parameters": out["trainable_parameters"],
-              "orthogonality_error": das.orthogonality_error(inner),
-              "n_train": len(train), "n_test": len(test_pairs["label"])}
-    return module, result
+    return module, run_result(lm, layer, rank, module, states, test_pairs, seed, out["curve"],
+                              out["steps"], len(train))
+
+
+def run_result(lm, layer: int, rank: int, module: AtPositions, states: torch.Tensor,
+               test_pairs: dict, seed: int, curve: list, steps: int, n_train: int) -> dict:
+    """A trained rotation's result: held-out IIA beside a random subspace of the same rank
+    (``random_control``, seed + 1), its curve, sizes and orthogonality (one shape for
+    :func:`das_run` and :func:`lib.studies.das.stacked.das_runs_stacked`)."""
+    inner = module.inner
+    control = AtPositions(das.random_control(inner, seed=seed + 1), module.positions)
+    return {"layer": layer, "rank": int(rank),
+            "positions": "all" if module.positions is None else list(module.positions),
+            "iia": shared_iia(lm, layer, module, states, test_pairs),
+            "control_iia": shared_iia(lm, layer, control, states, test_pairs),
+            "curve": curve, "steps": steps,
+            "trainable_parameters": sum(p.numel() for p in inner.parameters()
+                                        if p.requires_grad),
+            "orthogonality_error": das.orthogonality_error(inner),
+            "n_train": n_train, "n_test": len(test_pairs["label"])}
 
 
 def iia_on(lm, layer: int, module: nn.Module, states: torch.Tensor, pairs: dict) -> float:

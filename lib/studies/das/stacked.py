@@ -266,17 +266,7 @@ def das_runs_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Mem
                                  use_prefix=use_prefix, progress=progress)
     results = []
     for module, member, test, curve in zip(modules, members, test_pairs, out["curves"]):
-        inner = module.inner
-        control = da.AtPositions(das.random_control(inner, seed=member.seed + 1), positions)
-        results.append((module, {
-            "layer": layer, "rank": int(member.rank),
-            "positions": "all" if positions is None else list(positions),
-            "iia": da.shared_iia(lm, layer, module, states, test),
-            "control_iia": da.shared_iia(lm, layer, control, states, test),
-            "curve": curve, "steps": out["steps"],
-            "trainable_parameters": sum(p.numel() for p in inner.parameters()
-                                        if p.requires_grad),
-            "orthogonality_error": das.orthogonality_error(inner),
-            "n_train": len(member.pairs["label"]), "n_test": len(test["label"]),
-            "stack_seconds": out["seconds"]}))
+        result = da.run_result(lm, layer, member.rank, module, states, test, member.seed,
+                               curve, out["steps"], len(member.pairs["label"]))
+        results.append((module, {**result, "stack_seconds": out["seconds"]}))
     return results
