@@ -328,16 +328,25 @@ def _logits(module, head, data: InterchangeBatches, idx):
 
 
 @torch.no_grad()
+def intervened_predictions(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+                           data: InterchangeBatches,
+                           batch_size: int = 6400) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intervened network's answers (argmax of ``head``'s output) on the examples of
+    ``data``, and their counterfactual labels: ``(predictions, labels)``, each of shape (n,)."""
+    preds, labels = [], []
+    for start in range(0, len(data), batch_size):
+        logits, lab = _logits(module, head, data, slice(start, start + batch_size))
+        preds.append(logits.argmax(-1))
+        labels.append(lab)
+    return torch.cat(preds), torch.cat(labels)
+
+
 def iia(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
         data: InterchangeBatches, batch_size: int = 6400) -> float:
     """Interchange-intervention accuracy: argmax of the intervened output equals the causal
     model's counterfactual label."""
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        idx = slice(start, start + batch_size)
-        logits, labels = _logits(module, head, data, idx)
-        correct += int((logits.argmax(-1) == labels).sum())
-    return correct / len(data)
+    preds, labels = intervened_predictions(module, head, data, batch_size)
+    return int((preds == labels).sum()) / len(data)
 
 
 def train_das(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],

@@ -15,26 +15,10 @@ base inputs (its own answer on those inputs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
-from lib.studies.das.rotation import InterchangeBatches
-
-
-@torch.no_grad()
-def intervened_predictions(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
-                data: InterchangeBatches,
-                batch_size: int = 6400) -> tuple[torch.Tensor, torch.Tensor]:
-    """The intervened network's answers (argmax of ``head``'s output) on the examples of
-    ``data``, and their counterfactual labels: ``(predictions, labels)``, each of shape (n,)."""
-    preds, labels = [], []
-    for start in range(0, len(data), batch_size):
-        base, sources, masks, lab = data.batch(slice(start, start + batch_size))
-        preds.append(head(module(base, sources, masks)).argmax(-1))
-        labels.append(lab)
-    return torch.cat(preds), torch.cat(labels)
+# the intervened answers are rotation's, beside its iia; importable from here too
+from lib.studies.das.rotation import intervened_predictions  # noqa: F401
 
 
 def class_iia(predictions: torch.Tensor, labels: torch.Tensor,
