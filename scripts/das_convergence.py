@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     values.update(MODEL=args.model, THREADS=args.threads, CACHE_DIR=args.cache_dir,
                   FULL_COMPUTE_DIR=args.full_compute_dir, GRAPHS_DIR=args.graphs_dir,
                   # not in the fine-tune's key; 09 refuses layers the model lacks
-                  LAYERS=str(args.layer), GRAPH_LAYERS=str(args.layer))
+                  LAYERS=str(args.layer), GRAPH_LAYERS=str(args.layer),
+                  # one block of training pairs: 09's set before its budget became the plateau
+                  DAS_N_TRAIN=cv.BLOCK_PAIRS)
     try:
         run = study.Notebook(notebook_values(study.NOTEBOOK, values))
     except ParameterError as err:

@@ -21,7 +21,7 @@ NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
 SMALL = {"N_VAL": 50, "N_TEST": 850, "N_SHIPPED": 4, "SHOTS": 1, "FT_EPOCHS": 1,
          "FT_BATCH": 50, "CAUSAL_MODELS": "1,7", "LAYERS": "22", "RANKS": [8],
          "DAS_N_TRAIN": 64, "DAS_N_TEST": 40, "DAS_BATCH": 32, "GRAPH_ARRANGEMENTS": 6,
-         "GRAPH_LAYERS": "22"}
+         "GRAPH_LAYERS": "22", "DAS_SEEDS": 1}
 
 
 def _stdout(executed) -> str:

@@ -48,7 +48,8 @@ FAST_PARAMETERS = {
     # the X+Y+Z= task: the tiny model is fine-tuned for one epoch (it stays at chance)
     "09": {"N_SHIPPED": 2, "SHOTS": 1, "FT_EPOCHS": 1, "FT_BATCH": 256, "LAYERS": "0,1",
            "RANKS": [4], "SITES": "all,eq", "CAUSAL_MODELS": "1,2,7", "DAS_N_TRAIN": 128,
-           "DAS_N_TEST": 64, "DAS_BATCH": 64, "GRAPH_ARRANGEMENTS": 12, "GRAPH_LAYERS": "1"},
+           "DAS_N_TEST": 64, "DAS_BATCH": 64, "GRAPH_ARRANGEMENTS": 12, "GRAPH_LAYERS": "1",
+           "DAS_SEEDS": 2},
 }
 NOTEBOOKS = list_notebooks()
 
@@ -271,13 +272,22 @@ def check_09(ws, executed):
     assert sorted(ft["split"]["train"] + ft["split"]["val"] + ft["split"]["test"]) == \
         list(range(1000))
     data = json.loads((out / "das_iia.json").read_text())
-    assert len(data["runs"]) == 3 * 2 * 1 * 2           # models x layers x ranks x sites
+    assert len(data["runs"]) == 3 * 2 * 1 * 2 * 2       # models x layers x ranks x sites x seeds
     assert all(0 <= r["iia"] <= 1 and 0 <= r["control_iia"] <= 1 for r in data["runs"])
+    # each cell over its two seeds: the mean of its runs, inside its interval
+    assert data["seeds"] == [0, 1] and len(data["cells"]) == 3 * 2 * 1 * 2
+    for cell in data["cells"]:
+        mine = [r["iia"] for r in data["runs"] if all(r[k] == cell[k] for k in
+                                                      ("model", "layer", "rank", "site"))]
+        assert sorted(r["seed"] for r in data["runs"] if all(
+            r[k] == cell[k] for k in ("model", "layer", "rank", "site"))) == [0, 1]
+        assert cell["iia"]["n"] == 2 and cell["iia"]["mean"] == pytest.approx(sum(mine) / 2)
+        assert cell["iia"]["ci_low"] <= cell["iia"]["mean"] <= cell["iia"]["ci_high"]
     assert len(data["sanity_grid"]) == 2 * 2 * 2 * 2    # (M1, M2) trained x tested x layers x sites
     for row in data["full_swap"]:
         assert abs(row["iia"] - row["source_prediction_is_label"]) < 1e-9
     # one subfolder of rotations per parameter set (the DAS unit store's key)
-    assert len(list((out / "das_rotations").glob("*/*.safetensors"))) == 12
+    assert len(list((out / "das_rotations").glob("*/*.safetensors"))) == 24
     assert len(list((out / "das_rotations").iterdir())) == 1
     figures(ws, "das_finetune", "das_iia_layers", "das_sanity_grid", "das_graph_means")
     graph = json.loads((out / "das_graph.json").read_text())

@@ -119,6 +119,16 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95
     return mean - half, mean + half
 
 
+def mean_t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """The mean of ``values`` with its sample standard deviation (None for one value), count
+    and Student's t interval (:func:`t_interval`), as a JSON-ready dict: ``mean``, ``std``,
+    ``n``, ``ci_low``, ``ci_high``."""
+    arr = _as_1d(values)
+    low, high = t_interval(arr, confidence)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None,
+            "n": int(arr.size), "ci_low": low, "ci_high": high}
+
+
 def permutation_test(x: Sequence[float], y: Sequence[float], n_permutations: int = 10000,
                      seed: int = 0, paired: bool = False,
                      alternative: str = "two-sided") -> dict:

@@ -1,5 +1,5 @@
 """Figures of DAS on a language model (notebook 09, the thesis' X+Y+Z= task): the fine-tuning
-curves, IIA per layer beside the random-subspace control and the full-dimension swap, and
+curves, IIA per layer over seeds (95 % bands) beside the random-subspace control and the full-dimension swap, and
 the pairwise-IIA graphs' mean weights beside the thesis'.
 The 3 x 3 sanity grid is :func:`lib.plots.das.plot_wrong_model_grid`.
 
@@ -10,8 +10,8 @@ and returns a plotnine ``ggplot``; the notebook saves it with :func:`lib.plots.s
 from __future__ import annotations
 
 import pandas as pd
-from plotnine import (aes, facet_grid, facet_wrap, geom_line, geom_linerange, geom_point, ggplot,
-                      labs, scale_y_continuous, theme_bw)
+from plotnine import (aes, coord_cartesian, facet_grid, facet_wrap, geom_line, geom_linerange, geom_point,
+                      geom_ribbon, ggplot, labs, scale_y_continuous, theme_bw)
 
 
 def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplot:
@@ -29,21 +29,26 @@ def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplo
             + theme_bw())
 
 
-def plot_iia_by_layer(runs: list[dict], title: str = "DAS IIA per layer") -> ggplot:
-    """``runs``: the DAS runs of ``das_iia.json``, dicts with ``model`` (causal model number),
-    ``layer``, ``rank`` (facet column), ``site`` (facet row), ``iia`` (the learned rotation)
-    and ``control_iia`` (a random one)."""
-    df = pd.DataFrame([{"model": f"M{r['model']}", "layer": r["layer"], "rank": r["rank"],
-                        "site": r["site"], "rotation": label, "iia": r[key]}
-                       for r in runs
+def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> ggplot:
+    """``cells``: the cells of ``das_iia.json`` (:func:`lib.studies.das.seeds.cells`), dicts
+    with ``model`` (causal model number), ``layer``, ``rank`` (facet column), ``site`` (facet
+    row) and ``iia`` / ``control_iia`` (the learned rotations' and the random ones' mean over
+    seeds with ``ci_low`` / ``ci_high``): one line per causal model and rotation kind, its 95 %
+    interval over seeds as a band and a bar (a cell of one seed has neither)."""
+    df = pd.DataFrame([{"model": f"M{c['model']}", "layer": c["layer"], "rank": c["rank"],
+                        "site": c["site"], "rotation": label, "iia": c[key]["mean"],
+                        "low": c[key]["ci_low"], "high": c[key]["ci_high"]}
+                       for c in cells
                        for label, key in (("learned", "iia"), ("random control", "control_iia"))])
     df["rank"] = "rank " + df["rank"].astype(str)
     return (ggplot(df, aes("layer", "iia", color="model", linetype="rotation"))
+            + geom_ribbon(aes(ymin="low", ymax="high", fill="model"), alpha=0.15, color="none")
+            + geom_linerange(aes(ymin="low", ymax="high"), alpha=0.6)
             + geom_line() + geom_point(size=1.5)
             + facet_grid("site ~ rank")
-            + scale_y_continuous(limits=(0, 1))
+            + coord_cartesian(ylim=(0, 1))   # a t interval of three seeds may leave [0, 1]
             + labs(x="layer (block output)", y="IIA (held-out arrangements)", color="",
-                   linetype="", title=title)
+                   fill="", linetype="", title=title)
             + theme_bw())
 
 

@@ -77,9 +77,10 @@ class StateInterchange:
         return self.states[b], [self.states[s]], ones, self.labels[idx].to(self.states.device)
 
 
-def run_name(model: int, layer: int, rank: int, site: str) -> str:
-    """The name of one DAS run (its unit and its rotation file), e.g. ``M7_L22_k64_all``."""
-    return f"M{model}_L{layer}_k{rank}_{site}"
+def run_name(model: int, layer: int, rank: int, site: str, seed: int | None = None) -> str:
+    """The name of one DAS run (its unit and its rotation file), e.g. ``M7_L22_k64_all``; a run
+    of another seed than notebook 09's ``SEED`` ends in ``_s<seed>``, e.g. ``M7_L22_k64_all_s1``."""
+    return f"M{model}_L{layer}_k{rank}_{site}" + ("" if seed is None else f"_s{seed}")
 
 
 def check_layer_start(lm) -> None:

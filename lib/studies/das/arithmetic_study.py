@@ -32,7 +32,8 @@ from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
 from lib.studies.das import tuning as tu
-from lib.studies.das.arithmetic_tables import (graphs_table, runs_table,  # noqa: F401
+from lib.studies.das.seeds import seed_list
+from lib.studies.das.arithmetic_tables import (cells_of, cells_table, graphs_table,  # noqa: F401
                                                sanity_cells, shipped_table, tokenization_lines)
 
 NOTEBOOK = paths.NOTEBOOKS / "09_das_arithmetic.ipynb"
@@ -61,7 +62,12 @@ FT_SCHEMA = Kind("das_finetune", "09_das_arithmetic", {
 RUN_SHAPE = {"model": int, "layer": int, "rank": int, "site": str,
              "positions": one_of(str, [int]), "iia": float, "control_iia": float,
              "curve": [{"epoch": int, "loss": NUM}], "steps": int, "trainable_parameters": int,
-             "orthogonality_error": float, "n_train": int, "n_test": int}
+             "orthogonality_error": float, "n_train": int, "n_test": int,
+             "seed": optional(int)}   # files written before seeds were counted name none
+INTERVAL = {"mean": NUM, "std": maybe(NUM), "n": int, "ci_low": NUM, "ci_high": NUM}
+#: one cell over its seeds (:func:`lib.studies.das.seeds.cells`)
+CELL_SHAPE = {"model": int, "layer": int, "rank": int, "site": str, "seeds": [maybe(int)],
+              "iia": INTERVAL, "control_iia": INTERVAL, "final_loss": INTERVAL, "steps": int}
 
 
 def check_run(res: Any, where: str = "run") -> None:
@@ -86,7 +92,8 @@ DAS_SCHEMA = Kind("das_iia", "09_das_arithmetic", {
     "full_swap": [{"model": int, "layer": int, "iia": float, "source_prediction_is_label": float,
                    "source_sum_is_label": float}],
     "layers": nonempty([int]), "ranks": nonempty([int]), "sites": map_of(maybe([int])),
-    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str},
+    "causal_models": map_of(str), "n_test_arrangements": int, "params_key": str,
+    "cells": optional([CELL_SHAPE]), "seeds": optional([int])},
     extra=_check_runs)
 GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
     "arrangements": nonempty([int]), "predictions_file": str, "params_key": str,
@@ -188,63 +195,108 @@ def rotation_path(rotations_dir: Path, key: str, name: str) -> Path:
 def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
              site_positions: dict, states, train_models: dict, test_pairs: dict,
              stored: dict | None, units: io.UnitStore, rotations_dir: Path, n_train: int,
-             epochs: int, batch_size: int, lr: float, semantics: str, seed: int):
-    """Every DAS run of the grid (causal model x layer x rank x site): read from a current
-    ``das_iia.json`` (``stored``) or the unit store when its rotation file is there and
+             epochs: int, batch_size: int, lr: float, semantics: str, seed: int,
+             seeds: Sequence[int] | None = None):
+    """Every DAS run of the grid (causal model x layer x rank x site x seed): read from a
+    current ``das_iia.json`` (``stored``) or the unit store when its rotation file is there and
     carries the unit store's key (:func:`stored_rotation`), else trained on the training
     arrangements, evaluated on the test arrangements, its rotation saved with that key and its
-    result stored as a unit. Rotations live in ``rotations_dir / <key> /`` (:func:`rotation_path`),
-    so runs of other parameters into the same folder keep their own files and never overwrite
-    these. Returns ``(runs, modules, trained)``; ``modules`` maps each run's
-    name to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained here,
-    whose results then replace any stored ones (what was computed from their old rotations,
-    checks and graphs, is computed again)."""
-    stored_runs = {da.run_name(r["model"], r["layer"], r["rank"], r["site"]): r
+    result stored as a unit. ``seeds`` (default ``[seed]``): one run per seed s, its rotation
+    started from s and trained on its own counterfactuals (seed ``s * 1000 + 10 + model``);
+    the run of ``seed`` keeps the name it had before seeds were counted
+    (:func:`lib.studies.das.arithmetic_das.run_name`). The runs to train at one layer, rank,
+    site and seed (one per causal model) train stacked, in one pass of the blocks above the
+    layer per step (:func:`lib.studies.das.stacked.das_runs_stacked`; all of them when one is
+    missing, so a run is always the same computation). Rotations live in
+    ``rotations_dir / <key> /`` (:func:`rotation_path`), so runs of other parameters into the
+    same folder keep their own files and never overwrite these. Returns ``(runs, modules,
+    trained)``; ``modules`` maps the name of each run of ``seed`` (the one the checks and
+    graphs read) to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained
+    here, whose results then replace any stored ones (what was computed from their old
+    rotations, checks and graphs, is computed again)."""
+    from lib.studies.das import stacked as st
+
+    seeds = [seed] if seeds is None else list(seeds)
+    stored_runs = {da.run_name(r["model"], r["layer"], r["rank"], r["site"],
+                               None if r.get("seed", seed) == seed else r["seed"]): r
                    for r in (stored or {}).get("runs", [])}
-    runs, modules, trained = [], {}, set()
-    for m in model_ids:
-        train_pairs = ar.counterfactual_pairs(train_models[m], n_train, seed * 1000 + 10 + m,
-                                              semantics)
+    pairs = {(m, s): ar.counterfactual_pairs(train_models[m], n_train, s * 1000 + 10 + m,
+                                             semantics)
+             for m in model_ids for s in seeds}
+    found: dict[str, tuple[dict, Any]] = {}
+    missing: dict[tuple, list[int]] = {}
+    for layer in layers:
+        for rank in ranks:
+            for site, positions in site_positions.items():
+                for s in seeds:
+                    for m in model_ids:
+                        name = da.run_name(m, layer, rank, site, None if s == seed else s)
+                        res = stored_runs.get(name) or units.get(name, check_run)
+                        module = None if res is None else stored_rotation(
+                            rotation_path(rotations_dir, units.key, name), units.key, name,
+                            lm.d_model, rank, positions)
+                        if res is None or module is None:
+                            missing.setdefault((layer, rank, site, s), []).append(m)
+                        else:
+                            found[name] = (res, module)
+    trained = set()
+    for (layer, rank, site, s), ms in missing.items():
+        t0 = time.perf_counter()
+        # the whole stack of the grid's causal models, even when one run is missing: a run is
+        # then always the same computation (batched rows round like their neighbours), so a
+        # damaged rotation trains again to the same bytes on this CPU
+        members = [st.Member(rank, s, pairs[m, s]) for m in model_ids]
+        out = st.das_runs_stacked(lm, layer, states[layer], members,
+                                  [test_pairs[m] for m in model_ids], site_positions[site],
+                                  epochs, batch_size, lr)
+        for m, (module, res) in zip(model_ids, out):
+            if m not in ms:   # stored and current: kept as stored
+                continue
+            name = da.run_name(m, layer, rank, site, None if s == seed else s)
+            per_epoch = res.pop("stack_seconds")
+            res = {"model": m, "site": site, "seed": s, **res}
+            das.save_intervention(module.inner, rotation_path(rotations_dir, units.key, name),
+                                  {"unit": name}, key=units.key)
+            units.put(name, res)
+            trained.add(name)
+            found[name] = (res, module)
+            print(f"{name}: IIA {res['iia']:.3f} (control {res['control_iia']:.3f}), final loss "
+                  f"{res['curve'][-1]['loss']:.3f}, {res['steps']} steps")
+        print(f"layer {layer}, rank {rank}, site {site}, seed {s}: {len(model_ids)} "
+              f"rotation(s) stacked, {sum(per_epoch) / out[0][1]['steps']:.2f} s per step, "
+              f"{time.perf_counter() - t0:.0f} s with evaluation")
+    runs, modules = [], {}
+    for m in model_ids:   # the order before seeds were counted, each cell's seeds together
         for layer in layers:
             for rank in ranks:
-                for site, positions in site_positions.items():
-                    name = da.run_name(m, layer, rank, site)
-                    rot_path = rotation_path(rotations_dir, units.key, name)
-                    res = stored_runs.get(name) or units.get(name, check_run)
-                    module = None if res is None else stored_rotation(
-                        rot_path, units.key, name, lm.d_model, rank, positions)
-                    if module is None:
-                        t0 = time.perf_counter()
-                        module, res = da.das_run(lm, layer, rank, states[layer], train_pairs,
-                                                 test_pairs[m], positions, epochs, batch_size,
-                                                 lr, seed)
-                        sec = [row.pop("seconds") for row in res["curve"]]
-                        res = {"model": m, "site": site, **res}
-                        das.save_intervention(module.inner, rot_path, {"unit": name},
-                                              key=units.key)
-                        units.put(name, res)
-                        trained.add(name)
-                        print(f"{name}: IIA {res['iia']:.3f} (control {res['control_iia']:.3f}), "
-                              f"{res['steps']} steps, {sum(sec) / res['steps']:.2f} s per step, "
-                              f"{time.perf_counter() - t0:.0f} s")
-                    runs.append(res)
-                    modules[name] = (m, layer, rank, site, module)
+                for site in site_positions:
+                    for s in seeds:
+                        name = da.run_name(m, layer, rank, site, None if s == seed else s)
+                        res, module = found[name]
+                        runs.append(res)
+                        if s == seed:
+                            modules[name] = (m, layer, rank, site, module)
     return runs, modules, trained
 
 
 def checks(lm, tokens: ar.TaskTokens, runs: list[dict], modules: dict, states,
            test_pairs: dict, grid_ids: list[int], layers: list[int], ranks: list[int],
-           site_positions: dict, n_test_arrangements: int, key: dict, seed: int):
-    """``das_iia.json``: the runs, the sanity grid (each of M1-M3's rotations on each of their
-    test sets) and the full-dimension swap check per layer and causal model. Returns
-    ``(payload, provenance)``."""
+           site_positions: dict, n_test_arrangements: int, key: dict, seed: int,
+           seeds: Sequence[int] | None = None):
+    """``das_iia.json``: the runs, each cell over its seeds (:func:`lib.studies.das.seeds.cells`:
+    mean and 95 % t interval of the IIA and of the control's), the sanity grid (each of
+    M1-M3's rotations of ``seed`` on each of their test sets) and the full-dimension swap check
+    per layer and causal model. Returns ``(payload, provenance)``."""
+    from lib.studies.das.seeds import cells
+
     grid = []
     for _, (m, layer, rank, site, module) in modules.items():
         if m not in grid_ids:
             continue
         for t in grid_ids:
             value = next(r["iia"] for r in runs if r["model"] == m and r["layer"] == layer
-                         and r["rank"] == rank and r["site"] == site) if t == m else \
+                         and r["rank"] == rank and r["site"] == site
+                         and r.get("seed", seed) == seed) if t == m else \
                 da.iia_on(lm, layer, module, states[layer], test_pairs[t])
             grid.append({"train_model": f"M{m}", "test_model": f"M{t}", "layer": layer,
                          "rank": rank, "site": site, "iia": value})
@@ -256,7 +308,8 @@ def checks(lm, tokens: ar.TaskTokens, runs: list[dict], modules: dict, states,
                "ranks": ranks, "sites": {s: (None if p is None else list(p))
                                          for s, p in site_positions.items()},
                "causal_models": {f"M{m}": ar.causal_model(m).name for m in ar.MODEL_IDS},
-               "n_test_arrangements": n_test_arrangements, "params_key": io.params_key(key)}
+               "n_test_arrangements": n_test_arrangements, "params_key": io.params_key(key),
+               "cells": cells(runs), "seeds": list(seeds or [seed])}
     return payload, io.provenance(lm, key, seed)
 
 
@@ -384,6 +437,7 @@ class Notebook:
                                                            "CAUSAL_MODELS"))
         self.sites = parse_list(v["SITES"], str, "SITES")
         self.ranks = [int(r) for r in v["RANKS"]]
+        self.seeds = seed_list(v["SEED"], v["DAS_SEEDS"])
         self.parsed = {**v, "CAUSAL_MODELS": self.model_ids, "RANKS": self.ranks,
                        "SITES": self.sites}
         for name, given in (("CAUSAL_MODELS", self.model_ids), ("RANKS", self.ranks),
@@ -399,15 +453,15 @@ class Notebook:
             raise ParameterError(f"N_VAL + N_TEST = {v['N_VAL'] + v['N_TEST']} leaves no training "
                                  f"arrangement of the {len(ar.ARRANGEMENTS)}; lower them")
         # one test set of counterfactuals per evaluated causal model (those run and M7), one
-        # training set at a time: refused before any model call when they cannot fit (the
-        # larger named first, the other's memory counted as taken)
+        # training set per causal model and seed: refused before any model call when they
+        # cannot fit (the larger named first, the other's memory counted as taken)
         sizes = {"DAS_N_TEST": len(set(self.model_ids) | {7}) * ar.CF_BYTES,
-                 "DAS_N_TRAIN": ar.CF_BYTES}
+                 "DAS_N_TRAIN": len(self.model_ids) * len(self.seeds) * ar.CF_BYTES}
         total = sum(v[name] * per for name, per in sizes.items())
         for name, per in sorted(sizes.items(), key=lambda item: -v[item[0]] * item[1]):
             check_fits(name, v[name], per, total - v[name] * per,
                        what="the test counterfactuals of every evaluated causal model and "
-                       "one training set")
+                       "the training sets of every causal model and seed")
         if v["GRAPH_ARRANGEMENTS"]:  # a graph needs a rotation trained at its layer: refused first
             check_layers_within(v["GRAPH_LAYERS"], v["LAYERS"])
         self.ft_args = dict(fmt=v["FORMAT"], split_seed=v["SPLIT_SEED"], n_val=v["N_VAL"],
@@ -436,9 +490,12 @@ class Notebook:
         self.split = self.ft["split"]
         self.tokens = ar.task_tokens(self.lm.tokenizer, v["FORMAT"])
         self.key_das = self._key(*DAS_KEY)
+        if v["DAS_SEEDS"] != 1:   # one seed per cell is what every run was before DAS_SEEDS:
+            self.key_das["DAS_SEEDS"] = v["DAS_SEEDS"]   # keyed as then, so it stays current
         # one DAS run depends on these alone, so adding a causal model, layer, rank or site
         # reuses the runs already stored
-        self.key_unit = {k: x for k, x in self.key_das.items() if k not in GRID_KEY}
+        self.key_unit = {k: x for k, x in self.key_das.items()
+                         if k not in GRID_KEY and k != "DAS_SEEDS"}
         return self.ft
 
     def das(self) -> list[dict]:
@@ -466,7 +523,7 @@ class Notebook:
             ar.causal_models(self.split["train"]), self.test_pairs, stored,
             io.UnitStore(self.out_dir / "das_units", self.key_unit, v["FORCE"]),
             self.out_dir / "das_rotations", v["DAS_N_TRAIN"], v["DAS_EPOCHS"], v["DAS_BATCH"],
-            v["DAS_LR"], v["SEMANTICS"], v["SEED"])
+            v["DAS_LR"], v["SEMANTICS"], v["SEED"], self.seeds)
         return self.runs
 
     def checks(self) -> dict:
@@ -482,7 +539,7 @@ class Notebook:
             compute=lambda: checks(self.lm, self.tokens, self.runs or [], self.modules,
                                    self.states, self.test_pairs, self.grid_ids, self.layers,
                                    self.ranks, self.site_positions, len(self.split["test"]),
-                                   self.key_das, v["SEED"]))
+                                   self.key_das, v["SEED"], self.seeds))
 
     def graphs(self) -> dict | None:
         """``das_graph.json``: the pairwise-IIA graphs; ``None`` when GRAPH_ARRANGEMENTS is 0."""

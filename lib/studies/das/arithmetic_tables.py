@@ -21,9 +21,41 @@ def shipped_table(ft: dict) -> pd.DataFrame:
                          for s in ft["shipped"]])
 
 
-def runs_table(runs: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{k: r[k] for k in ("model", "layer", "rank", "site", "iia",
-                                             "control_iia")} for r in runs])
+def cells_of(das_iia: dict) -> list[dict]:
+    """A ``das_iia.json``'s cells over seeds (files written before seeds were counted hold
+    none: each run is then a cell of one, :func:`lib.studies.das.seeds.cells`)."""
+    from lib.studies.das.seeds import cells
+
+    return das_iia["cells"] if das_iia.get("cells") else cells(das_iia["runs"])
+
+
+def _interval(x: dict) -> str:
+    return f"{x['mean']:.3f}" + (f" [{x['ci_low']:.3f}, {x['ci_high']:.3f}]" if x["n"] > 1
+                                 else "")
+
+
+def cells_table(cells: list[dict]) -> pd.DataFrame:
+    """One row per cell (causal model, layer, rank, site), ordered by layer, rank, site and
+    mean IIA: the IIA and the control's over the seeds (mean [95 % t interval]), the last
+    epoch's training loss, whether the learned interval lies above the control's, and
+    whether it lies above the next cell's in this order (intervals apart: the only place a
+    ranking is stated)."""
+    from lib.studies.das.seeds import above_control, separated
+
+    order = sorted(cells, key=lambda c: (c["layer"], c["rank"], c["site"], -c["iia"]["mean"]))
+    rows = []
+    for i, c in enumerate(order):
+        below = order[i + 1] if i + 1 < len(order) else None
+        same = below is not None and all(below[k] == c[k] for k in ("layer", "rank", "site"))
+        rows.append({"layer": c["layer"], "rank": c["rank"], "site": c["site"],
+                     "model": f"M{c['model']}", "seeds": c["iia"]["n"], "steps": c["steps"],
+                     "IIA (95% t interval)": _interval(c["iia"]),
+                     "control": _interval(c["control_iia"]),
+                     "final loss": round(c["final_loss"]["mean"], 3),
+                     "above control": above_control(c),
+                     "above next row": bool(below is not None and same
+                                            and separated(c, below))})
+    return pd.DataFrame(rows)
 
 
 def graphs_table(graphs_result: dict) -> pd.DataFrame:

@@ -12,7 +12,7 @@ control's IIA and the mean training loss of the steps since the last checkpoint.
 continues between checkpoints (the same rotations and Adam state), it does not restart.
 
 Training counterfactuals are fresh at every step: budget s uses s × batch pairs, drawn in
-blocks of ``block_steps`` steps (09's DAS_N_TRAIN / DAS_BATCH = 20; :func:`pair_seed`: block 0
+blocks of ``block_steps`` steps (:data:`BLOCK_PAIRS` / DAS_BATCH = 20; :func:`pair_seed`: block 0
 of seed ``s`` is 09's own training set for ``SEED = s``, the later blocks new draws from the
 training arrangements),
 each block in the order of a permutation from the member's seed, as
@@ -41,7 +41,7 @@ import torch
 
 from lib.core import io
 from lib.core.schema import NUM, Kind, maybe, nonempty, optional
-from lib.core.stats import t_interval
+from lib.core.stats import mean_t_interval
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
@@ -49,6 +49,9 @@ from lib.studies.das import stacked as st
 
 #: seed offset between two blocks of training pairs (above every seed * 1000 + 10 + m of 09)
 BLOCK_SEED_STEP = 1_000_000
+#: the pairs of one block: 09's training set before its budget was raised to the plateau
+#: (1,280 = 20 steps of 64), the first budget of the grid
+BLOCK_PAIRS = 1280
 #: the tolerance of the plateau decision: a doubling that moves the seed-mean IIA by less
 TOLERANCE = 0.01
 
@@ -160,14 +163,6 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
     return runs, stack.modules
 
 
-def _mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
-    low, high = t_interval(values, confidence)
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "ci_low": low, "ci_high": high}
-
-
 def summary(runs: Sequence[dict]) -> list[dict]:
     """Per causal model and budget: the IIA over seeds (mean, std, Student's t 95 % interval),
     the control's and the training loss's mean over seeds."""
@@ -177,9 +172,9 @@ def summary(runs: Sequence[dict]) -> list[dict]:
         for i, point in enumerate(mine[0]["points"]):
             at = [r["points"][i] for r in mine]
             out.append({"model": m, "steps": point["steps"],
-                        "iia": _mean_ci([p["iia"] for p in at]),
-                        "control_iia": _mean_ci([p["control_iia"] for p in at]),
-                        "loss": _mean_ci([p["loss"] for p in at])})
+                        "iia": mean_t_interval([p["iia"] for p in at]),
+                        "control_iia": mean_t_interval([p["control_iia"] for p in at]),
+                        "loss": mean_t_interval([p["loss"] for p in at])})
     return out
 
 
@@ -293,8 +288,9 @@ def key_of(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
 
 
 def block_of(values: Mapping) -> int:
-    """The steps of one block of training pairs: 09's training set, DAS_N_TRAIN / DAS_BATCH
-    (1280 / 64 = 20 by default); refused unless DAS_N_TRAIN is a multiple of DAS_BATCH."""
+    """The steps of one block of training pairs, DAS_N_TRAIN / DAS_BATCH (the script sets
+    DAS_N_TRAIN to :data:`BLOCK_PAIRS`: 1280 / 64 = 20); refused unless DAS_N_TRAIN is a
+    multiple of DAS_BATCH."""
     n, batch = values["DAS_N_TRAIN"], values["DAS_BATCH"]
     if n % batch:
         raise das.DASError(f"DAS_N_TRAIN = {n} is not a multiple of DAS_BATCH = {batch}: a "
