@@ -47,6 +47,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--full-compute-dir", default="")
     parser.add_argument("--graphs-dir", default="")
     parser.add_argument("--force", action="store_true", help="recompute a current result")
+    parser.add_argument("--reuse", action="append", default=[], metavar="JSON",
+                        help="an earlier das_convergence.json whose causal models' runs are "
+                        "read, not trained, where its grid and tuned weights are this run's "
+                        "(repeatable; the output file, if there, is always consulted)")
     args = parser.parse_args(argv)
     args.model_ids = _ints(args.models, "models")
     args.seed_list = _ints(args.seeds, "seeds")
@@ -80,6 +84,14 @@ def main(argv=None) -> int:
     from lib.studies.das import arithmetic_study as study
     from lib.studies.das import convergence as cv
 
+    stored = []
+    for path in args.reuse:   # named by the user: refused, naming it, before any model loads
+        try:
+            stored.append(io.read_json(path))
+            cv.CONVERGENCE_SCHEMA(stored[-1])
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--reuse {path}: not a readable das_convergence.json "
+                             f"({err})") from None
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     shipped = load_model(args.model)
@@ -103,18 +115,23 @@ def main(argv=None) -> int:
         raise SystemExit(str(err)) from None
     run.finetune()   # 09's das_finetune.json (read when current); the tuned model loads lazily
     key = cv.key_of(run, args.layer, args.model_ids, args.seed_list, budgets, args.rank)
-    members = len(args.model_ids) * len(args.seed_list)
-    print(f"{members} rotations stacked at layer {args.layer}, budgets {budgets} steps")
     bar = tqdm(total=budgets[-1], unit="step", desc="DAS convergence")
 
     def progress(step: int) -> None:
         bar.update(step - bar.n)
 
+    target = run.out_dir / "das_convergence.json"
+    if target.exists() and not args.force:
+        try:
+            earlier = io.read_json(target)
+            cv.CONVERGENCE_SCHEMA(earlier)
+            stored.append(earlier)
+        except (OSError, ValueError):
+            pass   # load_or_compute sets a damaged file aside and says so
     result = io.load_or_compute(
-        run.out_dir / "das_convergence.json", key, force=args.force,
-        check=cv.CONVERGENCE_SCHEMA,
+        target, key, force=args.force, check=cv.CONVERGENCE_SCHEMA,
         compute=lambda: cv.compute(run, args.layer, args.model_ids, args.seed_list, budgets,
-                                   args.rank, key, progress))
+                                   args.rank, key, progress, stored))
     bar.close()
     for row in result["summary"]:
         print(f"M{row['model']} {row['steps']:>6} steps: IIA {row['iia']['mean']:.3f} "

@@ -173,3 +173,43 @@ def test_script_writes_the_result_and_reuses_it(tmp_path, capsys):
     capsys.readouterr()
     assert script.main(argv) == 0
     assert "is current" in capsys.readouterr().out
+    # adding a causal model trains only it: M1's runs are read from the stored result (of
+    # another key), M7's are trained
+    other = tmp_path / "other.json"
+    other.write_bytes(path.read_bytes())
+    wider = [*argv[:argv.index("--models") + 1], "1,7", *argv[argv.index("--models") + 2:]]
+    assert script.main([*wider, "--reuse", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "reused from earlier results: ['M1']" in out and "2 rotations stacked" in out
+    both = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert both["causal_models"] == [1, 7] and both["reused"] == [1]
+    assert [r for r in both["runs"] if r["model"] == 1] == result["runs"]
+    assert [p["model"] for p in both["plateau"]] == [1, 7]
+
+
+def test_reused_runs_must_be_of_the_same_grid_and_weights():
+    base = {"layer": 0, "rank": 4, "site": "all", "batch_size": 16, "lr": 0.01,
+            "semantics": "independent", "seeds": [0], "budgets": [20], "block_steps": 20,
+            "n_test": 64, "test_arrangements": 200, "pair_seeds": cv.pair_seeds_rule(20),
+            "tuned_weights_sha256": "a" * 64}
+    runs = [{"model": 1, "seed": 0, "points": [{"steps": 20, "iia": 0.5, "control_iia": 0.1,
+                                                "loss": 2.0}]}]
+    stored = cv.payload(runs, 0, 4, 16, 0.01, "independent", [0], [20], 64, 200, {"K": 1})
+    stored["tuned_weights_sha256"] = "a" * 64
+    assert cv.reusable_runs([stored], base, [1, 7]) == {1: runs}
+    for field, value in (("tuned_weights_sha256", "b" * 64), ("budgets", [20, 40]),
+                         ("layer", 1), ("seeds", [0, 1])):
+        assert cv.reusable_runs([stored], {**base, field: value}, [1, 7]) == {}, field
+
+
+def test_script_refuses_an_unreadable_reuse_file(tmp_path, monkeypatch):
+    import das_convergence as script
+
+    monkeypatch.setattr("lib.core.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": []}')
+    with pytest.raises(SystemExit, match="--reuse .*bad.json: not a readable"):
+        script.main(["--model", "tiny-random-llama", "--layer", "0", "--max-steps", "20",
+                     "--full-compute-dir", str(tmp_path / "fc"), "--cache-dir",
+                     str(tmp_path / "cache"), "--reuse", str(bad)])

@@ -251,7 +251,9 @@ CONVERGENCE_SCHEMA = Kind("das_convergence", "scripts/das_convergence.py", {
     "plateau": nonempty([{"model": int, "reached": bool, "steps": maybe(int),
                           "tolerance": float, "decision": str,
                           "deltas": [{"from": int, "to": int, "delta": float}]}]),
-    "params_key": str, "tuned_weights_sha256": optional(str)}, extra=_check_payload)
+    "params_key": str, "tuned_weights_sha256": optional(str),
+    # causal models whose runs were read from an earlier result of the same grid and weights
+    "reused": optional([int])}, extra=_check_payload)
 
 
 def payload(runs: list[dict], layer: int, rank: int, batch_size: int, lr: float,
@@ -262,8 +264,7 @@ def payload(runs: list[dict], layer: int, rank: int, batch_size: int, lr: float,
            "semantics": semantics, "causal_models": sorted({r["model"] for r in runs}),
            "seeds": list(seeds), "budgets": list(budgets), "block_steps": block_steps, "n_test": n_test,
            "test_arrangements": test_arrangements,
-           "pair_seeds": f"block b of {block_steps} steps: seed * 1000 + 10 + model + "
-                         f"{BLOCK_SEED_STEP} * b (block 0: notebook 09's training pairs)",
+           "pair_seeds": pair_seeds_rule(block_steps),
            "interval": "Student's t 95 % interval of the mean over seeds",
            "uniform_loss": math.log(ar.N_CLASSES),
            "runs": runs, "summary": summary(runs), "plateau": plateaus(runs),
@@ -298,34 +299,86 @@ def block_of(values: Mapping) -> int:
     return n // batch
 
 
+#: what a stored result's runs must share with this computation to be reused
+REUSE_FIELDS = ("layer", "rank", "site", "batch_size", "lr", "semantics", "seeds", "budgets",
+                "block_steps", "n_test", "test_arrangements", "pair_seeds",
+                "tuned_weights_sha256")
+
+
+def reusable_runs(stored: Sequence[dict], expect: Mapping, model_ids: Sequence[int]
+                  ) -> dict[int, list[dict]]:
+    """The runs of ``model_ids`` that earlier results ``stored`` (``das_convergence.json``
+    payloads of any causal models, checked by :data:`CONVERGENCE_SCHEMA`) hold for exactly
+    this grid: every :data:`REUSE_FIELDS` equal to ``expect``'s (the same tuned weights among
+    them), so adding causal models to a grid trains only the new ones. The first result that
+    holds a causal model gives all its seeds."""
+    found: dict[int, list[dict]] = {}
+    for result in stored:
+        CONVERGENCE_SCHEMA(result)
+        if any(result.get(k) != expect[k] for k in REUSE_FIELDS):
+            continue
+        for m in model_ids:
+            if m not in found and m in result["causal_models"]:
+                found[m] = [r for r in result["runs"] if r["model"] == m]
+    return found
+
+
 def compute(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
             budgets: Sequence[int], rank: int, key: dict,
-            progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+            progress: Callable[[int], None] | None = None,
+            stored: Sequence[dict] = ()) -> tuple[dict, dict]:
     """``das_convergence.json``'s ``(payload, provenance)`` from notebook 09's ``run`` (a
     :class:`lib.studies.das.arithmetic_study.Notebook` whose :meth:`finetune` has run): its
     tuned model, split and tokens, the stream after ``layer``, 09's test counterfactuals
-    (``DAS_N_TEST``, seed ``SEED * 1000 + 20 + m``) and training arrangements."""
+    (``DAS_N_TEST``, seed ``SEED * 1000 + 20 + m``) and training arrangements. The causal
+    models whose runs an earlier result in ``stored`` holds for this grid and these weights
+    (:func:`reusable_runs`) are read from it, not trained (listed under ``reused``)."""
     v, lm = run.values, run.lm
     block_steps = block_of(v)
     check_grid(lm, layer, model_ids, seeds, budgets, rank, v["DAS_BATCH"], v["DAS_LR"],
                block_steps)
-    started = time.perf_counter()
-    states = da.residual_states(lm, run.tokens, [layer])[layer]
-    print(f"residual stream after block {layer}: {time.perf_counter() - started:.0f} s")
-    test_models = ar.causal_models(run.split["test"])
-    test_pairs = {m: ar.counterfactual_pairs(test_models[m], v["DAS_N_TEST"],
-                                             v["SEED"] * 1000 + 20 + m, v["SEMANTICS"])
-                  for m in model_ids}
-    train_models = ar.causal_models(run.split["train"])
-    runs, _ = convergence_grid(lm, layer, states, train_models, test_pairs, seeds, budgets,
-                               model_ids, rank, v["DAS_BATCH"], v["DAS_LR"], v["SEMANTICS"],
-                               block_steps, progress)
-    out = payload(runs, layer, rank, v["DAS_BATCH"], v["DAS_LR"], v["SEMANTICS"], seeds,
-                  budgets, v["DAS_N_TEST"], len(run.split["test"]), key, block_steps)
     # the weights used, named even where 09's fine-tune result (written before fingerprints)
     # names none and so the key cannot
-    out["tuned_weights_sha256"] = weights_sha256(lm, v["FREEZE_EMBEDDINGS"])
+    sha = weights_sha256(lm, v["FREEZE_EMBEDDINGS"])
+    expect = {"layer": layer, "rank": rank, "site": "all", "batch_size": v["DAS_BATCH"],
+              "lr": v["DAS_LR"], "semantics": v["SEMANTICS"], "seeds": list(seeds),
+              "budgets": list(budgets), "block_steps": block_steps, "n_test": v["DAS_N_TEST"],
+              "test_arrangements": len(run.split["test"]),
+              "pair_seeds": pair_seeds_rule(block_steps), "tuned_weights_sha256": sha}
+    reused = reusable_runs(stored, expect, model_ids)
+    todo = [m for m in model_ids if m not in reused]
+    runs: list[dict] = []
+    if todo:
+        print(f"{len(todo) * len(seeds)} rotations stacked at layer {layer}, budgets "
+              f"{list(budgets)} steps")
+        started = time.perf_counter()
+        states = da.residual_states(lm, run.tokens, [layer])[layer]
+        print(f"residual stream after block {layer}: {time.perf_counter() - started:.0f} s")
+        test_models = ar.causal_models(run.split["test"])
+        test_pairs = {m: ar.counterfactual_pairs(test_models[m], v["DAS_N_TEST"],
+                                                 v["SEED"] * 1000 + 20 + m, v["SEMANTICS"])
+                      for m in todo}
+        train_models = ar.causal_models(run.split["train"])
+        runs, _ = convergence_grid(lm, layer, states, train_models, test_pairs, seeds,
+                                   budgets, todo, rank, v["DAS_BATCH"], v["DAS_LR"],
+                                   v["SEMANTICS"], block_steps, progress)
+    if reused:
+        print(f"reused from earlier results: {['M%d' % m for m in sorted(reused)]}")
+    runs = sorted(runs + [r for rs in reused.values() for r in rs],
+                  key=lambda r: (r["model"], seeds.index(r["seed"])))
+    out = payload(runs, layer, rank, v["DAS_BATCH"], v["DAS_LR"], v["SEMANTICS"], seeds,
+                  budgets, v["DAS_N_TEST"], len(run.split["test"]), key, block_steps)
+    out["tuned_weights_sha256"] = sha
+    if reused:
+        out["reused"] = sorted(reused)
+    CONVERGENCE_SCHEMA(out)
     return out, io.provenance(lm, key, v["SEED"])
+
+
+def pair_seeds_rule(block_steps: int) -> str:
+    """The ``pair_seeds`` field: how block b's training pairs are seeded."""
+    return (f"block b of {block_steps} steps: seed * 1000 + 10 + model + {BLOCK_SEED_STEP} * b "
+            "(block 0: notebook 09's training pairs)")
 
 
 def weights_sha256(lm, freeze_embeddings: bool) -> str:
