@@ -6,7 +6,7 @@ import torch
 
 from lib.core import io
 from lib.core.stats import mean_t_interval
-from lib.plots.das_arithmetic import plot_iia_by_layer
+from lib.plots.das_arithmetic import plot_iia, plot_iia_by_layer, plot_iia_by_model
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
 from lib.studies.das import arithmetic_study as study
@@ -69,6 +69,11 @@ def test_the_layer_figure_draws_bands_and_single_runs():
             for s in range(3)]
     plot_iia_by_layer(cells(runs)).draw()
     plot_iia_by_layer(cells(runs[:1])).draw()   # one run: no interval, still drawn
+    one_layer = [r for r in runs if r["layer"] == 22]
+    plot_iia_by_model(cells(one_layer)).draw()
+    # several layers: lines over layers; one layer: points per causal model
+    assert "layer" == plot_iia(cells(runs), "t").mapping["x"]
+    assert "model" == plot_iia(cells(one_layer), "t").mapping["x"]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ and returns a plotnine ``ggplot``; the notebook saves it with :func:`lib.plots.s
 from __future__ import annotations
 
 import pandas as pd
-from plotnine import (aes, coord_cartesian, facet_grid, facet_wrap, geom_line, geom_linerange, geom_point,
-                      geom_ribbon, ggplot, labs, scale_y_continuous, theme_bw)
+from plotnine import (aes, coord_cartesian, facet_grid, facet_wrap, geom_errorbar, geom_line,
+                      geom_linerange, geom_point, geom_ribbon, ggplot, labs, position_dodge,
+                      scale_y_continuous, theme_bw)
 
 
 def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplot:
@@ -50,6 +51,35 @@ def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> gg
             + labs(x="layer (block output)", y="IIA (held-out arrangements)", color="",
                    fill="", linetype="", title=title)
             + theme_bw())
+
+
+def plot_iia_by_model(cells: list[dict], title: str = "DAS IIA per causal model") -> ggplot:
+    """``cells`` as :func:`plot_iia_by_layer`'s, for one layer: the learned rotations' and the
+    random controls' IIA per causal model, each mean with its 95 % interval over seeds as a
+    bar (facets: layer and rank by site)."""
+    df = pd.DataFrame([{"model": f"M{c['model']}", "panel": f"layer {c['layer']}, rank "
+                        f"{c['rank']}", "site": c["site"], "rotation": label,
+                        "iia": c[key]["mean"], "low": c[key]["ci_low"],
+                        "high": c[key]["ci_high"]}
+                       for c in cells
+                       for label, key in (("learned", "iia"), ("random control", "control_iia"))])
+    dodge = position_dodge(width=0.5)
+    return (ggplot(df, aes("model", "iia", color="rotation"))
+            + geom_errorbar(aes(ymin="low", ymax="high"), width=0.3, position=dodge)
+            + geom_point(size=2, position=dodge)
+            + facet_grid("site ~ panel")
+            + coord_cartesian(ylim=(0, 1))
+            + labs(x="causal model", y="IIA (held-out arrangements)",
+                   color="", title=title)
+            + theme_bw())
+
+
+def plot_iia(cells: list[dict], title: str) -> ggplot:
+    """:func:`plot_iia_by_layer` where the cells span several layers, else
+    :func:`plot_iia_by_model` (a line over one layer shows nothing)."""
+    if len({c["layer"] for c in cells}) > 1:
+        return plot_iia_by_layer(cells, title)
+    return plot_iia_by_model(cells, title)
 
 
 def plot_graph_means(graphs: list[dict], title: str = "Pairwise-IIA graphs") -> ggplot:
