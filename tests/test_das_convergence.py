@@ -84,6 +84,11 @@ def test_plateau_decision_on_hand_made_curves():
     assert got["decision"] == "not reached by 160 steps"
     assert cv.plateau([20, 40, 80, 160], [0.10, 0.105, 0.20, 0.205])["steps"] == 80
     assert cv.plateau([20, 40], [0.50, 0.495])["steps"] == 20     # a fall counts by size
+    # small doublings that add up to more than the tolerance: the plateau starts where they
+    # no longer do (M5 at layer 22)
+    drift = cv.plateau([20, 40, 80, 160, 320], [0.122, 0.132, 0.140, 0.143, 0.147])
+    assert drift["steps"] == 80 and "within 0.01 of it (at most 0.0070)" in drift["decision"]
+    assert cv.plateau([20, 40, 80, 160], [0.10, 0.109, 0.118, 0.127])["steps"] == 80
     assert cv.plateau([20, 40], [0.50, 0.48])["steps"] is None
     assert not cv.plateau([20], [0.5])["reached"]                  # no doubling yet
     with pytest.raises(ValueError, match="one mean each"):

@@ -182,7 +182,8 @@ def plateau(budgets: Sequence[int], means: Sequence[float], tolerance: float = T
             ) -> dict:
     """The plateau decision on one causal model's seed-mean IIA per budget (``means``, one per
     doubling-grid budget): the first budget from which every further doubling of the grid
-    moves it by less than ``tolerance`` (``steps``; ``reached`` True), else not reached by the
+    moves it by less than ``tolerance`` and every later budget's mean stays within
+    ``tolerance`` of its own (``steps``; ``reached`` True), else not reached by the
     largest budget (``steps`` None: the last doubling moved it by ``tolerance`` or more, or
     there is none). The first small doubling alone is not enough: a curve that rises slowly at
     first (M1 at layer 22: +0.008 from 20 to 40 steps, then +0.033 to 320) is not flat there.
@@ -194,6 +195,13 @@ def plateau(budgets: Sequence[int], means: Sequence[float], tolerance: float = T
     start = len(deltas)
     while start > 0 and abs(deltas[start - 1]["delta"]) < tolerance:
         start -= 1
+
+    def drift(i: int) -> float:   # how far any later budget's mean lies from budget i's
+        return max(abs(m - means[i]) for m in means[i + 1:])
+
+    # small steps that add up (M5 at layer 22: +0.010, +0.008, +0.003, +0.004) are no plateau
+    while start < len(deltas) and drift(start) >= tolerance:
+        start += 1
     if start == len(deltas):
         return {"reached": False, "steps": None, "tolerance": tolerance, "deltas": deltas,
                 "decision": f"not reached by {budgets[-1]} steps"}
@@ -201,7 +209,8 @@ def plateau(budgets: Sequence[int], means: Sequence[float], tolerance: float = T
     return {"reached": True, "steps": budgets[start], "tolerance": tolerance, "deltas": deltas,
             "decision": f"plateau at {budgets[start]} steps: every doubling from there to "
                         f"{budgets[-1]} moves the seed-mean IIA by less than {tolerance} "
-                        f"(at most {moved:.4f})"}
+                        f"(at most {moved:.4f}) and every later budget stays within "
+                        f"{tolerance} of it (at most {drift(start):.4f})"}
 
 
 def plateaus(runs: Sequence[dict], tolerance: float = TOLERANCE) -> list[dict]:
