@@ -98,6 +98,26 @@ def llama():
     return load_model("tiny-random-llama")
 
 
+@pytest.fixture(scope="module")
+def arithmetic_task():
+    """Notebook 09's task on a tiny Llama with the classification head: the model, its
+    residual streams at layer 0, the training causal models and 64 test counterfactuals of
+    M1 and M7 (seed 20 + model)."""
+    from lib.core.models import load_model
+    from lib.studies.das import arithmetic as ar
+    from lib.studies.das import arithmetic_das as da
+
+    lm = load_model("tiny-random-llama")
+    ar.attach_classifier(lm, seed=0)
+    tokens = ar.task_tokens(lm.tokenizer, "padded")
+    split = ar.split_arrangements(0, 100, 200)
+    test_models = ar.causal_models(split["test"])
+    return {"lm": lm, "states": da.residual_states(lm, tokens, [0]),
+            "train_models": ar.causal_models(split["train"]),
+            "test_pairs": {m: ar.counterfactual_pairs(test_models[m], 64, 20 + m, "independent")
+                           for m in (1, 7)}}
+
+
 @pytest.fixture(scope="session")
 def smollm():
     from lib.core.models import load_model

@@ -7,8 +7,6 @@ import torch
 from lib.core import io
 from lib.core.stats import mean_t_interval
 from lib.plots.das_arithmetic import plot_iia, plot_iia_by_layer, plot_iia_by_model
-from lib.studies.das import arithmetic as ar
-from lib.studies.das import arithmetic_das as da
 from lib.studies.das import arithmetic_study as study
 from lib.studies.das.seeds import above_control, cells, seed_list, separated
 
@@ -77,18 +75,8 @@ def test_the_layer_figure_draws_bands_and_single_runs():
 
 
 @pytest.fixture(scope="module")
-def task():
-    from lib.core.models import load_model
-
-    lm = load_model("tiny-random-llama")
-    ar.attach_classifier(lm, seed=0)
-    tokens = ar.task_tokens(lm.tokenizer, "padded")
-    split = ar.split_arrangements(0, 100, 200)
-    test_models = ar.causal_models(split["test"])
-    return {"lm": lm, "states": da.residual_states(lm, tokens, [0]),
-            "train_models": ar.causal_models(split["train"]),
-            "test_pairs": {m: ar.counterfactual_pairs(test_models[m], 64, 20 + m, "independent")
-                           for m in (1, 7)}}
+def task(arithmetic_task):
+    return arithmetic_task
 
 
 def runs_of(task, folder, seeds, stored=None):

@@ -21,7 +21,6 @@ from lib.core.tensorfiles import (OtherParametersError, TensorFileError, TensorF
                                   read_header, save_tensors, tensors_sha256)
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
-from lib.studies.das import arithmetic_das as da
 from lib.studies.das import arithmetic_study as study
 from lib.studies.das import mlp_das, tuning
 from lib.studies.das.causal_model import hierarchical_equality
@@ -34,20 +33,8 @@ torch.set_num_threads(1)
 # --- 09's rotations, read back by das_runs ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def task():
-    """A tiny Llama with the classification head, its residual streams at layer 0, the
-    causal models and test counterfactuals of M1 and M7."""
-    from lib.core.models import load_model
-
-    lm = load_model("tiny-random-llama")
-    ar.attach_classifier(lm, seed=0)
-    tokens = ar.task_tokens(lm.tokenizer, "padded")
-    split = ar.split_arrangements(0, 100, 200)
-    test_models = ar.causal_models(split["test"])
-    return {"lm": lm, "states": da.residual_states(lm, tokens, [0]),
-            "train_models": ar.causal_models(split["train"]),
-            "test_pairs": {m: ar.counterfactual_pairs(test_models[m], 64, 20 + m, "independent")
-                           for m in (1, 7)}}
+def task(arithmetic_task):
+    return arithmetic_task
 
 
 def runs_of(task, folder, stored=None, params=None, units_dir="units"):
