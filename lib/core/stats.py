@@ -99,7 +99,6 @@ def summarize_median(values: Sequence[float], n_bootstrap: int = 2000, seed: int
             "max": float(arr.max()), "n": int(arr.size), "ci_low": low, "ci_high": high}
 
 
-
 def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95
                ) -> tuple[float, float]:
     """Student's t interval of the mean of ``values``: mean ± t(1 - alpha/2, n - 1) · s / √n

@@ -30,17 +30,24 @@ def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplo
             + theme_bw())
 
 
+def _cells_frame(cells: list[dict]) -> pd.DataFrame:
+    """One row per cell and rotation kind (learned, random control): its mean IIA over seeds
+    and the interval's ends."""
+    return pd.DataFrame([{"model": f"M{c['model']}", "layer": c["layer"], "rank": c["rank"],
+                          "site": c["site"], "rotation": label, "iia": c[key]["mean"],
+                          "low": c[key]["ci_low"], "high": c[key]["ci_high"]}
+                         for c in cells
+                         for label, key in (("learned", "iia"),
+                                            ("random control", "control_iia"))])
+
+
 def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> ggplot:
     """``cells``: the cells of ``das_iia.json`` (:func:`lib.studies.das.seeds.cells`), dicts
     with ``model`` (causal model number), ``layer``, ``rank`` (facet column), ``site`` (facet
     row) and ``iia`` / ``control_iia`` (the learned rotations' and the random ones' mean over
     seeds with ``ci_low`` / ``ci_high``): one line per causal model and rotation kind, its 95 %
     interval over seeds as a band and a bar (a cell of one seed has neither)."""
-    df = pd.DataFrame([{"model": f"M{c['model']}", "layer": c["layer"], "rank": c["rank"],
-                        "site": c["site"], "rotation": label, "iia": c[key]["mean"],
-                        "low": c[key]["ci_low"], "high": c[key]["ci_high"]}
-                       for c in cells
-                       for label, key in (("learned", "iia"), ("random control", "control_iia"))])
+    df = _cells_frame(cells)
     df["rank"] = "rank " + df["rank"].astype(str)
     return (ggplot(df, aes("layer", "iia", color="model", linetype="rotation"))
             + geom_ribbon(aes(ymin="low", ymax="high", fill="model"), alpha=0.15, color="none")
@@ -57,12 +64,8 @@ def plot_iia_by_model(cells: list[dict], title: str = "DAS IIA per causal model"
     """``cells`` as :func:`plot_iia_by_layer`'s, for one layer: the learned rotations' and the
     random controls' IIA per causal model, each mean with its 95 % interval over seeds as a
     bar (facets: layer and rank by site)."""
-    df = pd.DataFrame([{"model": f"M{c['model']}", "panel": f"layer {c['layer']}, rank "
-                        f"{c['rank']}", "site": c["site"], "rotation": label,
-                        "iia": c[key]["mean"], "low": c[key]["ci_low"],
-                        "high": c[key]["ci_high"]}
-                       for c in cells
-                       for label, key in (("learned", "iia"), ("random control", "control_iia"))])
+    df = _cells_frame(cells)
+    df["panel"] = "layer " + df["layer"].astype(str) + ", rank " + df["rank"].astype(str)
     dodge = position_dodge(width=0.5)
     return (ggplot(df, aes("model", "iia", color="rotation"))
             + geom_errorbar(aes(ymin="low", ymax="high"), width=0.3, position=dodge)

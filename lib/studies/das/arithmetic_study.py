@@ -217,8 +217,11 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
     from lib.studies.das import stacked as st
 
     seeds = [seed] if seeds is None else list(seeds)
-    stored_runs = {da.run_name(r["model"], r["layer"], r["rank"], r["site"],
-                               None if r.get("seed", seed) == seed else r["seed"]): r
+
+    def name_of(m: int, layer: int, rank: int, site: str, s: int) -> str:
+        return da.run_name(m, layer, rank, site, None if s == seed else s)
+
+    stored_runs = {name_of(r["model"], r["layer"], r["rank"], r["site"], r.get("seed", seed)): r
                    for r in (stored or {}).get("runs", [])}
     pairs = {(m, s): ar.counterfactual_pairs(train_models[m], n_train, s * 1000 + 10 + m,
                                              semantics)
@@ -230,7 +233,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
             for site, positions in site_positions.items():
                 for s in seeds:
                     for m in model_ids:
-                        name = da.run_name(m, layer, rank, site, None if s == seed else s)
+                        name = name_of(m, layer, rank, site, s)
                         res = stored_runs.get(name) or units.get(name, check_run)
                         module = None if res is None else stored_rotation(
                             rotation_path(rotations_dir, units.key, name), units.key, name,
@@ -252,7 +255,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
         for m, (module, res) in zip(model_ids, out):
             if m not in ms:   # stored and current: kept as stored
                 continue
-            name = da.run_name(m, layer, rank, site, None if s == seed else s)
+            name = name_of(m, layer, rank, site, s)
             per_epoch = res.pop("stack_seconds")
             res = {"model": m, "site": site, "seed": s, **res}
             das.save_intervention(module.inner, rotation_path(rotations_dir, units.key, name),
@@ -271,7 +274,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
             for rank in ranks:
                 for site in site_positions:
                     for s in seeds:
-                        name = da.run_name(m, layer, rank, site, None if s == seed else s)
+                        name = name_of(m, layer, rank, site, s)
                         res, module = found[name]
                         runs.append(res)
                         if s == seed:

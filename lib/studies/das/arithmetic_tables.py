@@ -46,15 +46,14 @@ def cells_table(cells: list[dict]) -> pd.DataFrame:
     rows = []
     for i, c in enumerate(order):
         below = order[i + 1] if i + 1 < len(order) else None
-        same = below is not None and all(below[k] == c[k] for k in ("layer", "rank", "site"))
         rows.append({"layer": c["layer"], "rank": c["rank"], "site": c["site"],
                      "model": f"M{c['model']}", "seeds": c["iia"]["n"], "steps": c["steps"],
                      "IIA (95% t interval)": _interval(c["iia"]),
                      "control": _interval(c["control_iia"]),
                      "final loss": round(c["final_loss"]["mean"], 3),
                      "above control": above_control(c),
-                     "above next row": bool(below is not None and same
-                                            and separated(c, below))})
+                     "above next row": below is not None and separated(c, below)
+                                       and all(below[k] == c[k] for k in ("layer", "rank", "site"))})
     return pd.DataFrame(rows)
 
 
