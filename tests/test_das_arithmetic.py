@@ -381,7 +381,7 @@ def test_graph_pool_is_held_out_by_default_and_the_in_sample_pool_is_unchanged()
     same pool as before the parameter existed (so those results stay current)."""
     from lib.core.params import ParameterError
     from lib.studies.das import arithmetic as ar
-    from lib.studies.das.arithmetic_study import graph_pool
+    from lib.studies.das.arithmetic_graphs import graph_pool
 
     split = ar.split_arrangements(0, 100, 200)
     pool = graph_pool(40, 0, split["test"])

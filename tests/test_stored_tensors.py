@@ -21,6 +21,7 @@ from lib.core.tensorfiles import (OtherParametersError, TensorFileError, TensorF
                                   read_header, save_tensors, tensors_sha256)
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
+from lib.studies.das import arithmetic_graphs as ag
 from lib.studies.das import arithmetic_study as study
 from lib.studies.das import mlp_das, tuning
 from lib.studies.das.causal_model import hierarchical_equality
@@ -235,7 +236,7 @@ def graph_files(tmp_path):
 @pytest.mark.parametrize("how", DAMAGE + ("class", "arrangements", "legacy"))
 def test_graph_predictions_are_read_back_checked(tmp_path, how):
     result, path = graph_files(tmp_path)
-    assert set(study.graph_predictions(tmp_path, result)) == {"M1_L1_k4_all", "M7_L1_k4_all"}
+    assert set(ag.graph_predictions(tmp_path, result)) == {"M1_L1_k4_all", "M7_L1_k4_all"}
     if how == "class":
         config, meta, key = read_header(path)
         bad = torch.full((5, 5), 28, dtype=torch.int8).fill_diagonal_(-1)
@@ -248,12 +249,12 @@ def test_graph_predictions_are_read_back_checked(tmp_path, how):
         with safe_open(str(path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         save_tensors(path, tensors, config, meta)
-        assert set(study.graph_predictions(tmp_path, result)) == set(tensors)
+        assert set(ag.graph_predictions(tmp_path, result)) == set(tensors)
         result = {**result, "params_key": "c" * 16}
     else:
         damage(path, how)
     with pytest.raises(TensorFileError, match=r"das_graph_predictions.safetensors: .*FORCE=True"):
-        study.graph_predictions(tmp_path, result)
+        ag.graph_predictions(tmp_path, result)
 
 
 @pytest.mark.parametrize("value", [[[-1, 2], [3, -1], [0, 0]], [[-1, 2.5], [3, -1]],
@@ -262,9 +263,9 @@ def test_a_graph_unit_of_another_shape_or_range_is_set_aside(tmp_path, value):
     store = io.UnitStore(tmp_path, {"k": 1})
     store.put("M1_L1_k4_all", value)
     with pytest.warns(io.ResultFileWarning, match="M1_L1_k4_all.json could not be read"):
-        assert io.UnitStore(tmp_path, {"k": 1}).get("M1_L1_k4_all", study.graph_check(2)) is None
+        assert io.UnitStore(tmp_path, {"k": 1}).get("M1_L1_k4_all", ag.graph_check(2)) is None
     store.put("M1_L1_k4_all", [[-1, 2], [3, -1]])
-    assert store.get("M1_L1_k4_all", study.graph_check(2)) == [[-1, 2], [3, -1]]
+    assert store.get("M1_L1_k4_all", ag.graph_check(2)) == [[-1, 2], [3, -1]]
 
 
 def test_a_das_run_has_one_shape_for_its_unit_and_for_das_iia():

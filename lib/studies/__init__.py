@@ -18,4 +18,5 @@ _schema.declare_modules(
     "lib.studies.separability", "lib.studies.steps", "lib.studies.interchange",
     "lib.studies.path_patching.studies", "lib.studies.path_patching.roles",
     "lib.studies.das.mlp_study",
-    "lib.studies.das.arithmetic_study", "lib.studies.das.convergence")
+    "lib.studies.das.arithmetic_study", "lib.studies.das.arithmetic_graphs",
+    "lib.studies.das.convergence")

@@ -12,8 +12,10 @@
   :mod:`~lib.studies.das.arithmetic` (task, causal models, the tuned model),
   :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),
   :mod:`~lib.studies.das.stacked` (several rotations at one layer trained in one pass),
-  :mod:`~lib.studies.das.arithmetic_study` (the notebook's results; its tables:
-  :mod:`~lib.studies.das.arithmetic_tables`).
+  :mod:`~lib.studies.das.seeds` (cells over seeds, intervals, where a ranking may be read),
+  :mod:`~lib.studies.das.convergence` (IIA against training budget),
+  :mod:`~lib.studies.das.arithmetic_study` (the notebook's results; its graphs:
+  :mod:`~lib.studies.das.arithmetic_graphs`; its tables: :mod:`~lib.studies.das.arithmetic_tables`).
 """
 
 from lib.studies.das.rotation import (  # noqa: F401
