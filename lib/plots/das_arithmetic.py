@@ -43,20 +43,32 @@ def _cells_frame(cells: list[dict]) -> pd.DataFrame:
 
 def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> ggplot:
     """``cells``: the cells of ``das_iia.json`` (:func:`lib.studies.das.seeds.cells`), dicts
-    with ``model`` (causal model number), ``layer``, ``rank`` (facet column), ``site`` (facet
-    row) and ``iia`` / ``control_iia`` (the learned rotations' and the random ones' mean over
-    seeds with ``ci_low`` / ``ci_high``): one line per causal model and rotation kind, its 95 %
-    interval over seeds as a band and a bar (a cell of one seed has neither)."""
+    with ``model`` (causal model number), ``layer``, ``rank``, ``site`` and ``iia`` /
+    ``control_iia`` (the learned rotations' and the random ones' mean over seeds with
+    ``ci_low`` / ``ci_high``): one panel per causal model (and rank and site, where the cells
+    have several), the learned rotations' IIA and their random control's by layer, each
+    cell's 95 % interval over seeds as a band and a bar (a cell of one seed has neither)."""
     df = _cells_frame(cells)
-    df["rank"] = "rank " + df["rank"].astype(str)
-    return (ggplot(df, aes("layer", "iia", color="model", linetype="rotation"))
-            + geom_ribbon(aes(ymin="low", ymax="high", fill="model"), alpha=0.15, color="none")
+    order = sorted({(c["model"], c["rank"], c["site"]) for c in cells})
+    several_ranks = len({r for _, r, _ in order}) > 1
+    several_sites = len({s for _, _, s in order}) > 1
+
+    def panel(model: int, rank: int, site: str) -> str:
+        return (f"M{model}" + (f", rank {rank}" if several_ranks else "")
+                + (f", site {site}" if several_sites else ""))
+
+    df["panel"] = pd.Categorical(
+        [panel(int(m[1:]), r, s) for m, r, s in zip(df["model"], df["rank"], df["site"])],
+        categories=list(dict.fromkeys(panel(*k) for k in order)))
+    return (ggplot(df, aes("layer", "iia", color="rotation"))
+            + geom_ribbon(aes(ymin="low", ymax="high", fill="rotation"), alpha=0.2,
+                          color="none")
             + geom_linerange(aes(ymin="low", ymax="high"), alpha=0.6)
             + geom_line() + geom_point(size=1.5)
-            + facet_grid("site ~ rank")
+            + facet_wrap("~panel", ncol=min(4, len(order)))
             + coord_cartesian(ylim=(0, 1))   # a t interval of three seeds may leave [0, 1]
             + labs(x="layer (block output)", y="IIA (held-out arrangements)", color="",
-                   fill="", linetype="", title=title)
+                   fill="", title=title)
             + theme_bw())
 
 
