@@ -41,9 +41,10 @@ def _test_pairs():
 def test_stacked_rotations_equal_each_trained_alone(tuned, positions):
     lm, states = tuned
     members = _members()
+    ticks = []
     stacked, out = st.train_stacked(lm, LAYER, states, members, positions, epochs=2,
-                                    batch_size=32, lr=0.01)
-    assert out["steps"] == 6 and out["start"] == (0 if positions is None else min(positions))
+                                    batch_size=32, lr=0.01, on_step=lambda: ticks.append(1))
+    assert len(ticks) == out["steps"] == 6 and out["start"] == (0 if positions is None else min(positions))
     for j, member in enumerate(members):
         alone, out1 = st.train_stacked(lm, LAYER, states, [member], positions, epochs=2,
                                        batch_size=32, lr=0.01)

@@ -207,6 +207,8 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
     graphs read) to ``(model, layer, rank, site, module)``; ``trained`` names the runs trained
     here, whose results then replace any stored ones (what was computed from their old
     rotations, checks and graphs, is computed again)."""
+    from tqdm.auto import tqdm
+
     from lib.studies.das import stacked as st
 
     seeds = [seed] if seeds is None else list(seeds)
@@ -236,6 +238,9 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
                         else:
                             found[name] = (res, module)
     trained = set()
+    steps = epochs * -(-n_train // batch_size)
+    bar = tqdm(total=len(missing) * steps, unit="step", desc="DAS training (stacked)",
+               disable=not missing)
     for (layer, rank, site, s), ms in missing.items():
         t0 = time.perf_counter()
         # the whole stack of the grid's causal models, even when one run is missing: a run is
@@ -244,7 +249,7 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
         members = [st.Member(rank, s, pairs[m, s]) for m in model_ids]
         out = st.das_runs_stacked(lm, layer, states[layer], members,
                                   [test_pairs[m] for m in model_ids], site_positions[site],
-                                  epochs, batch_size, lr)
+                                  epochs, batch_size, lr, on_step=bar.update)
         for m, (module, res) in zip(model_ids, out):
             if m not in ms:   # stored and current: kept as stored
                 continue
@@ -256,11 +261,12 @@ def das_runs(lm, model_ids: list[int], layers: list[int], ranks: list[int],
             units.put(name, res)
             trained.add(name)
             found[name] = (res, module)
-            print(f"{name}: IIA {res['iia']:.3f} (control {res['control_iia']:.3f}), final loss "
-                  f"{res['curve'][-1]['loss']:.3f}, {res['steps']} steps")
-        print(f"layer {layer}, rank {rank}, site {site}, seed {s}: {len(model_ids)} "
-              f"rotation(s) stacked, {sum(per_epoch) / out[0][1]['steps']:.2f} s per step, "
-              f"{time.perf_counter() - t0:.0f} s with evaluation")
+            bar.write(f"{name}: IIA {res['iia']:.3f} (control {res['control_iia']:.3f}), final "
+                      f"loss {res['curve'][-1]['loss']:.3f}, {res['steps']} steps")
+        bar.write(f"layer {layer}, rank {rank}, site {site}, seed {s}: {len(model_ids)} "
+                  f"rotation(s) stacked, {sum(per_epoch) / out[0][1]['steps']:.2f} s per step, "
+                  f"{time.perf_counter() - t0:.0f} s with evaluation")
+    bar.close()
     runs, modules = [], {}
     for m in model_ids:   # the order before seeds were counted, each cell's seeds together
         for layer in layers:

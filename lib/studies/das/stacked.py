@@ -29,9 +29,8 @@ prefix the same numbers up to float32 rounding (tested, as is k stacked against 
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,14 +207,16 @@ def step_stack(stack: "Stack", opt: torch.optim.Optimizer, pairs: Sequence[dict]
 def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member],
                   positions: Sequence[int] | None = None, epochs: int = 1,
                   batch_size: int = 64, lr: float = 0.01, use_prefix: bool = True,
-                  prefix: StreamPrefix | None = None, progress: bool = False
+                  prefix: StreamPrefix | None = None,
+                  on_step: Callable[[], None] | None = None
                   ) -> tuple[list[da.AtPositions], dict]:
     """Train one low-rank rotation per member at ``blocks.layer.resid_post`` (at
     ``positions``, None: one rotation shared over every position), all members in one pass
     per step (module docstring; :class:`Stack`). Returns the trained modules (as
     :func:`lib.studies.das.arithmetic_das.das_run` builds them) and
     ``{"curves": [per member: epoch, loss, train_accuracy], "steps", "seconds": [per epoch],
-    "prefix_seconds", "start"}``; seconds are timings, not for result files."""
+    "prefix_seconds", "start"}``; seconds are timings, not for result files. ``on_step`` is
+    called after every step (a progress bar's update)."""
     n = check_stack(lm, layer, states, members, positions, epochs, batch_size, lr)
     stack = Stack(lm, layer, states, [m.rank for m in members], [m.seed for m in members],
                   positions, use_prefix, prefix)
@@ -223,7 +224,6 @@ def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member
     gens = [torch.Generator().manual_seed(int(m.seed)) for m in members]
     pairs = [{k: torch.as_tensor(m.pairs[k]) for k in ("base", "source", "label")}
              for m in members]
-    steps_per_epoch = math.ceil(n / batch_size)
     curves: list[list[dict]] = [[] for _ in members]
     seconds, step = [], 0
     for epoch in range(epochs):
@@ -238,9 +238,8 @@ def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member
             for j, (a, e, loss) in enumerate(zip(bounds, bounds[1:], losses)):
                 totals[j] += float(loss.detach()) * (e - a)
                 correct[j] += int((predicted[a:e] == batches[j][2]).sum())
-            if progress:
-                print(f"epoch {epoch + 1}, step {step}/{epochs * steps_per_epoch}: loss "
-                      + " ".join(f"{float(v):.4f}" for v in losses), flush=True)
+            if on_step is not None:
+                on_step()
         seconds.append(time.perf_counter() - started)
         for j in range(len(members)):
             curves[j].append({"epoch": epoch + 1, "loss": totals[j] / n,
@@ -252,18 +251,18 @@ def train_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member
 def das_runs_stacked(lm, layer: int, states: torch.Tensor, members: Sequence[Member],
                      test_pairs: Sequence[dict], positions: Sequence[int] | None = None,
                      epochs: int = 1, batch_size: int = 64, lr: float = 0.01,
-                     use_prefix: bool = True, progress: bool = False
+                     use_prefix: bool = True, on_step: Callable[[], None] | None = None
                      ) -> list[tuple[da.AtPositions, dict]]:
     """:func:`lib.studies.das.arithmetic_das.das_run` for every member at once: the members
     train stacked (:func:`train_stacked`), then each is evaluated on its own ``test_pairs``
     beside its random control (seed + 1). Returns ``(module, result)`` per member, each result
     as ``das_run``'s (the curve without ``seconds``; the stack's seconds per epoch under
-    ``stack_seconds``)."""
+    ``stack_seconds``); ``on_step`` as :func:`train_stacked`'s."""
     if len(test_pairs) != len(members):
         raise das.DASError(f"{len(test_pairs)} test sets for {len(members)} members; give one "
                            "per member")
     modules, out = train_stacked(lm, layer, states, members, positions, epochs, batch_size, lr,
-                                 use_prefix=use_prefix, progress=progress)
+                                 use_prefix=use_prefix, on_step=on_step)
     results = []
     for module, member, test, curve in zip(modules, members, test_pairs, out["curves"]):
         result = da.run_result(lm, layer, member.rank, module, states, test, member.seed,
