@@ -401,7 +401,6 @@ def weights_sha256(lm, freeze_embeddings: bool) -> str:
                            for n, p in lm.model.named_parameters() if n in names})
 
 
-
 def redecide(result: dict) -> dict:
     """``result`` (a ``das_convergence.json``) with its ``summary`` and ``plateau`` derived
     again from its stored ``runs`` by this module's :func:`summary` and :func:`plateaus`: after
