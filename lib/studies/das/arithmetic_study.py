@@ -5,10 +5,11 @@ swap) and the pairwise-IIA graphs (:mod:`lib.studies.das.arithmetic_graphs`; mar
 thesis on X+Y+Z=; Geiger, Wu et al. 2023).
 
 :class:`Notebook` calls :func:`finetune`, :func:`checks` and
-:func:`lib.studies.das.arithmetic_graphs.graphs` through :func:`lib.core.io.load_or_compute`.
-The DAS runs are assembled by :func:`das_runs` from what is stored: a run of a current ``das_iia.json`` (with its committed rotation) is read, one in the
-unit store is read, and only the others are trained. The building blocks live in
-:mod:`lib.studies.das.arithmetic` and :mod:`lib.studies.das.arithmetic_das`.
+:func:`lib.studies.das.arithmetic_graphs.graphs` through :func:`lib.core.io.load_or_compute`. The
+DAS runs are assembled by :func:`das_runs` from what is stored: a run of a current ``das_iia.json``
+(with its committed rotation) is read, one in the unit store is read, and only the others are
+trained. The building blocks live in :mod:`lib.studies.das.arithmetic` and
+:mod:`lib.studies.das.arithmetic_das`.
 
 Fine-tuning from the same parameters on another kind of CPU rounds differently, so every result
 after the fine-tune names the tuned weights' fingerprint (``TUNED_WEIGHTS_SHA256`` in its key;
