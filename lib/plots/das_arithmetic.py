@@ -53,13 +53,13 @@ def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> gg
     several_ranks = len({r for _, r, _ in order}) > 1
     several_sites = len({s for _, _, s in order}) > 1
 
-    def panel(model: int, rank: int, site: str) -> str:
-        return (f"M{model}" + (f", rank {rank}" if several_ranks else "")
+    def panel(model: str, rank: int, site: str) -> str:
+        return (model + (f", rank {rank}" if several_ranks else "")
                 + (f", site {site}" if several_sites else ""))
 
     df["panel"] = pd.Categorical(
-        [panel(int(m[1:]), r, s) for m, r, s in zip(df["model"], df["rank"], df["site"])],
-        categories=list(dict.fromkeys(panel(*k) for k in order)))
+        [panel(m, r, s) for m, r, s in zip(df["model"], df["rank"], df["site"])],
+        categories=list(dict.fromkeys(panel(f"M{m}", r, s) for m, r, s in order)))
     return (ggplot(df, aes("layer", "iia", color="rotation"))
             + geom_ribbon(aes(ymin="low", ymax="high", fill="rotation"), alpha=0.2,
                           color="none")
