@@ -72,11 +72,12 @@ def test_the_layer_figure_draws_bands_and_single_runs():
     # several layers: lines over layers; one layer: points per causal model
     assert "layer" == plot_iia(cells(runs), "t").mapping["x"]
     assert "model" == plot_iia(cells(one_layer), "t").mapping["x"]
-    # one panel per causal model; a second rank or site names it in the panel
-    assert list(plot_iia_by_layer(cells(runs)).data["panel"].cat.categories) == ["M1", "M7"]
+    # one panel per causal model, named with its formula; a second rank or site is named too
+    assert list(plot_iia_by_layer(cells(runs)).data["panel"].cat.categories) == [
+        "M1 (X+Y)+Z", "M7 (X+Y+Z)"]
     ranked = runs + [{**r, "rank": 192} for r in runs if r["model"] == 1]
     assert list(plot_iia_by_layer(cells(ranked)).data["panel"].cat.categories) == [
-        "M1, rank 64", "M1, rank 192", "M7, rank 64"]
+        "M1 (X+Y)+Z, rank 64", "M1 (X+Y)+Z, rank 192", "M7 (X+Y+Z), rank 64"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from plotnine import (aes, coord_cartesian, facet_grid, facet_wrap, geom_errorba
                       geom_linerange, geom_point, geom_ribbon, ggplot, labs, position_dodge,
                       scale_y_continuous, theme_bw)
 
+from lib.studies.das import arithmetic as ar
+
 
 def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplot:
     """``curve``: per epoch ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``."""
@@ -33,8 +35,9 @@ def plot_finetune_curves(curve: list[dict], title: str = "Fine-tuning") -> ggplo
 def _cells_frame(cells: list[dict]) -> pd.DataFrame:
     """One row per cell and rotation kind (learned, random control): its mean IIA over seeds
     and the interval's ends."""
-    return pd.DataFrame([{"model": f"M{c['model']}", "layer": c["layer"], "rank": c["rank"],
-                          "site": c["site"], "rotation": label, "iia": c[key]["mean"],
+    return pd.DataFrame([{"model": f"M{c['model']}", "model_id": c["model"],
+                          "layer": c["layer"], "rank": c["rank"], "site": c["site"],
+                          "rotation": label, "iia": c[key]["mean"],
                           "low": c[key]["ci_low"], "high": c[key]["ci_high"]}
                          for c in cells
                          for label, key in (("learned", "iia"),
@@ -53,13 +56,14 @@ def plot_iia_by_layer(cells: list[dict], title: str = "DAS IIA per layer") -> gg
     several_ranks = len({r for _, r, _ in order}) > 1
     several_sites = len({s for _, _, s in order}) > 1
 
-    def panel(model: str, rank: int, site: str) -> str:
-        return (model + (f", rank {rank}" if several_ranks else "")
+    def panel(model: int, rank: int, site: str) -> str:
+        return (ar.MODEL_NAMES.get(model, f"M{model}")
+                + (f", rank {rank}" if several_ranks else "")
                 + (f", site {site}" if several_sites else ""))
 
     df["panel"] = pd.Categorical(
-        [panel(m, r, s) for m, r, s in zip(df["model"], df["rank"], df["site"])],
-        categories=list(dict.fromkeys(panel(f"M{m}", r, s) for m, r, s in order)))
+        [panel(m, r, s) for m, r, s in zip(df["model_id"], df["rank"], df["site"])],
+        categories=list(dict.fromkeys(panel(m, r, s) for m, r, s in order)))
     return (ggplot(df, aes("layer", "iia", color="rotation"))
             + geom_ribbon(aes(ymin="low", ymax="high", fill="rotation"), alpha=0.2,
                           color="none")

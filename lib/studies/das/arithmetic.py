@@ -173,6 +173,8 @@ _MODELS: dict[int, tuple[str, tuple[str, ...], Callable[..., Any], tuple[str, ..
     7: ("(X+Y+Z)", ("X", "Y", "Z"), lambda x, y, z: x + y + z, ("P",)),
 }
 MODEL_IDS = tuple(_MODELS)
+# "M1 (X+Y)+Z": how tables and figures name a causal model (its CausalModel's name)
+MODEL_NAMES = {i: f"M{i} {spec[0]}" for i, spec in _MODELS.items()}
 
 
 def pool_sampler(pool: Sequence[int]):
@@ -197,7 +199,7 @@ def causal_model(model_id: int, pool: Sequence[int] | None = None) -> CausalMode
     (default all 1,000). Value sets are fresh lists per model (no sharing)."""
     if model_id not in _MODELS:
         raise TaskError(f"causal model ids are {MODEL_IDS} (M1..M7), got {model_id!r}")
-    name, p_parents, p_fn, o_parents = _MODELS[model_id]
+    _, p_parents, p_fn, o_parents = _MODELS[model_id]
     p_values = sorted({int(p_fn(*(dict(zip("XYZ", a))[v] for v in p_parents)))
                        for a in ARRANGEMENTS})
     return CausalModel(
@@ -207,7 +209,7 @@ def causal_model(model_id: int, pool: Sequence[int] | None = None) -> CausalMode
         parents={"X": [], "Y": [], "Z": [], "P": list(p_parents), "O": list(o_parents)},
         functions={"P": p_fn, "O": lambda *args: sum(args)},
         input_sampler=pool_sampler(range(len(ARRANGEMENTS)) if pool is None else pool),
-        name=f"M{model_id} {name}")
+        name=MODEL_NAMES[model_id])
 
 
 def causal_models(pool: Sequence[int] | None = None) -> dict[int, CausalModel]:

@@ -310,7 +310,7 @@ def checks(lm, tokens: ar.TaskTokens, runs: list[dict], modules: dict, states,
     payload = {"runs": runs, "sanity_grid": grid, "full_swap": full_swap, "layers": layers,
                "ranks": ranks, "sites": {s: (None if p is None else list(p))
                                          for s, p in site_positions.items()},
-               "causal_models": {f"M{m}": ar.causal_model(m).name for m in ar.MODEL_IDS},
+               "causal_models": {f"M{m}": ar.MODEL_NAMES[m] for m in ar.MODEL_IDS},
                "n_test_arrangements": n_test_arrangements, "params_key": io.params_key(key),
                "cells": cells(runs), "seeds": list(seeds or [seed])}
     return payload, io.provenance(lm, key, seed)
