@@ -11,6 +11,7 @@ import torch
 
 from conftest import F32_ATOL
 from lib.studies import tracing as tr
+from lib.studies import tracing_facts as tf
 from lib.core.hooks import count_hooks
 from lib.core.io import UnitStore, dumps
 from lib.core.models import load_model
@@ -271,17 +272,17 @@ def _fake(p_clean, p_corrupt, curve, correct=True):
 def test_average_effects_and_summary_by_hand():
     results = [_fake(0.8, 0.1, [0.1, 0.5]), _fake(0.6, 0.2, [0.4, 0.2]),
                _fake(0.9, 0.0, [0.9, 0.9], correct=False)]
-    eff = tr.average_effects(results)
+    eff = tf.average_effects(results)
     row = eff[(eff["layer"] == 1)].iloc[0]
     assert row["n"] == 2 and row["mean"] == pytest.approx(0.2)   # (0.4 + 0.0) / 2
     assert row["std"] == pytest.approx(0.2)
     assert row["hi"] - row["mean"] == pytest.approx(1.96 * 0.2 / math.sqrt(2))
-    summary = tr.summarize_facts(results, eff)
+    summary = tf.summarize_facts(results, eff)
     assert summary["n_correct"] == 2 and summary["n_facts"] == 3
     assert summary["ate"] == pytest.approx(0.55)
     assert summary["peaks"]["hidden"]["last"] == {"aie": pytest.approx(0.2), "layer": 1}
     with pytest.raises(ValueError, match="no correct facts"):
-        tr.average_effects([_fake(0.5, 0.1, [0.1], correct=False)])
+        tf.average_effects([_fake(0.5, 0.1, [0.1], correct=False)])
     tp.plot_average_effects(eff).draw()
 
 
@@ -292,7 +293,7 @@ def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
     top = tr.CausalTracer(lm, PROMPT, SUBJECT, noise=0.1, samples=1).top_token
     facts[0]["answer"] = top
     store = UnitStore(tmp_path, {"n": 1})
-    first = tr.trace_facts(lm, facts, store, noise=0.5, samples=2, window=2, progress=False)
+    first = tf.trace_facts(lm, facts, store, noise=0.5, samples=2, window=2, progress=False)
     assert first[0]["correct"] and not first[1]["correct"]
     assert set(first[0]["scores"]) == {"hidden", "mlp", "attention", "hidden_mlp_severed",
                                        "hidden_attention_severed"}
@@ -303,8 +304,8 @@ def test_trace_facts_resumes_from_units(tmp_path, monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("a finished fact was recomputed")
-    monkeypatch.setattr(tr, "trace_fact", boom)
-    again = tr.trace_facts(lm, facts, store, noise=0.5, samples=2, window=2, progress=False)
+    monkeypatch.setattr(tf, "trace_fact", boom)
+    again = tf.trace_facts(lm, facts, store, noise=0.5, samples=2, window=2, progress=False)
     assert json.loads(dumps(again)) == json.loads(dumps(first))
 
 

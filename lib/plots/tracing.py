@@ -94,7 +94,8 @@ CURVE_COLOURS = {"hidden": "#6a51a3", "mlp": "#238b45", "attention": "#cb181d",
 def plot_average_effects(effects, title: str | None = None,
                          xlab: str = "layer (centre of the window for mlp / attention)"):
     """Average indirect effect per layer with 95% bands, per kind, at the last subject token
-    and the last token (ROME Fig. 3 style). ``effects`` comes from :func:`average_effects`."""
+    and the last token (ROME Fig. 3 style). ``effects`` comes from
+    :func:`lib.studies.tracing_facts.average_effects`."""
     from plotnine import (aes, facet_wrap, geom_hline, geom_line, geom_ribbon, ggplot, labs,
                           scale_color_manual, scale_fill_manual, theme, theme_minimal)
 

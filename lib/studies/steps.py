@@ -219,17 +219,17 @@ def fact_averages(lm, facts: Sequence[dict], noise: float, samples: int, seed: i
                   units_dir: Path, parameters: dict, force: bool = False):
     """Notebook 06: causal traces of every fact (one resumable unit each), averaged over the
     facts the model answers correctly."""
-    from lib.studies import tracing
+    from lib.studies import tracing_facts
 
     store = io.UnitStore(units_dir, parameters, force=force)
-    results = tracing.trace_facts(lm, facts, store, noise, samples=samples, seed=seed,
-                                  window=window, kinds=kinds, severed=severed,
-                                  batch_size=batch_size)
+    results = tracing_facts.trace_facts(lm, facts, store, noise, samples=samples, seed=seed,
+                                        window=window, kinds=kinds, severed=severed,
+                                        batch_size=batch_size)
     kept = [r for r in results if r["correct"]]
     if len(kept) < 20:
         print(f"WARNING: only {len(kept)} correct facts; ROME-style averages want 20 or more")
-    effects = tracing.average_effects(kept)
-    payload = {"summary": tracing.summarize_facts(results, effects),
+    effects = tracing_facts.average_effects(kept)
+    payload = {"summary": tracing_facts.summarize_facts(results, effects),
                "effects": effects.to_dict(orient="records"), "facts": results}
     return payload, io.provenance(lm, parameters, seed)
 
