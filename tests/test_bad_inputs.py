@@ -323,8 +323,8 @@ def test_check_results_refuses_another_kind_and_sets_aside_an_unreadable_file(tm
     with pytest.warns(io.ResultFileWarning, match="causal_trace_hidden.json could not be read"):
         io.check_results(files)
     assert not hidden.exists() and not mlp.exists()
-    assert (tmp_path / "causal_trace_hidden.json.corrupt").exists()
-    assert (tmp_path / "causal_trace_mlp.json.corrupt").exists()
+    assert (tmp_path / "causal_trace_hidden.json.set-aside").exists()
+    assert (tmp_path / "causal_trace_mlp.json.set-aside").exists()
     other = paths.FULL_COMPUTE / "smollm2-135m" / "causal_trace_severed.json"
     hidden.write_bytes(other.read_bytes())                      # 06's own, but another kind
     for force in (False, True):
@@ -686,7 +686,7 @@ def test_a_truncated_unit_file_is_named_set_aside_and_recomputed(tmp_path):
         value = io.UnitStore(tmp_path, {"k": 1}).get_or_compute("fact_000", lambda: {"x": 2})
     assert value == {"x": 2}
     assert json.loads(unit.read_text())["value"] == {"x": 2}
-    assert (tmp_path / "fact_000.json.corrupt").exists()
+    assert (tmp_path / "fact_000.json.set-aside").exists()
 
 
 def test_a_unit_file_of_another_shape_is_set_aside(tmp_path):
@@ -700,11 +700,11 @@ def test_a_corrupt_result_file_is_named_set_aside_and_recomputed(tmp_path):
     target.write_text('{"records": [1, 2')
     with pytest.warns(io.ResultFileWarning, match="interchange_x.json could not be read"):
         assert io.read_current(target, {"A": 1}) is None
-    assert not target.exists() and (tmp_path / "interchange_x.json.corrupt").exists()
+    assert not target.exists() and (tmp_path / "interchange_x.json.set-aside").exists()
     target.write_text("{}")
     with pytest.warns(io.ResultFileWarning):
         io.read_current(target, {"A": 1}, check=lambda d: d["records"])
-    assert (tmp_path / "interchange_x.json.corrupt-2").exists()
+    assert (tmp_path / "interchange_x.json.set-aside-2").exists()
 
 
 def test_cross_model_figures_never_silently_drop_an_unreadable_model(tmp_path):

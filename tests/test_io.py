@@ -400,7 +400,7 @@ def test_every_committed_result_passes_its_kind_and_stays_current(rel):
     finally:
         torch.set_num_threads(threads)
     assert found == data, f"{rel} is not current for its own parameters"
-    assert path.read_bytes() == before and not list(path.parent.glob(f"{path.name}.corrupt*"))
+    assert path.read_bytes() == before and not list(path.parent.glob(f"{path.name}.set-aside*"))
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_FIELD))
@@ -419,7 +419,7 @@ def test_a_truncated_result_is_set_aside_and_recomputed_naming_its_kind(name, tm
     with pytest.warns(io.ResultFileWarning, match=rf"{target.name} could not be read"):
         got = io.load_or_compute(target, {"P": 1}, compute, check=kind, quiet=True)
     assert calls == [1], "a truncated file was not recomputed"
-    assert (tmp_path / f"{target.name}.corrupt").exists(), "the truncated file was not kept aside"
+    assert (tmp_path / f"{target.name}.set-aside").exists(), "the truncated file was not kept aside"
     assert got["provenance"]["kind"] == name, "a new result does not name its kind"
     assert io.load_or_compute(target, {"P": 1}, compute, check=kind, quiet=True) == got
     assert calls == [1], "a result written with its kind is not current when read back"
@@ -473,7 +473,7 @@ def test_a_result_with_a_field_of_the_wrong_type_is_set_aside_and_recomputed(nam
                                                   rf"{name} result: at {re.escape(where)}"):
         got = io.load_or_compute(target, parameters, compute, check=kind, quiet=True)
     assert calls == [1], f"a {name} result with a wrong {where} was reused"
-    assert (tmp_path / "result.json.corrupt").exists() and got["provenance"]["kind"] == name
+    assert (tmp_path / "result.json.set-aside").exists() and got["provenance"]["kind"] == name
 
 
 def test_a_result_read_by_another_notebook_is_checked_and_never_moved(tmp_path):
@@ -495,7 +495,7 @@ def test_a_result_read_by_another_notebook_is_checked_and_never_moved(tmp_path):
 
 def test_the_runner_refuses_another_notebooks_result_before_loading_the_model(tmp_path, capsys):
     """00 pointed at a folder that holds 02's result for the model: a clear error, exit 1, and
-    the file is neither set aside nor overwritten (it used to be renamed to .corrupt)."""
+    the file is neither set aside nor overwritten (it used to be set aside)."""
     from lib import runner
 
     scores_dir = tmp_path / "scores"
@@ -552,7 +552,7 @@ def test_a_result_holding_nan_is_set_aside_and_recomputed(name, tmp_path):
     with pytest.warns(io.ResultFileWarning, match=r"result.json could not be read \(not a valid "
                                                   rf"{name} result: .*finite number, got nan"):
         got = io.load_or_compute(target, parameters, compute, check=kind, quiet=True)
-    assert calls == [1] and (tmp_path / "result.json.corrupt").exists()
+    assert calls == [1] and (tmp_path / "result.json.set-aside").exists()
     assert got["provenance"]["kind"] == name
 
 

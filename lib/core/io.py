@@ -15,8 +15,8 @@ Every JSON the notebooks write goes through :func:`write_json`, which
 runs its file checks on all of a notebook's results before its model loads. Each kind of result
 declares its shape (:class:`lib.core.schema.Kind`, beside the code that writes it), checked on
 every read: a stored file that cannot be read or does not have its kind's shape is named, set
-aside (renamed to ``<name>.corrupt``) and treated as missing, so it is recomputed; a valid
-result of *another* kind (another notebook's file where this one writes) is refused before any
+aside (renamed to ``<name>.set-aside``, as refused tensor files are) and treated as missing,
+so it is recomputed; a valid result of *another* kind (another notebook's file where this one writes) is refused before any
 work (:class:`lib.core.schema.WrongKindError`), and nothing is moved or overwritten.
 :class:`UnitStore` keeps finished units of a long computation (one JSON each, also atomic) so
 that a rerun resumes where an interrupted one stopped. :func:`slug` is the one
@@ -79,10 +79,12 @@ def inside(folder: str | os.PathLike, name: str) -> Path:
 
 
 def set_aside(path: str | os.PathLike, why: str) -> Path:
-    """Rename an unreadable result file to ``<name>.corrupt`` (``.corrupt-2`` ...), with a
-    warning naming it; returns the new path."""
+    """Rename an unreadable result file to ``<name>.set-aside`` (``.set-aside-2`` ...; the
+    name :func:`lib.core.tensorfiles.set_aside` gives a refused tensor file: unreadable, of an
+    old shape or failing its schema, kept, not deleted), with a warning naming it; returns the
+    new path."""
     path = Path(path)
-    target = paths.unused_name(path, ".corrupt")
+    target = paths.unused_name(path, ".set-aside")
     os.replace(path, target)
     warnings.warn(f"{path} could not be read ({why}); set it aside as {target.name} and "
                   "recomputing it", ResultFileWarning, stacklevel=3)
