@@ -3,8 +3,8 @@
 Notebooks display the returned figure inline and save it with the one helper, so every figure
 of the repository lands under ``graphs/<model>/`` as ``<name>.png`` (for reading) and
 ``<name>.pdf`` (for papers), written atomically. The plot functions live in one module per
-study (:mod:`lib.plots.domain`, :mod:`lib.plots.separability`, :mod:`lib.plots.explorer`,
-:mod:`lib.plots.interchange`, :mod:`lib.plots.tracing`); the compute modules of ``lib`` import
+study (:mod:`lib.plots.domain`, :mod:`lib.plots.token_sets`, :mod:`lib.plots.separability`,
+:mod:`lib.plots.explorer`, :mod:`lib.plots.interchange`, :mod:`lib.plots.tracing`, ...); the compute modules of ``lib`` import
 no plotting library (``tests/test_hygiene.py``).
 """
 
