@@ -6,7 +6,8 @@
 Trains one rotation per causal model and seed (09's defaults: rank 64, shared over every
 position, lr 0.01, batches of 64) stacked, from 20 steps doubling up to ``--max-steps``,
 continuing between checkpoints, and measures IIA on 09's held-out test counterfactuals at
-each budget (:mod:`lib.studies.das.convergence`). Writes
+each budget (:mod:`lib.studies.das.convergence`); the training state is kept after each
+budget, so an interrupted run resumes and a larger ``--max-steps`` goes on from it. Writes
 ``full_compute/<model>/das_convergence.json`` (reused while current: same parameters, same
 tuned weights) and ``graphs/<model>/das_convergence.png|pdf``. The tuned model comes from 09's
 fine-tune (its cache, ``--cache-dir``; fine-tuned when missing, ~12 minutes on 2 CPU cores).

@@ -1,5 +1,6 @@
 """DAS convergence grid (lib.studies.das.convergence) on tiny random Llama: training continued
-across checkpoints ends where training straight to the budget ends; the first budget is 09's
+across checkpoints ends where training straight to the budget ends, and so does a grid resumed
+or extended from its stored training state; the first budget is 09's
 das_run on 09's training pairs; the plateau decision on hand-made curves; the result's schema;
 bad grids refused before any training (in the library and in scripts/das_convergence.py)."""
 
@@ -33,11 +34,60 @@ def tuned(llama):
     return llama, states, train, test
 
 
-def _grid(tuned, budgets, seeds=(0, 1), models=(1, 7), block_steps=2):
+def _grid(tuned, budgets, seeds=(0, 1), models=(1, 7), block_steps=2, **state):
     lm, states, train, test = tuned
     return cv.convergence_grid(lm, LAYER, states, train, test, list(seeds), budgets,
                                list(models), rank=4, batch_size=BATCH, lr=0.01,
-                               block_steps=block_steps)
+                               block_steps=block_steps, **state)
+
+
+def test_a_grid_resumes_and_goes_on_from_its_stored_training_state(tuned, tmp_path):
+    """Interrupted after budget 2, a rerun starts at step 2; a grid extended from [2, 4] to
+    [2, 4, 8] trains only steps 5-8; both end where training straight through ends (the same
+    computation, so the same rotations, IIAs and losses to the bit). A state beyond the grid
+    is left alone; a damaged one is set aside."""
+    from lib.core import tensorfiles as tf
+
+    straight_runs, straight = _grid(tuned, [2, 4, 8])
+    path = tmp_path / "state.safetensors"
+
+    def stop_at_3(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _grid(tuned, [2, 4], progress=stop_at_3, state_file=path, state_key="k")
+    assert tf.read_header(path)[0]["step"] == 2
+    calls = []
+    _grid(tuned, [2, 4], progress=calls.append, state_file=path, state_key="k")
+    assert calls[0] == 2 and calls[-1] == 4 and len(calls) == 3   # 2 (resumed), 3, 4
+    calls.clear()
+    runs, modules = _grid(tuned, [2, 4, 8], progress=calls.append, state_file=path,
+                          state_key="k")
+    assert calls == [4, 5, 6, 7, 8] and runs == straight_runs
+    for a, b in zip(modules, straight):
+        assert torch.equal(a.inner.R.detach(), b.inner.R.detach())
+    # a shorter grid trains from step 0 and leaves the state at step 8
+    short, _ = _grid(tuned, [2], state_file=path, state_key="k")
+    assert [r["points"] for r in short] == [r["points"][:1] for r in straight_runs]
+    assert tf.read_header(path)[0]["step"] == 8
+    # another key or other members: refused before anything is copied
+    lm, states, *_ = tuned
+    from lib.studies.das import stacked as st
+    from lib.studies.das import train_state as ts
+    stack = st.Stack(lm, LAYER, states, [4], [0])
+    opt = torch.optim.Adam([{"params": g} for g in stack.parameters()], lr=0.01)
+    with pytest.raises(tf.OtherParametersError):
+        ts.load_state(path, stack, opt, [(1, 0)], "other")
+    with pytest.raises(tf.TensorFileError, match="tensors|members"):
+        ts.load_state(path, stack, opt, [(1, 0)], "k")
+    assert not opt.state
+    # a damaged state is set aside, with a warning, and the grid trains from step 0
+    path.write_bytes(b"not a safetensors file")
+    with pytest.warns(tf.TensorFileWarning, match="set it aside"):
+        again, _ = _grid(tuned, [2, 4], state_file=path, state_key="k")
+    assert again == [{**r, "points": r["points"][:2]} for r in straight_runs]
+    assert (tmp_path / "state.safetensors.set-aside").exists()
+    assert tf.read_header(path)[0]["step"] == 4
 
 
 def test_checkpointed_training_equals_training_straight_to_the_budget(tuned):
@@ -190,6 +240,14 @@ def test_script_writes_the_result_and_reuses_it(tmp_path, capsys):
     assert both["causal_models"] == [1, 7] and both["reused"] == [1]
     assert [r for r in both["runs"] if r["model"] == 1] == result["runs"]
     assert [p["model"] for p in both["plateau"]] == [1, 7]
+    # a larger grid goes on from the stored training state of the smaller one
+    assert len(list((path.parent / cv.STATE_DIR).glob("*.safetensors"))) == 2   # M1; M7
+    longer = [*argv[:argv.index("--max-steps") + 1], "80", *argv[argv.index("--max-steps") + 2:]]
+    assert script.main(longer) == 0
+    assert "resumed from the training state at step 40" in capsys.readouterr().out
+    extended = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert extended["budgets"] == [20, 40, 80]
+    assert [{**r, "points": r["points"][:2]} for r in extended["runs"]] == result["runs"]
 
 
 def test_reused_runs_must_be_of_the_same_grid_and_weights():

@@ -13,7 +13,8 @@
   :mod:`~lib.studies.das.arithmetic_das` (DAS wiring on the engine, evaluation, graphs),
   :mod:`~lib.studies.das.stacked` (several rotations at one layer trained in one pass),
   :mod:`~lib.studies.das.seeds` (cells over seeds, intervals, where a ranking may be read),
-  :mod:`~lib.studies.das.convergence` (IIA against training budget),
+  :mod:`~lib.studies.das.convergence` (IIA against training budget; its training state on
+  disk, to resume or go on: :mod:`~lib.studies.das.train_state`),
   :mod:`~lib.studies.das.arithmetic_study` (the notebook's results; its graphs:
   :mod:`~lib.studies.das.arithmetic_graphs`; its tables: :mod:`~lib.studies.das.arithmetic_tables`).
 """

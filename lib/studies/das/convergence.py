@@ -33,19 +33,22 @@ distinct resamples and never leaves [min, max]). :data:`CONVERGENCE_SCHEMA` is t
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
 
 import torch
 
 from lib.core import io
+from lib.core import tensorfiles as tf
 from lib.core.schema import NUM, Kind, maybe, nonempty, optional
 from lib.core.stats import mean_t_interval
 from lib.studies import das
 from lib.studies.das import arithmetic as ar
 from lib.studies.das import arithmetic_das as da
 from lib.studies.das import stacked as st
+from lib.studies.das import train_state as ts
 
 #: seed offset between two blocks of training pairs (above every seed * 1000 + 10 + m of 09)
 BLOCK_SEED_STEP = 1_000_000
@@ -112,7 +115,8 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
                      test_pairs: Mapping, seeds: Sequence[int], budgets: Sequence[int],
                      model_ids: Sequence[int] | None = None, rank: int = 64,
                      batch_size: int = 64, lr: float = 0.01, semantics: str = "independent",
-                     block_steps: int = 20, progress: Callable[[int], None] | None = None
+                     block_steps: int = 20, progress: Callable[[int], None] | None = None,
+                     state_file: str | os.PathLike | None = None, state_key: str | None = None
                      ) -> tuple[list[dict], list[da.AtPositions]]:
     """Train one rotation per (causal model, seed) at ``blocks.layer.resid_post`` (shared over
     every position), all stacked, for ``budgets[-1]`` steps of ``batch_size`` fresh training
@@ -120,7 +124,14 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
     ``test_pairs[m]``. ``train_models[m]`` is causal model m on the training arrangements,
     ``states`` the stored stream after block ``layer`` (1000, T, d), ``model_ids`` default to
     ``test_pairs``' keys. ``block_steps``: the steps of one block of training pairs (module
-    docstring). ``progress(steps)`` is called after every step.
+    docstring). ``progress(steps)`` is called after every step (first with the step a
+    resumed grid starts from).
+
+    ``state_file`` (with ``state_key``, the key of everything but the budgets): after each
+    budget the rotations and Adam's state are written there (:mod:`lib.studies.das.train_state`),
+    and a grid whose budgets begin with a stored state's (an interrupted run, or a smaller grid
+    now extended) starts from it: the same computation as training straight through. A state
+    beyond this grid is left as it is; an unreadable one is set aside.
 
     Returns ``(runs, modules)``: per member, in the order (model, seed),
     ``{"model", "seed", "points": [{"steps", "iia", "control_iia", "loss"}]}`` (loss: the mean
@@ -135,14 +146,23 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
     stack = st.Stack(lm, layer, states, [rank] * len(members), [s for _, s in members])
     opt = torch.optim.Adam([{"params": group} for group in stack.parameters()], lr=lr)
     gens = [torch.Generator().manual_seed(s) for _, s in members]
-    controls = [da.shared_iia(lm, layer, da.AtPositions(das.random_control(inner, seed=s + 1)),
-                              states, test_pairs[m])
-                for inner, (m, s) in zip(stack.inners, members)]
-    runs: list[dict[str, Any]] = [{"model": m, "seed": s, "points": []} for m, s in members]
     block, n_block = block_steps, block_steps * batch_size
+    step, runs, kept = _resume(state_file, state_key, stack, opt, members, budgets)
+    for _ in range(step // block):   # the orders of the blocks already trained
+        for g in gens:
+            torch.randperm(n_block, generator=g)
+    if runs is None:
+        controls = [da.shared_iia(lm, layer,
+                                  da.AtPositions(das.random_control(inner, seed=s + 1)),
+                                  states, test_pairs[m])
+                    for inner, (m, s) in zip(stack.inners, members)]
+        runs = [{"model": m, "seed": s, "points": []} for m, s in members]
+    else:   # the control does not train: measured once, stored with every point
+        controls = [r["points"][0]["control_iia"] for r in runs]
+        if progress is not None:
+            progress(step)
     segment: list[list[float]] = [[] for _ in members]
-    step = 0
-    for b in range(budgets[-1] // block):
+    for b in range(step // block, budgets[-1] // block):
         pairs = [{k: torch.as_tensor(v) for k, v in ar.counterfactual_pairs(
             train_models[m], n_block, pair_seed(m, s, b), semantics).items()}
             for m, s in members]
@@ -160,7 +180,38 @@ def convergence_grid(lm, layer: int, states: torch.Tensor, train_models: Mapping
                     "steps": step, "iia": da.shared_iia(lm, layer, module, states, test_pairs[m]),
                     "control_iia": controls[j], "loss": sum(segment[j]) / len(segment[j])})
             segment = [[] for _ in members]
+            if state_file is not None and step > kept:
+                ts.save_state(state_file, stack, opt, step, members,
+                              {"budgets": [b for b in budgets if b <= step], "runs": runs},
+                              str(state_key))
     return runs, stack.modules
+
+
+def _resume(path, key, stack, opt, members, budgets) -> tuple[int, list | None, int]:
+    """``(step, runs, kept)``: the step and runs of the stored state at ``path`` where this
+    grid continues it (its budgets up to the state's step are the state's), put into
+    ``stack`` and ``opt``; else ``(0, None, kept)``, ``kept`` being the step of a state beyond
+    this grid (not to be overwritten by a shorter training) or 0."""
+    if path is None or not Path(path).exists():
+        return 0, None, 0
+    try:
+        config, _, _ = tf.read_header(path, ts.WHAT)
+        step = int(config["step"])
+        if config["record"]["budgets"] != [b for b in budgets if b <= step]:
+            print(f"{path}: a training state at step {step} of budgets "
+                  f"{config['record']['budgets']}, which this grid ({list(budgets)}) does not "
+                  "continue; training from step 0 and leaving it")
+            return 0, None, step
+        step, record = ts.load_state(path, stack, opt, members, key)
+    except tf.TensorFileError as err:
+        tf.set_aside(err, "training from step 0")
+        return 0, None, 0
+    except (KeyError, TypeError, ValueError) as err:   # a header of another shape
+        tf.set_aside(tf.TensorFileError(Path(path), f"has no training record ({err})"),
+                     "training from step 0")
+        return 0, None, 0
+    print(f"resumed from the training state at step {step} ({path})")
+    return step, record["runs"], step
 
 
 def summary(runs: Sequence[dict]) -> list[dict]:
@@ -297,6 +348,19 @@ def key_of(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
             "BLOCK_SEED_STEP": BLOCK_SEED_STEP}
 
 
+#: where :func:`compute` keeps each grid's training state (one file per key; not committed)
+STATE_DIR = "das_convergence_state"
+
+
+def state_key(key: Mapping, model_ids: Sequence[int]) -> str:
+    """The key of a grid's training state: the result's ``key`` without its budgets (a larger
+    grid goes on from a smaller one), for the causal models trained (``model_ids``), at this
+    process's thread count (the float rounding, and so the rotations, move with it)."""
+    return io.params_key({**{k: v for k, v in key.items() if k != "BUDGETS"},
+                          "CAUSAL_MODELS": list(model_ids),
+                          "TORCH_THREADS": torch.get_num_threads()})
+
+
 def block_of(values: Mapping) -> int:
     """The steps of one block of training pairs, DAS_N_TRAIN / DAS_BATCH (the script sets
     DAS_N_TRAIN to :data:`BLOCK_PAIRS`: 1280 / 64 = 20); refused unless DAS_N_TRAIN is a
@@ -341,7 +405,9 @@ def compute(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
     tuned model, split and tokens, the stream after ``layer``, 09's test counterfactuals
     (``DAS_N_TEST``, seed ``SEED * 1000 + 20 + m``) and training arrangements. The causal
     models whose runs an earlier result in ``stored`` holds for this grid and these weights
-    (:func:`reusable_runs`) are read from it, not trained (listed under ``reused``)."""
+    (:func:`reusable_runs`) are read from it, not trained (listed under ``reused``). The
+    others' training state is kept in ``<out_dir>/das_convergence_state/`` after each budget,
+    so an interrupted run resumes and a larger grid goes on from a smaller one."""
     v, lm = run.values, run.lm
     block_steps = block_of(v)
     check_grid(lm, layer, model_ids, seeds, budgets, rank, v["DAS_BATCH"], v["DAS_LR"],
@@ -368,9 +434,11 @@ def compute(run, layer: int, model_ids: Sequence[int], seeds: Sequence[int],
                                                  v["SEED"] * 1000 + 20 + m, v["SEMANTICS"])
                       for m in todo}
         train_models = ar.causal_models(run.split["train"])
+        skey = state_key(key, todo)
         runs, _ = convergence_grid(lm, layer, states, train_models, test_pairs, seeds,
                                    budgets, todo, rank, v["DAS_BATCH"], v["DAS_LR"],
-                                   v["SEMANTICS"], block_steps, progress)
+                                   v["SEMANTICS"], block_steps, progress,
+                                   run.out_dir / STATE_DIR / f"{skey[:16]}.safetensors", skey)
     if reused:
         print(f"reused from earlier results: {['M%d' % m for m in sorted(reused)]}")
     runs = sorted(runs + [r for rs in reused.values() for r in rs],
