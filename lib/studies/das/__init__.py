@@ -22,6 +22,6 @@
 from lib.studies.das.rotation import (  # noqa: F401
     KINDS, ORTHOGONAL_MAPS, SHUFFLES, BoundlessRotatedSpaceIntervention, DASError, InterchangeData,
     LowRankRotatedSpaceIntervention, RotatedSpaceIntervention, _RotatedBase, build,
-    hooks_intervention, iia, load_intervention, orthogonality_error, random_control,
-    random_rotation, save_intervention, train_das,
+    hooks_intervention, iia, orthogonality_error, random_control, random_rotation, train_das,
 )
+from lib.studies.das.rotation_files import load_intervention, save_intervention  # noqa: F401

@@ -25,8 +25,8 @@ R stays orthogonal through ``torch.nn.utils.parametrizations.orthogonal`` (map `
 ``cayley`` or ``householder``: a choice). :func:`random_control` gives the same intervention with a
 fixed random rotation (the control beside every learned subspace). :func:`train_das` trains R
 (Adam, cross-entropy on the counterfactual label) with the network frozen, :func:`iia` measures
-interchange-intervention accuracy, :func:`save_intervention` / :func:`load_intervention` store
-trained rotations as safetensors, and :func:`hooks_intervention` wraps a module with a bound
+interchange-intervention accuracy (trained rotations are stored as safetensors by
+:mod:`lib.studies.das.rotation_files`), and :func:`hooks_intervention` wraps a module with a bound
 source as a ``lib.core.hooks.Intervention`` (kind ``"function"``), so it runs inside ``lib.core.hooks.patch``
 on a language model, gradients included.
 """
@@ -34,11 +34,9 @@ on a language model, gradients included.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -423,65 +421,6 @@ def train_das(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
                   f"{row['train_accuracy']:.4f}" +
                   (f", eval IIA {row['eval_iia']:.4f}" if "eval_iia" in row else ""))
     return {"curve": curve, "steps": step, "trainable_parameters": sum(p.numel() for p in params)}
-
-
-# --- saving -------------------------------------------------------------------------------
-
-def save_intervention(module: _RotatedBase, path: str | os.PathLike,
-                      metadata: dict | None = None, key: str | None = None) -> Path:
-    """Save the materialised rotation (and boundless fractions) as safetensors; the module's
-    config, ``metadata`` and ``key`` (the parameters key of the run that trained it) go in the
-    header. Written atomically."""
-    from lib.core.io import save_tensors
-
-    tensors = {"rotation": module.R.detach().float().clone()}
-    if isinstance(module, BoundlessRotatedSpaceIntervention):
-        tensors["fractions"] = module.fractions.detach().clone()
-    return save_tensors(path, tensors, module.config(), metadata, key=key)
-
-
-#: largest |RᵀR − I| of a rotation read back (a stored one is orthonormal to about 1e-5)
-ORTHONORMAL_ATOL = 1e-3
-
-
-def load_intervention(path: str | os.PathLike, key: str | None = None,
-                      expect: dict | None = None,
-                      fix: str = "delete it (it is trained again), or rerun with FORCE=True"
-                      ) -> tuple[_RotatedBase, dict]:
-    """The module saved by :func:`save_intervention`, and its metadata, checked: the file is
-    readable, its tensors are finite and of the shapes its config gives, the rotation's columns
-    are orthonormal (to :data:`ORTHONORMAL_ATOL`), its config has the entries of ``expect``
-    (e.g. ``{"d": 576, "rank": 64}``: what the reader will apply it to) and, when ``key`` is
-    given, it was written with that parameters key. Else a
-    :class:`lib.core.tensorfiles.TensorFileError` naming the file and ``fix``."""
-    from lib.core.tensorfiles import TensorFileError, check_shapes, load_tensors
-
-    tensors, config, metadata = load_tensors(path, "intervention", key=key, fix=fix)
-    wrong = {k: (config.get(k), v) for k, v in (expect or {}).items() if config.get(k) != v}
-    if wrong:
-        raise TensorFileError(path, "a rotation of another configuration: " + ", ".join(
-            f"{k} {got!r}, expected {want!r}" for k, (got, want) in wrong.items()), fix)
-    try:
-        module = build(config)
-    except (DASError, TypeError, ValueError) as err:
-        raise TensorFileError(path, f"its config {config} builds no intervention ({err})",
-                              fix) from err
-    shapes = {"rotation": tuple(module.R.shape)}
-    if isinstance(module, BoundlessRotatedSpaceIntervention):
-        shapes["fractions"] = tuple(module.fractions.shape)
-    check_shapes(path, tensors, shapes, "intervention", fix)
-    R = tensors["rotation"].double()
-    off = float((R.T @ R - torch.eye(R.shape[1], dtype=R.dtype)).abs().max())
-    if off > ORTHONORMAL_ATOL:
-        raise TensorFileError(path, f"its rotation's columns are not orthonormal (largest "
-                              f"|RᵀR − I| {off:.2g}), so it is not a rotation that was saved", fix)
-    module.set_rotation(tensors["rotation"])
-    if "fractions" in tensors:
-        # save_intervention writes fractions for a boundless module only
-        assert isinstance(module, BoundlessRotatedSpaceIntervention)
-        with torch.no_grad():
-            module.fractions.copy_(tensors["fractions"])
-    return module, metadata
 
 
 # --- as an intervention of lib.core.hooks ------------------------------------------------------
