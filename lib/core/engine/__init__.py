@@ -58,7 +58,8 @@ from lib.core.engine.passes import (  # noqa: F401
     _AFTER_ATTENTION, _Group, _join_hooks, _read, _positions, _clip_end, _iv_key, _substitute,
     _ref_slice,
 )
-from lib.core.engine.core import Engine, _LAYER_START_OK, layer_start_exact, run, run_naive  # noqa: F401
+from lib.core.engine.core import Engine, _LAYER_START_OK, layer_start_exact, run  # noqa: F401
+from lib.core.engine.naive import run_naive  # noqa: F401
 from lib.core.engine.stream import (  # noqa: F401
     StreamPrefix, prefix_groups, prefix_limit, run_stream, run_stream_pairs, shared_prefix_split,
 )
