@@ -1,0 +1,84 @@
+"""scripts/das_sweep.py: 09's DAS grid split by causal model over runner processes, then
+assembled in the target folder by one run that trains nothing; bad input refused before any
+process starts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import das_sweep as sweep  # noqa: E402
+
+MODEL = "tiny-random"
+# 09 on the tiny model at the fast tier's sizes, one seed, no graphs
+TINY = {"N_SHIPPED": "2", "SHOTS": "1", "FT_EPOCHS": "1", "FT_BATCH": "256", "RANKS": "[4]",
+        "SITES": "all", "DAS_N_TRAIN": "128", "DAS_N_TEST": "64", "DAS_BATCH": "64",
+        "GRAPH_ARRANGEMENTS": "0", "DAS_SEEDS": "1"}
+
+
+def test_groups_are_contiguous_and_balanced():
+    assert sweep.groups([1, 2, 3, 4, 5, 6, 7], 2) == [[1, 2, 3, 4], [5, 6, 7]]
+    assert sweep.groups([1, 2, 3, 4, 5, 6, 7], 3) == [[1, 2, 3], [4, 5], [6, 7]]
+    assert sweep.groups([1, 7], 4) == [[1], [7]]   # never an empty worker
+    assert sweep.groups([3], 1) == [[3]]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-p", "LAYERS=0"], "FULL_COMPUTE_DIR"),
+    (["-p", "FULL_COMPUTE_DIR=x", "-p", "GRAPHS_DIR=y", "-p", "CAUSAL_MODELS=1,8"],
+     "CAUSAL_MODELS"),
+    (["-p", "FULL_COMPUTE_DIR=x", "-p", "GRAPHS_DIR=y", "-p", "NO_SUCH=1"], "NO_SUCH"),
+    (["--workers", "0", "-p", "FULL_COMPUTE_DIR=x", "-p", "GRAPHS_DIR=y"], "--workers"),
+])
+def test_bad_input_is_refused_before_any_process(argv, match, capsys, monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError("a process started")
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setattr(subprocess, "call", no_process)
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--models", MODEL, *argv])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_workers_train_their_share_and_the_assembly_trains_nothing(tmp_path):
+    """M7 at layer 0 is stored first; the sweep of M1 and M7 at layers 0 and 1 on two workers
+    trains M1 (worker 0) and M7 at layer 1 only (worker 1), copies their runs into the target,
+    and 09 with both causal models there reads all four cells without training."""
+    from lib.core import io
+    from lib.runner import parse_params, run_notebooks, select_notebooks
+
+    fc, graphs = tmp_path / "fc", tmp_path / "graphs"
+    params = {**TINY, "FULL_COMPUTE_DIR": str(fc), "GRAPHS_DIR": str(graphs),
+              "CACHE_DIR": str(tmp_path / "cache")}
+    [nb] = select_notebooks(["09"])
+    first = {**params, "CAUSAL_MODELS": "7", "LAYERS": "0"}
+    run_notebooks([nb], [MODEL], parse_params([f"{k}={v}" for k, v in first.items()]),
+                  runs_dir=tmp_path / "first", threads=1, progress=False)
+    target = fc / io.slug(MODEL)
+    before = {p.relative_to(target): p.read_bytes()
+              for p in (target / "das_rotations").rglob("*.safetensors")}
+    assert [p.name for p in before] == ["M7_L0_k4_all.safetensors"]
+
+    argv = ["--workers", "2", "--models", MODEL, "--work-dir", str(tmp_path / "work"),
+            "--runs-dir", str(tmp_path / "runs")]
+    for name, value in {**params, "CAUSAL_MODELS": "1,7", "LAYERS": "0,1"}.items():
+        argv += ["-p", f"{name}={value}"]
+    assert sweep.main(argv) == 0
+
+    [w0, w1] = sorted((tmp_path / "work").glob(f"{io.slug(MODEL)}/*/w*"))
+    log_of = {w.name: (w / "runs" / io.slug(MODEL) / "09_das_arithmetic.ipynb").read_text()
+              for w in (w0, w1)}
+    assert "M1_L0_k4_all: IIA" in log_of["w0"] and "M1_L1_k4_all: IIA" in log_of["w0"]
+    assert "M7_L1_k4_all: IIA" in log_of["w1"] and "M7_L0_k4_all: IIA" not in log_of["w1"]
+    # the stored run was read, not trained again: its rotation is the same file
+    for rel, data in before.items():
+        assert (target / rel).read_bytes() == data
+    result = json.loads((target / "das_iia.json").read_text())
+    assert sorted((c["model"], c["layer"]) for c in result["cells"]) == \
+        [(1, 0), (1, 1), (7, 0), (7, 1)]
+    final = (tmp_path / "runs" / io.slug(MODEL) / "09_das_arithmetic.ipynb").read_text()
+    assert "rotation(s) stacked" not in final and ": IIA " not in final
