@@ -82,3 +82,28 @@ def test_two_workers_train_their_share_and_the_assembly_trains_nothing(tmp_path)
         [(1, 0), (1, 1), (7, 0), (7, 1)]
     final = (tmp_path / "runs" / io.slug(MODEL) / "09_das_arithmetic.ipynb").read_text()
     assert "rotation(s) stacked" not in final and ": IIA " not in final
+
+
+def test_a_failed_worker_leaves_the_target_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    """A worker that fails: its log is printed, exit code 1, nothing copied into the target
+    folder and no assembly run."""
+    from lib.core import io
+
+    target = tmp_path / "fc" / io.slug(MODEL)
+    target.mkdir(parents=True)
+    (target / sweep.FINETUNE).write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def failing(args, params, runs_dir):
+        return [sys.executable, "-c", f"print('worker of {params['CAUSAL_MODELS']}'); "
+                "raise SystemExit(3)"]
+    monkeypatch.setattr(sweep, "runner_command", failing)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("assembled"))
+    argv = ["--models", MODEL, "--work-dir", str(tmp_path / "work"), "-p",
+            f"FULL_COMPUTE_DIR={tmp_path / 'fc'}", "-p", f"GRAPHS_DIR={tmp_path / 'g'}",
+            "-p", "CAUSAL_MODELS=1,2,7"]
+    assert sweep.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "worker 0 failed" in out and "worker of 1,2" in out and "worker of 7" in out
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                  if not p.is_relative_to(tmp_path / "work")) == before
