@@ -97,37 +97,39 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def _missing(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    """``(file, its place under dst)`` for every finished file under ``src`` that ``dst``
+    lacks (temporary files of a writer are skipped); the place's folder is created."""
+    out = []
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
+        to = dst / f.relative_to(src)
+        if not to.exists():
+            to.parent.mkdir(parents=True, exist_ok=True)
+            out.append((f, to))
+    return out
+
+
 def _link_tree(src: Path, dst: Path) -> int:
     """Every file under ``src`` at the same place under ``dst`` (a hard link, else a copy),
     where ``dst`` has none; returns how many."""
-    count = 0
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-        to = dst / f.relative_to(src)
-        if to.exists():
-            continue
-        to.parent.mkdir(parents=True, exist_ok=True)
+    pairs = _missing(src, dst)
+    for f, to in pairs:
         try:
             os.link(f, to)
         except OSError:
             shutil.copy2(f, to)
-        count += 1
-    return count
+    return len(pairs)
 
 
 def _copy_new(src: Path, dst: Path) -> int:
     """Files under ``src`` that ``dst`` lacks, copied in atomically (a temporary name, then a
     rename); returns how many."""
-    count = 0
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-        to = dst / f.relative_to(src)
-        if to.exists():
-            continue
-        to.parent.mkdir(parents=True, exist_ok=True)
+    pairs = _missing(src, dst)
+    for f, to in pairs:
         tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
         shutil.copy2(f, tmp)
         os.replace(tmp, to)
-        count += 1
-    return count
+    return len(pairs)
 
 
 def runner_command(args, params: dict, runs_dir: Path) -> list[str]:
