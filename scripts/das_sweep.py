@@ -28,8 +28,6 @@ log is printed and its folder kept, so a rerun resumes (finished runs are units)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -38,6 +36,7 @@ import time
 from pathlib import Path
 
 from lib.core import io, paths
+from lib.core.atomic import atomic_write
 from lib.core.params import ParameterError, parse_list
 from lib.runner import check_run, parse_params, select_notebooks
 
@@ -126,9 +125,7 @@ def _copy_new(src: Path, dst: Path) -> int:
     rename); returns how many."""
     pairs = _missing(src, dst)
     for f, to in pairs:
-        tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
-        shutil.copy2(f, tmp)
-        os.replace(tmp, to)
+        atomic_write(to, lambda tmp, f=f: shutil.copy2(f, tmp))
     return len(pairs)
 
 
@@ -155,9 +152,8 @@ def main(argv=None) -> int:
         finetune.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(default, finetune)
         print(f"copied 09's fine-tune result {default} into {finetune.parent}")
-    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in sorted(args.params.items())})
-                            .encode()).hexdigest()[:12]
-    base = Path(args.work_dir) / io.slug(args.models) / digest
+    base = Path(args.work_dir) / io.slug(args.models) / io.params_key(
+        {k: str(v) for k, v in args.params.items()})
     shares = groups(args.causal_models, args.workers)
     procs = []
     for i, share in enumerate(shares):

@@ -16,8 +16,9 @@ runs its file checks on all of a notebook's results before its model loads. Each
 declares its shape (:class:`lib.core.schema.Kind`, beside the code that writes it), checked on
 every read: a stored file that cannot be read or does not have its kind's shape is named, set
 aside (renamed to ``<name>.set-aside``, as refused tensor files are) and treated as missing,
-so it is recomputed; a valid result of *another* kind (another notebook's file where this one writes) is refused before any
-work (:class:`lib.core.schema.WrongKindError`), and nothing is moved or overwritten.
+so it is recomputed; a valid result of *another* kind (another notebook's file where this one
+writes) is refused before any work (:class:`lib.core.schema.WrongKindError`), and nothing is
+moved or overwritten.
 :class:`UnitStore` keeps finished units of a long computation (one JSON each, also atomic) so
 that a rerun resumes where an interrupted one stopped. :func:`slug` is the one
 file-system name of a model.
@@ -79,10 +80,10 @@ def inside(folder: str | os.PathLike, name: str) -> Path:
 
 
 def set_aside(path: str | os.PathLike, why: str) -> Path:
-    """Rename an unreadable result file to ``<name>.set-aside`` (``.set-aside-2`` ...; the
-    name :func:`lib.core.tensorfiles.set_aside` gives a refused tensor file: unreadable, of an
-    old shape or failing its schema, kept, not deleted), with a warning naming it; returns the
-    new path."""
+    """Rename a result file that cannot be read, is of an old shape or fails its schema to
+    ``<name>.set-aside`` (``.set-aside-2`` ...; kept, not deleted, named as
+    :func:`lib.core.tensorfiles.set_aside` names a refused tensor file), with a warning naming
+    it; returns the new path."""
     path = Path(path)
     target = paths.unused_name(path, ".set-aside")
     os.replace(path, target)
