@@ -38,8 +38,7 @@ def expected_shapes(stack) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     for name, p in _names(stack):
         out[name] = tuple(p.shape)
-        out.update({f"{name}.step": (), f"{name}.exp_avg": tuple(p.shape),
-                    f"{name}.exp_avg_sq": tuple(p.shape)})
+        out.update({f"{name}.{k}": () if k == "step" else tuple(p.shape) for k in ADAM_STATE})
     return out
 
 
