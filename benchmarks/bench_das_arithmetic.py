@@ -35,7 +35,7 @@ from lib.studies import das
 from lib.studies.das import arithmetic_das as da
 from lib.core.hooks import capture, patch
 from lib.core.models import load_model
-from lib.core.params import parse_layers
+from lib.core.parsers import parse_layers
 
 
 def evaluation(lm, layer, module, states, pairs) -> dict:

@@ -26,7 +26,7 @@ from _common import timed, write_result
 from lib.studies import interchange
 from lib.core.hooks import Intervention, patch, run_with_cache
 from lib.core.models import load_model
-from lib.core.params import parse_sites
+from lib.core.parsers import parse_sites
 
 
 @torch.no_grad()

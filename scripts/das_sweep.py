@@ -37,7 +37,8 @@ from pathlib import Path
 
 from lib.core import io, paths
 from lib.core.atomic import atomic_write
-from lib.core.params import ParameterError, parse_list
+from lib.core.params import ParameterError
+from lib.core.parsers import parse_list
 from lib.runner import check_run, parse_params, select_notebooks
 
 ROOT = paths.REPO_ROOT

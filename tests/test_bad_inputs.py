@@ -18,8 +18,8 @@ from lib.core import io, paths
 from lib import runner
 from lib.core.hooks import Intervention, NonFiniteError, allow_nonfinite, patch
 from lib.core.models import ModelNotFoundError, PromptError, load_model
-from lib.core.params import (ParameterError, check_namespace, parse_layers, parse_list,
-                        parse_positions, parse_sites)
+from lib.core.params import ParameterError, check_namespace
+from lib.core.parsers import parse_layers, parse_list, parse_positions, parse_sites
 from lib.core.prompts import DuplicatePromptWarning, PromptFileError, load_pairs
 
 RESULT_DIRS = [paths.SCORES, paths.TOKEN_SETS, paths.FULL_COMPUTE, paths.GRAPHS, paths.RUNS,

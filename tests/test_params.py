@@ -5,9 +5,8 @@ import papermill as pm
 import pytest
 
 from lib.core import paths
-from lib.core.params import (CliText, ParameterError, check_value, notebook_values,
-                             parse_layers, parse_list, parse_positions, parse_sites,
-                             read_parameters)
+from lib.core.params import CliText, ParameterError, check_value, notebook_values, read_parameters
+from lib.core.parsers import parse_layers, parse_list, parse_positions, parse_sites
 from lib.runner import list_notebooks
 
 
@@ -88,7 +87,8 @@ def test_a_default_that_breaks_its_own_rule_is_refused(tmp_path):
 
 
 def test_graph_layers_must_be_among_the_trained_layers():
-    from lib.core.params import ParameterError, check_layers_within
+    from lib.core.params import ParameterError
+    from lib.core.parsers import check_layers_within
 
     check_layers_within("22", "14,22")                 # fine, before the model is known
     check_layers_within("-1", "14,22")                 # undecidable without the model: later

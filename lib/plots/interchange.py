@@ -10,7 +10,7 @@ shows or saves it: the notebook displays it and calls :func:`lib.plots.save_figu
 from __future__ import annotations
 
 from lib.studies.interchange import ATTRIBUTION_KEYS, RECORD_KEYS
-from lib.core.params import parse_positions
+from lib.core.parsers import parse_positions
 
 
 def records_frame(payload: dict):

@@ -99,7 +99,7 @@ def layer_scores(model: str, device: str, dtype: str, pair_sets: Sequence, layer
     """Notebook 00: separability of every comparison at every layer and component."""
     from lib.studies import separability as S
     from lib.core.models import load_model
-    from lib.core.params import parse_layers
+    from lib.core.parsers import parse_layers
 
     comparisons = S.build_comparisons(pair_sets)
     if "fisher" in metrics:   # a file too small for the folds: refused before the model loads
@@ -129,7 +129,7 @@ def token_sets(model: str, device: str, dtype: str, seed: int, pair_sets: Sequen
     unit per file, holding every score and filing), then the chosen score and filing."""
     from lib.studies import domain_swap as ds
     from lib.core.models import load_model
-    from lib.core.params import parse_layers
+    from lib.core.parsers import parse_layers
 
     lm = load_model(model, device, dtype, seed=seed)
     layers = parse_layers(layers_spec, lm.n_layers)
@@ -176,7 +176,7 @@ def domain_effects(model: str, device: str, dtype: str, seed: int, pair_sets: Se
     resumable unit per file)."""
     from lib.studies import domain_swap as ds
     from lib.core.models import load_model
-    from lib.core.params import parse_layers
+    from lib.core.parsers import parse_layers
 
     lm = load_model(model, device, dtype, seed=seed)
     layers = parse_layers(layers_spec, lm.n_layers)
@@ -305,7 +305,7 @@ def eap_edges(lm, pairs: list[dict], layers_spec: str, ig_steps: int, exact_pair
     """Notebook 07, part 4: EAP and EAP-IG on every pair beside exact edge patching on the
     first ``exact_pairs``."""
     from lib.studies import path_patching as pp
-    from lib.core.params import parse_layers
+    from lib.core.parsers import parse_layers
 
     layers = parse_layers(layers_spec, lm.n_layers, "EAP_LAYERS")
     result = pp.eap_study(lm, pairs, layers, ig_steps=ig_steps, exact_pairs=exact_pairs,

@@ -27,7 +27,8 @@ import torch
 
 from lib.core import io, paths, schema
 from lib.core.memory import check_fits
-from lib.core.params import ParameterError, check_layers_within, parse_layers, parse_list
+from lib.core.params import ParameterError
+from lib.core.parsers import check_layers_within, parse_layers, parse_list
 from lib.core.tensorfiles import TensorFileError, set_aside
 from lib.core.schema import NUM, Kind, map_of, maybe, nonempty, one_of, optional
 from lib.studies import das

@@ -22,7 +22,7 @@ from lib.core import paths
 from lib.core.memory import check_fits
 from lib.core.io import load_or_compute, params_key, provenance_without_lm
 from lib.core.schema import NUM, Kind, map_of, maybe, nonempty
-from lib.core.params import parse_layers, parse_list
+from lib.core.parsers import parse_layers, parse_list
 from lib.studies import das
 from lib.studies.das import mlp_das, mlp_grid
 from lib.studies.das.causal_model import (CausalModel, CounterfactualDataset, encode,
