@@ -12,13 +12,25 @@ budget, so an interrupted run resumes and a larger ``--max-steps`` goes on from 
 tuned weights) and ``graphs/<model>/das_convergence.png|pdf``. The tuned model comes from 09's
 fine-tune (its cache, ``--cache-dir``; fine-tuned when missing, ~12 minutes on 2 CPU cores).
 Prints the time it took.
+
+With ``--workers N`` (one per core) the causal models are split over N processes of this
+script (contiguous groups, larger first), each in its own folder
+``.cache/das_convergence/<model>/<hash of the grid>/w<i>`` (``--work-dir``) that starts with
+09's fine-tune result, so each trains its share (and keeps its training state there: a rerun
+of the same command resumes, a larger ``--max-steps`` goes on). When every worker has
+succeeded, this process assembles the grid from their results (``--reuse``: nothing is
+trained again) into the usual file and figure; a failed worker's log is printed and nothing is
+written. Workers' stacks are smaller than one process's, so their rotations equal the single
+process's within float32 rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +56,10 @@ def parse(argv=None) -> argparse.Namespace:
                         help="largest budget: the grid doubles from --start up to it")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes (one per core): the causal models split over them")
+    parser.add_argument("--work-dir", default="",
+                        help="the workers' folders (default .cache/das_convergence)")
     parser.add_argument("--cache-dir", default="", help="09's CACHE_DIR (tuned weights)")
     parser.add_argument("--full-compute-dir", default="")
     parser.add_argument("--graphs-dir", default="")
@@ -70,7 +86,54 @@ def parse(argv=None) -> argparse.Namespace:
                      "steps")
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: at least 1")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: at least 1")
     return args
+
+
+def worker_command(args, share: list[int], folder: Path, reuse: list[str]) -> list[str]:
+    """This script on ``share`` of the causal models, writing into ``folder``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--model", args.model,
+           "--layer", str(args.layer), "--models", ",".join(map(str, share)),
+           "--seeds", ",".join(map(str, args.seed_list)), "--start", str(args.start),
+           "--max-steps", str(args.max_steps), "--rank", str(args.rank),
+           "--threads", str(args.threads), "--cache-dir", args.cache_dir,
+           "--full-compute-dir", str(folder), "--graphs-dir", str(folder / "graphs")]
+    for path in reuse:
+        cmd += ["--reuse", path]
+    return cmd + (["--force"] if args.force else [])
+
+
+def run_workers(args, run, started: float) -> list[str] | None:
+    """The grid's causal models split over ``args.workers`` processes (:mod:`workers`), each
+    starting from 09's fine-tune result of ``run``; the paths of their results, or None when
+    one failed (its log printed)."""
+    from lib.core import io, paths
+    from workers import groups, start, wait_all
+
+    slug = io.slug(args.model)
+    work = Path(args.work_dir) if args.work_dir else paths.REPO_ROOT / ".cache" / \
+        "das_convergence"
+    # the folder is named by what the workers' runs and training state depend on, not by the
+    # budgets, so that a larger --max-steps goes on from the same workers' state
+    base = work / slug / io.params_key({
+        "model": args.model, "layer": args.layer, "models": args.model_ids,
+        "seeds": args.seed_list, "start": args.start, "rank": args.rank,
+        "threads": args.threads, "workers": args.workers, "cache_dir": args.cache_dir})
+    target = run.out_dir / "das_convergence.json"
+    reuse = list(args.reuse) + ([str(target)] if target.exists() and not args.force else [])
+    workers = []
+    for i, share in enumerate(groups(args.model_ids, args.workers)):
+        folder = base / f"w{i}"
+        (folder / slug).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run.out_dir / "das_finetune.json", folder / slug / "das_finetune.json")
+        workers.append(start(i, share, folder, worker_command(args, share, folder, reuse),
+                             paths.REPO_ROOT))
+        print(f"worker {i}: causal models {share}, log {workers[-1].log}")
+    if wait_all(workers, "causal models", started):
+        print(f"nothing was written to {target}; a rerun resumes each worker at its last budget")
+        return None
+    return [str(w.folder / slug / "das_convergence.json") for w in workers]
 
 
 def main(argv=None) -> int:
@@ -116,12 +179,20 @@ def main(argv=None) -> int:
         raise SystemExit(str(err)) from None
     run.finetune()   # 09's das_finetune.json (read when current); the tuned model loads lazily
     key = cv.key_of(run, args.layer, args.model_ids, args.seed_list, budgets, args.rank)
+    target = run.out_dir / "das_convergence.json"
+    if args.workers > 1 and len(args.model_ids) > 1 and \
+            io.read_current(target, key, args.force, cv.CONVERGENCE_SCHEMA) is None:
+        results = run_workers(args, run, started)
+        if results is None:
+            return 1
+        for path in results:   # the assembly below reads every causal model from them
+            stored.append(io.read_json(path))
+            cv.CONVERGENCE_SCHEMA(stored[-1])
     bar = tqdm(total=budgets[-1], unit="step", desc="DAS convergence")
 
     def progress(step: int) -> None:
         bar.update(step - bar.n)
 
-    target = run.out_dir / "das_convergence.json"
     if target.exists() and not args.force:
         try:
             earlier = io.read_json(target)

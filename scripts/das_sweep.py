@@ -40,25 +40,13 @@ from lib.core.atomic import atomic_write
 from lib.core.params import ParameterError
 from lib.core.parsers import parse_list
 from lib.runner import check_run, parse_params, select_notebooks
+from workers import groups, start, wait_all
 
 ROOT = paths.REPO_ROOT
 
 #: what 09 keeps per run in its folder: the unit store and the rotations
 RUN_FOLDERS = ("das_units", "das_rotations")
 FINETUNE = "das_finetune.json"
-
-
-def groups(items: list, n: int) -> list[list]:
-    """``items`` in ``n`` contiguous groups (fewer if there are fewer items), sizes differing
-    by at most one, larger first."""
-    n = max(1, min(n, len(items)))
-    size, extra = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + size + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return out
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -156,7 +144,7 @@ def main(argv=None) -> int:
     base = Path(args.work_dir) / io.slug(args.models) / io.params_key(
         {k: str(v) for k, v in args.params.items()})
     shares = groups(args.causal_models, args.workers)
-    procs = []
+    workers = []
     for i, share in enumerate(shares):
         folder = base / f"w{i}"
         out = folder / io.slug(args.models)
@@ -167,34 +155,16 @@ def main(argv=None) -> int:
         params = {**args.params, "CAUSAL_MODELS": ",".join(map(str, share)),
                   "FULL_COMPUTE_DIR": str(folder), "GRAPHS_DIR": str(folder / "graphs"),
                   "GRAPH_ARRANGEMENTS": "0"}
-        log = (folder / "log.txt").open("w")
-        procs.append((i, share, folder, log, subprocess.Popen(
-            runner_command(args, params, folder / "runs"), cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT)))
+        workers.append(start(i, share, folder, runner_command(args, params, folder / "runs"),
+                             ROOT))
         print(f"worker {i}: causal models {share}, {linked} stored files linked in, "
-              f"log {folder / 'log.txt'}")
-    failed = []
-    try:
-        for i, share, folder, log, proc in procs:
-            rc = proc.wait()
-            log.close()
-            print(f"worker {i} (causal models {share}) finished with exit code {rc} after "
-                  f"{time.perf_counter() - started:.0f} s")
-            if rc:
-                failed.append((i, folder))
-    except KeyboardInterrupt:
-        for *_, proc in procs:
-            proc.terminate()
-        raise
-    if failed:
-        for i, folder in failed:
-            tail = (folder / "log.txt").read_text(errors="replace")[-3000:]
-            print(f"--- worker {i} failed; the end of {folder / 'log.txt'}:\n{tail}")
+              f"log {workers[-1].log}")
+    if wait_all(workers, "causal models", started):
         print("nothing was copied into the target folder; a rerun resumes the finished runs")
         return 1
-    copied = sum(_copy_new(folder / io.slug(args.models) / name, args.target / name)
-                 for _, _, folder, _, _ in procs for name in RUN_FOLDERS
-                 if (folder / io.slug(args.models) / name).is_dir())
+    copied = sum(_copy_new(w.folder / io.slug(args.models) / name, args.target / name)
+                 for w in workers for name in RUN_FOLDERS
+                 if (w.folder / io.slug(args.models) / name).is_dir())
     print(f"{copied} new run files copied into {args.target}; 09 with every causal model:")
     rc = subprocess.call(runner_command(args, args.params, Path(args.runs_dir)), cwd=ROOT)
     print(f"done in {time.perf_counter() - started:.0f} s ({len(shares)} workers, "

@@ -189,7 +189,8 @@ def test_bad_grids_are_refused_before_any_training(tuned, monkeypatch, change, m
     (["--max-steps", "10"], "max-steps 10"), (["--max-steps", "40", "--start", "10"], "start"),
     (["--max-steps", "60", "--start", "30"], "start 30"),
     (["--max-steps", "40", "--models", "1,9"], "causal models"),
-    (["--max-steps", "40", "--models", "1,x"], "comma-separated")])
+    (["--max-steps", "40", "--models", "1,x"], "comma-separated"),
+    (["--max-steps", "40", "--workers", "0"], "--workers 0")])
 def test_script_refuses_bad_arguments_before_any_model(argv, match, capsys, monkeypatch):
     import das_convergence as script
 
@@ -276,3 +277,62 @@ def test_script_refuses_an_unreadable_reuse_file(tmp_path, monkeypatch):
         script.main(["--model", "tiny-random-llama", "--layer", "0", "--max-steps", "20",
                      "--full-compute-dir", str(tmp_path / "fc"), "--cache-dir",
                      str(tmp_path / "cache"), "--reuse", str(bad)])
+
+
+@pytest.mark.slow
+def test_two_workers_train_their_share_and_the_assembly_trains_nothing(tmp_path, capsys):
+    """--workers 2 on tiny Llama: M1 and M7 each trained by its own process (09's fine-tune
+    made once, before them), the grid assembled from their results without training, and a
+    larger --max-steps going on from each worker's stored training state."""
+    import das_convergence as script
+
+    from lib.core import io
+
+    dirs = ["--full-compute-dir", str(tmp_path / "fc"), "--graphs-dir", str(tmp_path / "g"),
+            "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work")]
+    argv = ["--model", "tiny-random-llama", "--layer", "0", "--models", "1,7", "--seeds", "0",
+            "--max-steps", "20", "--workers", "2", *dirs]
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "worker 0: causal models [1]" in out and "worker 1: causal models [7]" in out
+    assert "rotations stacked" not in out   # this process trained nothing
+    path = tmp_path / "fc" / "tiny-random-llama" / "das_convergence.json"
+    result = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert result["causal_models"] == [1, 7] and result["reused"] == [1, 7]
+    folders = sorted((tmp_path / "work" / "tiny-random-llama").glob("*/w*"))
+    assert [f.name for f in folders] == ["w0", "w1"]
+    parts = [io.read_result(f / "tiny-random-llama" / "das_convergence.json",
+                            cv.CONVERGENCE_SCHEMA) for f in folders]
+    assert [p["causal_models"] for p in parts] == [[1], [7]]
+    assert result["runs"] == parts[0]["runs"] + parts[1]["runs"]
+    for f in folders:
+        assert "1 rotations stacked" in (f / "log.txt").read_text()
+    # current: read, no worker started
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "is current" in out and "worker 0" not in out
+    # a larger grid: each worker goes on from its own training state
+    longer = [*argv[:argv.index("--max-steps") + 1], "40", *argv[argv.index("--max-steps") + 2:]]
+    assert script.main(longer) == 0
+    for f in folders:
+        assert "resumed from the training state at step 20" in (f / "log.txt").read_text()
+    extended = io.read_result(path, cv.CONVERGENCE_SCHEMA)
+    assert extended["budgets"] == [20, 40]
+    assert [{**r, "points": r["points"][:1]} for r in extended["runs"]] == result["runs"]
+
+
+def test_a_failed_worker_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A worker that fails: its log printed, exit code 1, no result and no figure written."""
+    import das_convergence as script
+
+    def failing(args, share, folder, reuse):
+        return [sys.executable, "-c", f"print('worker of {share}'); raise SystemExit(3)"]
+    monkeypatch.setattr(script, "worker_command", failing)
+    dirs = ["--full-compute-dir", str(tmp_path / "fc"), "--graphs-dir", str(tmp_path / "g"),
+            "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work")]
+    assert script.main(["--model", "tiny-random-llama", "--layer", "0", "--models", "1,7",
+                        "--max-steps", "20", "--workers", "2", *dirs]) == 1
+    out = capsys.readouterr().out
+    assert "worker 0 failed" in out and "worker of [1]" in out and "worker of [7]" in out
+    assert not (tmp_path / "fc" / "tiny-random-llama" / "das_convergence.json").exists()
+    assert not (tmp_path / "g").exists()

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import das_sweep as sweep  # noqa: E402
+import workers  # noqa: E402
 
 MODEL = "tiny-random"
 # 09 on the tiny model at the fast tier's sizes, one seed, no graphs
@@ -20,10 +21,10 @@ TINY = {"N_SHIPPED": "2", "SHOTS": "1", "FT_EPOCHS": "1", "FT_BATCH": "256", "RA
 
 
 def test_groups_are_contiguous_and_balanced():
-    assert sweep.groups([1, 2, 3, 4, 5, 6, 7], 2) == [[1, 2, 3, 4], [5, 6, 7]]
-    assert sweep.groups([1, 2, 3, 4, 5, 6, 7], 3) == [[1, 2, 3], [4, 5], [6, 7]]
-    assert sweep.groups([1, 7], 4) == [[1], [7]]   # never an empty worker
-    assert sweep.groups([3], 1) == [[3]]
+    assert workers.groups([1, 2, 3, 4, 5, 6, 7], 2) == [[1, 2, 3, 4], [5, 6, 7]]
+    assert workers.groups([1, 2, 3, 4, 5, 6, 7], 3) == [[1, 2, 3], [4, 5], [6, 7]]
+    assert workers.groups([1, 7], 4) == [[1], [7]]   # never an empty worker
+    assert workers.groups([3], 1) == [[3]]
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -31,7 +31,8 @@ def plot_convergence(result: dict, title: str = "DAS IIA against training budget
             + geom_line() + geom_point(size=1.5)
             + geom_hline(uniform, aes(yintercept="y"), linetype="dotted", color="grey")
             + facet_wrap("~panel", scales="free_y")
-            + scale_x_continuous(trans="log2", breaks=budgets, labels=[str(b) for b in budgets])
+            + scale_x_continuous(trans="log2", breaks=budgets, labels=[str(b) for b in budgets],
+                                 minor_breaks=[])   # none between doublings; one budget has none
             + labs(x="optimizer steps (batches of 64 fresh pairs; log2 axis)", y="",
                    color="", fill="", linetype="",
                    title=title, caption="band: t 95 % interval over seeds; dotted: uniform "
