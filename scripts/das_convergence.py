@@ -92,15 +92,17 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def worker_command(args, share: list[int], folder: Path, reuse: list[str]) -> list[str]:
-    """This script on ``share`` of the causal models, writing into ``folder``."""
+    """This script on ``share`` of the causal models, writing into ``folder`` (paths made
+    absolute: the workers run in the repository's root, this process maybe elsewhere)."""
+    cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else ""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--model", args.model,
            "--layer", str(args.layer), "--models", ",".join(map(str, share)),
            "--seeds", ",".join(map(str, args.seed_list)), "--start", str(args.start),
            "--max-steps", str(args.max_steps), "--rank", str(args.rank),
-           "--threads", str(args.threads), "--cache-dir", args.cache_dir,
+           "--threads", str(args.threads), "--cache-dir", cache_dir,
            "--full-compute-dir", str(folder), "--graphs-dir", str(folder / "graphs")]
     for path in reuse:
-        cmd += ["--reuse", path]
+        cmd += ["--reuse", str(Path(path).resolve())]
     return cmd + (["--force"] if args.force else [])
 
 
@@ -112,7 +114,7 @@ def run_workers(args, run, started: float) -> list[str] | None:
     from workers import groups, start, wait_all
 
     slug = io.slug(args.model)
-    work = Path(args.work_dir) if args.work_dir else paths.REPO_ROOT / ".cache" / \
+    work = Path(args.work_dir).resolve() if args.work_dir else paths.REPO_ROOT / ".cache" / \
         "das_convergence"
     # the folder is named by what the workers' runs and training state depend on, not by the
     # budgets, so that a larger --max-steps goes on from the same workers' state
