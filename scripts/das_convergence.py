@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     from tqdm import tqdm
 
-    from lib.core import io, paths
+    from lib.core import io, paths, schema
     from lib.core.models import load_model
     from lib.core.params import ParameterError, notebook_values, read_parameters
     from lib.plots import save_figure
@@ -153,9 +153,8 @@ def main(argv=None) -> int:
     stored = []
     for path in args.reuse:   # named by the user: refused, naming it, before any model loads
         try:
-            stored.append(io.read_json(path))
-            cv.CONVERGENCE_SCHEMA(stored[-1])
-        except (OSError, ValueError) as err:
+            stored.append(io.read_result(path, cv.CONVERGENCE_SCHEMA))
+        except (OSError, ValueError, schema.WrongKindError) as err:
             raise SystemExit(f"--reuse {path}: not a readable das_convergence.json "
                              f"({err})") from None
     torch.set_num_threads(args.threads)
@@ -187,9 +186,8 @@ def main(argv=None) -> int:
         results = run_workers(args, run, started)
         if results is None:
             return 1
-        for path in results:   # the assembly below reads every causal model from them
-            stored.append(io.read_json(path))
-            cv.CONVERGENCE_SCHEMA(stored[-1])
+        # the assembly below reads every causal model from them
+        stored += [io.read_result(path, cv.CONVERGENCE_SCHEMA) for path in results]
     bar = tqdm(total=budgets[-1], unit="step", desc="DAS convergence")
 
     def progress(step: int) -> None:
