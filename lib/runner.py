@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from lib.core import io, paths
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    started_ns = time.time_ns()
     try:
         done = run_notebooks(notebooks, args.models, params, args.runs_dir, args.timeout,
                              threads=args.threads, force=args.force)
@@ -393,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     for path in done:
-        print(f"wrote {path}")
+        # keep_if_unchanged leaves a copy with the same content untouched, mtime included
+        if path.stat().st_mtime_ns >= started_ns:
+            print(f"wrote {path}")
+        else:
+            print(f"unchanged {path} (same content as the copy already there)")
     return 0
 
 

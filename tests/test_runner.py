@@ -213,3 +213,18 @@ def test_consecutive_stream_outputs_are_merged():
             {"output_type": "stream", "name": "stdout", "text": "c\n"}]
     got = runner._merged_streams(outs)
     assert [o.get("text") for o in got] == ["a\nb\n", "w\n", None, "c\n"]
+
+
+def test_cli_says_which_executed_copies_changed(tmp_path, capsys):
+    argv = ["--notebook-dir", str(NB_DIR), "--notebooks", "00", "--models", "tiny-random",
+            "--runs-dir", str(tmp_path), "-p", "REPEAT=3"]
+    assert runner.main(argv) == 0
+    copy = tmp_path / "tiny-random" / "00_ok.ipynb"
+    assert f"wrote {copy}" in capsys.readouterr().out
+    before = copy.read_bytes()
+    assert runner.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"unchanged {copy}" in out and "wrote" not in out
+    assert copy.read_bytes() == before
+    assert runner.main(argv[:-1] + ["REPEAT=4"]) == 0
+    assert f"wrote {copy}" in capsys.readouterr().out
