@@ -26,7 +26,8 @@ import torch
 
 from _common import timed, write_result
 from lib.studies import domain_swap as ds
-from lib.core.hooks import Intervention, capture, patch
+from lib.core.interventions import Intervention
+from lib.core.hooks import capture, patch
 from lib.core.models import load_model
 from lib.core.prompts import load_pairs
 from lib.core.sites import site_name

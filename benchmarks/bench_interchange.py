@@ -24,7 +24,8 @@ import torch
 
 from _common import timed, write_result
 from lib.studies import interchange
-from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.core.interventions import Intervention
+from lib.core.hooks import patch, run_with_cache
 from lib.core.models import load_model
 from lib.core.parsers import parse_sites
 

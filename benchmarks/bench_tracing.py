@@ -31,7 +31,8 @@ import torch
 
 from _common import write_result
 from lib.studies import tracing
-from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.core.interventions import Intervention
+from lib.core.hooks import patch, run_with_cache
 from lib.core.models import load_model
 from lib.core.sites import site_name
 

@@ -16,7 +16,8 @@ import torch
 
 from lib.core import io, paths
 from lib import runner
-from lib.core.hooks import Intervention, NonFiniteError, allow_nonfinite, patch
+from lib.core.interventions import Intervention
+from lib.core.hooks import NonFiniteError, allow_nonfinite, patch
 from lib.core.models import ModelNotFoundError, PromptError, load_model
 from lib.core.params import ParameterError, check_namespace
 from lib.core.parsers import parse_layers, parse_list, parse_positions, parse_sites

@@ -10,7 +10,8 @@ import torch
 from conftest import F32_ATOL
 from lib.plots import domain as dp
 from lib.studies import domain_swap as ds
-from lib.core.hooks import Intervention, capture, patch
+from lib.core.interventions import Intervention
+from lib.core.hooks import capture, patch
 from lib.core.prompts import PromptPairs
 from lib.core.sites import site_name
 

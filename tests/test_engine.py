@@ -10,7 +10,8 @@ import torch
 from conftest import F32_ATOL
 from lib.core.engine import (Batch, Capture, Context, Engine, Ref, Row, merge_interventions, plan,
                         row_start, run, run_naive)
-from lib.core.hooks import Intervention, NonFiniteError, allow_nonfinite, count_hooks
+from lib.core.interventions import Intervention
+from lib.core.hooks import NonFiniteError, allow_nonfinite, count_hooks
 from lib.core.models import load_model
 
 ARCHS = ["tiny-random-llama", "tiny-random-gemma3", "tiny-random-gpt2"]

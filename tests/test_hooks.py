@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import F32_ATOL
-from lib.core.hooks import Intervention, SiteError, capture, count_hooks, patch, run_with_cache
+from lib.core.interventions import Intervention
+from lib.core.hooks import SiteError, capture, count_hooks, patch, run_with_cache
 from lib.core.sites import LAYER_SITES, all_sites, parse_site, site_name
 
 BASE = "The cat sat on the mat"
@@ -261,7 +262,7 @@ def test_one_meaning_in_patch_and_in_the_engine(llama):
     absolute through an offset; `rows` selects batch rows in patch and is refused by the engine,
     where a row's interventions apply to that row alone."""
     from lib.core.engine import Context, Engine, Row
-    from lib.core.hooks import Op
+    from lib.core.interventions import Op
 
     iv = Intervention("blocks.0.mlp_out", positions=(5, 6), kind="zero", rows=(1,))
     op = iv.to_op(offset=4)

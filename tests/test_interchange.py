@@ -8,7 +8,8 @@ import torch
 
 from conftest import F32_ATOL
 from lib.studies.attribution import attribution_patching, correlations
-from lib.core.hooks import Intervention, patch, run_with_cache
+from lib.core.interventions import Intervention
+from lib.core.hooks import patch, run_with_cache
 from lib.studies.interchange import (ATTRIBUTION_KEYS, RECORD_KEYS, TokenizationMismatchError,
                              align_prompts, grid_cells, interchange_rows,
                              node_order, run_interchange, strongest_cells, sweep_interchange)

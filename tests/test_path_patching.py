@@ -12,7 +12,8 @@ import torch
 from conftest import F32_ATOL, assert_f32_close
 from lib.studies import path_patching as pp
 from lib.core.engine import Context, Engine
-from lib.core.hooks import Intervention, _Hooks, _hook_point, n_kv_heads, patch, run_with_cache
+from lib.core.interventions import Intervention
+from lib.core.hooks import _Hooks, _hook_point, n_kv_heads, patch, run_with_cache
 from lib.studies.interchange import grid_cells, sweep_interchange
 from lib.core.sites import site_name
 

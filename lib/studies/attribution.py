@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lib.core.engine import Capture, Context, Engine, Row
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """A metric maps the last-position logits (vocab,), float32 or wider, to a scalar tensor."""

@@ -50,7 +50,8 @@ import pandas as pd
 import torch
 
 from lib.core.activations import token_ids
-from lib.core.hooks import Intervention, capture, patch
+from lib.core.interventions import Intervention
+from lib.core.hooks import capture, patch
 from lib.core.sites import site_name
 
 SIDES = ("b_into_a", "a_into_b")

@@ -39,7 +39,7 @@ import torch
 
 from lib.studies.attribution import attribution_patching, correlations
 from lib.core.engine import Context, Engine, Ref, Row, run_naive
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 from lib.core.parsers import parse_layers, parse_positions, parse_sites
 from lib.core.schema import NUM, Kind, map_of, names, nonempty, optional
 from lib.core.sites import ALL_SITE_KINDS, GLOBAL_SITES, LAYER_SITES, site_name

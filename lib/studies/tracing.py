@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from lib.core.engine import Capture, Context, Engine, Ref, Row, run_naive
-from lib.core.hooks import Intervention, capture
+from lib.core.interventions import Intervention
+from lib.core.hooks import capture
 from lib.core.sites import site_name
 
 TRACE_KINDS = ("hidden", "mlp", "attention")

@@ -31,7 +31,8 @@ from lib.core.engine.passes import (
     skip_blocks,
 )
 from lib.core.engine.planning import Batch, merge_interventions, plan, row_start, site_layer
-from lib.core.hooks import Intervention, StopForward, apply_hooks, apply_ops, record_hooks
+from lib.core.interventions import Intervention
+from lib.core.hooks import StopForward, apply_hooks, apply_ops, record_hooks
 from lib.core.sites import parse_site, site_name
 
 

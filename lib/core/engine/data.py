@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 from lib.core.sites import parse_site
 
 

@@ -19,7 +19,8 @@ import torch
 from lib.core.engine.data import Capture, Context, Ref, Row
 from lib.core.engine.passes import _full_positions, _iv_key, _positions, _read, _ref_slice
 from lib.core.engine.planning import merge_interventions
-from lib.core.hooks import Intervention, apply_hooks, record_hooks
+from lib.core.interventions import Intervention
+from lib.core.hooks import apply_hooks, record_hooks
 
 
 def run_naive(lm, contexts: Sequence[Context], rows: Sequence[Row], readout=None, *,

@@ -13,7 +13,7 @@ import torch
 
 from lib.core.engine.data import Ref
 from lib.core.engine.planning import site_layer
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 from lib.core.sites import HEAD_SITES, parse_site
 
 

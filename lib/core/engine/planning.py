@@ -1,6 +1,6 @@
 """Planning, a pure function of the rows: where each row starts, batches by context length, first
 patched position and layer (with the cost model that cuts them), and the merge of many rows'
-interventions into one :class:`lib.core.hooks.Op` per group; see :mod:`lib.core.engine`.
+interventions into one :class:`lib.core.interventions.Op` per group; see :mod:`lib.core.engine`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lib.core.hooks import Intervention, Op
+from lib.core.interventions import Intervention, Op
 from lib.core.sites import parse_site
 
 

@@ -15,7 +15,7 @@ import torch
 from lib.core.activations import collect_last_token
 from lib.studies.domain_swap.common import _BASE_OF, COMPONENTS, SIDES
 from lib.core.engine import Context, Engine, Ref, Row, run_naive
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 from lib.core.prompts import PromptPairs
 from lib.core.sites import site_name
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lib.core.engine import Capture, Context, Engine, Row, run_naive
-from lib.core.hooks import Intervention
+from lib.core.interventions import Intervention
 from lib.studies.path_patching.nodes import Node, parse_node
 from lib.studies.path_patching.paths import _receiver_site
 from lib.core.sites import site_name

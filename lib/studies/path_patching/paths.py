@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from lib.core.engine import Capture, Context, Engine, Ref, Row, run_naive
-from lib.core.hooks import Intervention, n_kv_heads
+from lib.core.interventions import Intervention
+from lib.core.hooks import n_kv_heads
 from lib.studies.path_patching.nodes import FREEZE_POLICIES, Node, parse_node
 from lib.core.sites import site_name
 

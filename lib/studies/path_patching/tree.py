@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from lib.core.engine import Context, Engine, Ref, Row, run_naive
-from lib.core.hooks import Intervention, n_kv_heads
+from lib.core.interventions import Intervention
+from lib.core.hooks import n_kv_heads
 from lib.studies.path_patching.nodes import Lineage
 from lib.core.sites import site_name
 
