@@ -12,7 +12,9 @@ own share of ``CAUSAL_MODELS`` (contiguous groups, sizes differing by at most on
 into its own folder ``.cache/das_sweep/<model>/<hash of the parameters>/w<i>`` (``--work-dir``),
 which starts with the target folder's fine-tune result and every run already stored there
 (hard links), so a worker trains only what the target lacks. When every worker has finished,
-their new runs (``das_units``, ``das_rotations``) are copied into the target folder, and 09 runs
+their new runs (``das_units``, ``das_rotations``) are copied into the target folder (with any
+run a worker trained again because the stored copy it was linked to could not be read; that copy
+is set aside, not deleted), and 09 runs
 there once with all the causal models: it trains nothing and writes ``das_iia.json``, the
 figures and the executed copy as a single run would. A worker's runs are those of a stack of
 its own causal models, equal to the single process's within float32 rounding (tested in
@@ -85,37 +87,47 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _missing(src: Path, dst: Path) -> list[tuple[Path, Path]]:
-    """``(file, its place under dst)`` for every finished file under ``src`` that ``dst``
-    lacks (temporary files of a writer are skipped); the place's folder is created."""
-    out = []
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-        to = dst / f.relative_to(src)
-        if not to.exists():
-            to.parent.mkdir(parents=True, exist_ok=True)
-            out.append((f, to))
-    return out
+def _finished(src: Path) -> list[Path]:
+    """Finished files under ``src``: not a writer's temporary file, not one set aside."""
+    return sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+                  and ".set-aside" not in p.name)
 
 
 def _link_tree(src: Path, dst: Path) -> int:
     """Every file under ``src`` at the same place under ``dst`` (a hard link, else a copy),
     where ``dst`` has none; returns how many."""
-    pairs = _missing(src, dst)
-    for f, to in pairs:
+    linked = 0
+    for f in _finished(src):
+        to = dst / f.relative_to(src)
+        if to.exists():
+            continue
+        to.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(f, to)
         except OSError:
             shutil.copy2(f, to)
-    return len(pairs)
+        linked += 1
+    return linked
 
 
-def _copy_new(src: Path, dst: Path) -> int:
-    """Files under ``src`` that ``dst`` lacks, copied in atomically (a temporary name, then a
-    rename); returns how many."""
-    pairs = _missing(src, dst)
-    for f, to in pairs:
+def _copy_back(src: Path, dst: Path) -> int:
+    """A worker's files under ``src`` into ``dst``, atomically (a temporary name, then a
+    rename): those ``dst`` lacks, and those the worker wrote again in place of its link to
+    ``dst``'s copy (another file now, other bytes: 09 set the linked one aside as unreadable or
+    not current), whose old copy in ``dst`` is set aside (kept, renamed ``.set-aside``), not
+    deleted. Returns how many were copied."""
+    copied = 0
+    for f in _finished(src):
+        to = dst / f.relative_to(src)
+        if to.exists():
+            if os.path.samefile(f, to) or to.read_bytes() == f.read_bytes():
+                continue
+            io.set_aside(to, f"the sweep's worker could not use it and trained the run again "
+                             f"as {f}")
+        to.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(to, lambda tmp, f=f: shutil.copy2(f, tmp))
-    return len(pairs)
+        copied += 1
+    return copied
 
 
 def runner_command(args, params: dict, runs_dir: Path) -> list[str]:
@@ -162,10 +174,11 @@ def main(argv=None) -> int:
     if wait_all(workers, "causal models", started):
         print("nothing was copied into the target folder; a rerun resumes the finished runs")
         return 1
-    copied = sum(_copy_new(w.folder / io.slug(args.models) / name, args.target / name)
+    copied = sum(_copy_back(w.folder / io.slug(args.models) / name, args.target / name)
                  for w in workers for name in RUN_FOLDERS
                  if (w.folder / io.slug(args.models) / name).is_dir())
-    print(f"{copied} new run files copied into {args.target}; 09 with every causal model:")
+    print(f"{copied} new or rewritten run files copied into {args.target}; 09 with every "
+          "causal model:")
     rc = subprocess.call(runner_command(args, args.params, Path(args.runs_dir)), cwd=ROOT)
     print(f"done in {time.perf_counter() - started:.0f} s ({len(shares)} workers, "
           f"{args.threads} thread(s) each)")

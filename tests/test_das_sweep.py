@@ -108,3 +108,30 @@ def test_a_failed_worker_leaves_the_target_folder_as_it_was(tmp_path, monkeypatc
     assert "worker 0 failed" in out and "worker of 1,2" in out and "worker of 7" in out
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
                   if not p.is_relative_to(tmp_path / "work")) == before
+
+
+def test_copy_back_takes_new_and_retrained_runs_and_keeps_the_damaged_copy(tmp_path):
+    """What a worker hands back: a run the target lacks, and a run it trained again in place
+    of a linked copy it could not read (the target's copy set aside, not lost); a run still
+    linked to the target's copy, a temporary file and a set-aside file are not copied."""
+    from lib.core import io
+
+    target, worker = tmp_path / "target" / "das_units", tmp_path / "w0" / "das_units"
+    target.mkdir(parents=True)
+    (target / "kept.json").write_text('{"iia": 0.5}')
+    (target / "damaged.json").write_text('{"iia": 0.')
+    assert sweep._link_tree(target, worker) == 2
+    assert (worker / "kept.json").samefile(target / "kept.json")
+    # the worker's 09 sets its link to the damaged copy aside and writes the run again
+    (worker / "damaged.json").rename(worker / "damaged.json.set-aside")
+    (worker / "damaged.json").write_text('{"iia": 0.7}')
+    (worker / "new.json").write_text('{"iia": 0.9}')
+    (worker / "half.json.tmp").write_text("{")
+    with pytest.warns(io.ResultFileWarning, match="damaged.json"):
+        assert sweep._copy_back(worker, target) == 2
+    assert sorted(p.name for p in target.iterdir()) == [
+        "damaged.json", "damaged.json.set-aside", "kept.json", "new.json"]
+    assert (target / "damaged.json").read_text() == '{"iia": 0.7}'
+    assert (target / "damaged.json.set-aside").read_text() == '{"iia": 0.'
+    assert (target / "new.json").read_text() == '{"iia": 0.9}'
+    assert sweep._copy_back(worker, target) == 0   # a second hand-back copies nothing
