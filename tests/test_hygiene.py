@@ -114,7 +114,7 @@ LIB_MODULES = sorted(LIB.rglob("*.py"))
 FORBIDDEN = {"core": ("lib.studies", "lib.plots", "lib.ui", "lib.runner"),
              "studies": ("lib.plots", "lib.ui", "lib.runner"),
              "plots": ("lib.ui", "lib.runner")}
-MAX_MODULE_LINES = 600
+MAX_MODULE_LINES = 500   # the guide's "under ~500 lines"
 
 
 def layer_violations(layer: str, source: str) -> list[str]:
