@@ -393,3 +393,19 @@ def test_graph_pool_is_held_out_by_default_and_the_in_sample_pool_is_unchanged()
     assert graph_pool(1000, 0) == list(range(1000))
     with pytest.raises(ParameterError, match="GRAPH_POOL='all'"):
         graph_pool(201, 0, split["test"])
+
+
+def test_thesis_column_says_how_many_times_our_counterfactuals_it_trained_on():
+    """The thesis trained each rotation on 800 x 1,280 counterfactuals: 100x 09's 160 steps of
+    64, 800x the old 20-step runs; the heading follows the result's own parameters."""
+    from lib.studies.das.arithmetic_tables import graphs_table
+
+    graph = {"model": 7, "layer": 22, "mean_weight": 0.9, "mean_weight_ci": [0.8, 1.0],
+             "fraction": {"1.0": 0.9}, "thesis_mean_weight_gpt2_layer7_rank256": 0.9758,
+             "mean_weight1_degree": 30.0, "clique_sizes": [36]}
+    for n_train, times in ((10240, "100x"), (1280, "800x")):
+        result = {"graphs": [graph], "pool": "test (held out)",
+                  "provenance": {"parameters": {"DAS_N_TRAIN": n_train, "DAS_EPOCHS": 1}}}
+        [heading] = [c for c in graphs_table(result).columns if c.startswith("thesis")]
+        assert heading == f"thesis (in-sample, GPT-2 layer 7 of 12, {times} our counterfactuals)"
+        assert graphs_table(result)[heading].tolist() == [0.9758]

@@ -113,7 +113,7 @@ def plot_graph_means(graphs: list[dict], title: str = "Pairwise-IIA graphs") -> 
                      "value": g["mean_weight"], "low": g["mean_weight_ci"][0],
                      "high": g["mean_weight_ci"][1]})
         rows.append({"model": label, "layer": f"layer {g['layer']}",
-                     "source": "thesis (GPT-2, layer 7, rank 256)",
+                     "source": "thesis (in-sample, GPT-2, layer 7, rank 256)",
                      "value": g["thesis_mean_weight_gpt2_layer7_rank256"], "low": None,
                      "high": None})
     df = pd.DataFrame(rows)

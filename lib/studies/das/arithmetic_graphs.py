@@ -31,6 +31,17 @@ GRAPH_SCHEMA = Kind("das_graph", "09_das_arithmetic", {
                 "thesis_mean_weight_gpt2_layer7_rank256": float}]})
 #: mean edge weight of the thesis' full graphs (GPT-2, layer 7, rank 256), per causal model
 THESIS_GRAPH = {1: 0.8490, 2: 0.6787, 3: 0.6771, 4: 0.6235, 5: 0.6872, 6: 0.8415, 7: 0.9758}
+#: counterfactuals each of the thesis' rotations was trained on (800 steps of batch 1,280)
+THESIS_COUNTERFACTUALS = 800 * 1280
+
+
+def thesis_label(params: dict) -> str:
+    """The thesis column's heading for results made with 09's ``params``: what differs (its
+    graphs are in-sample, on GPT-2 at layer 7 of 12) and how many times our counterfactuals
+    per rotation (``DAS_N_TRAIN`` x ``DAS_EPOCHS``) it trained on."""
+    ours = int(params["DAS_N_TRAIN"]) * int(params.get("DAS_EPOCHS", 1))
+    return (f"thesis (in-sample, GPT-2 layer 7 of 12, "
+            f"{THESIS_COUNTERFACTUALS / ours:,.0f}x our counterfactuals)")
 
 
 def graph_check(n: int):

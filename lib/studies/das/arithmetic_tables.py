@@ -60,12 +60,14 @@ def cells_table(cells: list[dict]) -> pd.DataFrame:
 def graphs_table(graphs_result: dict) -> pd.DataFrame:
     """One row per graph: mean edge weight with its node-resampled interval, the weight-1
     fraction, the thesis' number, degrees and clique sizes."""
+    from lib.studies.das.arithmetic_graphs import thesis_label
+
+    thesis = thesis_label(graphs_result["provenance"]["parameters"])
     return pd.DataFrame([{**{k: g[k] for k in ("model", "layer", "mean_weight")},
                           "95% interval (nodes resampled)": "{:.3f}–{:.3f}".format(
                               *g["mean_weight_ci"]),
                           "weight-1 fraction": g["fraction"]["1.0"],
-                          "thesis (in-sample, GPT-2 layer 7 of 12, 800x our counterfactuals)":
-                              g["thesis_mean_weight_gpt2_layer7_rank256"],
+                          thesis: g["thesis_mean_weight_gpt2_layer7_rank256"],
                           **{k: g[k] for k in ("mean_weight1_degree", "clique_sizes")},
                           "pool": graphs_result.get("pool", "all (in-sample)")}
                          for g in graphs_result["graphs"]])
