@@ -11,7 +11,9 @@ split by causal model instead. Each worker is ``python -m lib.runner --notebooks
 own share of ``CAUSAL_MODELS`` (contiguous groups, sizes differing by at most one), graphs off,
 into its own folder ``.cache/das_sweep/<model>/<hash of the parameters>/w<i>`` (``--work-dir``),
 which starts with the target folder's fine-tune result and every run already stored there
-(hard links), so a worker trains only what the target lacks. When every worker has finished,
+(hard links), so a worker trains only what the target lacks; while they run, each one's count
+of runs trained so far is printed every 5 minutes (its log holds the rest). When every worker
+has finished,
 their new runs (``das_units``, ``das_rotations``) are copied into the target folder (with any
 run a worker trained again because the stored copy it was linked to could not be read; that copy
 is set aside, not deleted), and 09 runs
@@ -130,6 +132,12 @@ def _copy_back(src: Path, dst: Path) -> int:
     return copied
 
 
+def _unit_names(folder: Path) -> set[str]:
+    """The finished runs (unit files) in a folder of 09's results."""
+    return {p.name for p in _finished(folder / "das_units")} if (folder / "das_units").is_dir() \
+        else set()
+
+
 def runner_command(args, params: dict, runs_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "lib.runner", "--notebooks", "09", "--models", args.models,
            "--runs-dir", str(runs_dir), "--threads", str(args.threads)]
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
     base = Path(args.work_dir) / io.slug(args.models) / io.params_key(
         {k: str(v) for k, v in args.params.items()})
     shares = groups(args.causal_models, args.workers)
-    workers = []
+    workers, stored_units = [], {}
     for i, share in enumerate(shares):
         folder = base / f"w{i}"
         out = folder / io.slug(args.models)
@@ -167,11 +175,16 @@ def main(argv=None) -> int:
         params = {**args.params, "CAUSAL_MODELS": ",".join(map(str, share)),
                   "FULL_COMPUTE_DIR": str(folder), "GRAPHS_DIR": str(folder / "graphs"),
                   "GRAPH_ARRANGEMENTS": "0"}
+        stored_units[i] = _unit_names(out)
         workers.append(start(i, share, folder, runner_command(args, params, folder / "runs"),
                              ROOT))
         print(f"worker {i}: causal models {share}, {linked} stored files linked in, "
               f"log {workers[-1].log}")
-    if wait_all(workers, "causal models", started):
+    def report(w) -> str:
+        new = _unit_names(w.folder / io.slug(args.models)) - stored_units[w.index]
+        return f"{len(new)} run(s) trained"
+
+    if wait_all(workers, "causal models", started, report):
         print("nothing was copied into the target folder; a rerun resumes the finished runs")
         return 1
     copied = sum(_copy_back(w.folder / io.slug(args.models) / name, args.target / name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +49,38 @@ def start(index: int, share: list, folder: Path, command: list[str], cwd: Path) 
     return Worker(index, share, folder, proc)
 
 
-def wait_all(workers: list[Worker], what: str, started: float) -> list[Worker]:
-    """Wait for every worker, printing each exit code; returns the failed ones with the end of
-    their logs printed. Interrupted (Ctrl-C), every worker is stopped."""
-    failed = []
+def wait_all(workers: list[Worker], what: str, started: float,
+             report: Callable[[Worker], str] | None = None, every_s: float = 300.0
+             ) -> list[Worker]:
+    """Wait for every worker, printing each exit code as it comes; returns the failed ones with
+    the end of their logs printed. With ``report``, every ``every_s`` seconds while some still
+    run, one line of each running worker's ``report(worker)`` (e.g. its runs trained so far),
+    when a line changed. Interrupted (Ctrl-C), every worker is stopped."""
+    failed, running, last = [], list(workers), ""
     try:
-        for w in workers:
-            rc = w.proc.wait()
-            print(f"worker {w.index} ({what} {w.share}) finished with exit code {rc} after "
-                  f"{time.perf_counter() - started:.0f} s")
-            if rc:
-                failed.append(w)
+        while running:
+            try:
+                running[0].proc.wait(timeout=every_s if report else None)
+            except subprocess.TimeoutExpired:
+                pass
+            for w in [w for w in running if w.proc.poll() is not None]:
+                running.remove(w)
+                rc = w.proc.returncode
+                print(f"worker {w.index} ({what} {w.share}) finished with exit code {rc} after "
+                      f"{time.perf_counter() - started:.0f} s", flush=True)
+                if rc:
+                    failed.append(w)
+            if report and running:
+                line = "; ".join(f"worker {w.index}: {report(w)}" for w in running)
+                if line != last:
+                    minutes = (time.perf_counter() - started) / 60
+                    print(f"{minutes:.0f} min: {line}", flush=True)
+                    last = line
     except KeyboardInterrupt:
         for w in workers:
             w.proc.terminate()
         raise
+    failed.sort(key=lambda w: w.index)
     for w in failed:
         tail = w.log.read_text(errors="replace")[-3000:]
         print(f"--- worker {w.index} failed; the end of {w.log}:\n{tail}")

@@ -135,3 +135,30 @@ def test_copy_back_takes_new_and_retrained_runs_and_keeps_the_damaged_copy(tmp_p
     assert (target / "damaged.json.set-aside").read_text() == '{"iia": 0.'
     assert (target / "new.json").read_text() == '{"iia": 0.9}'
     assert sweep._copy_back(worker, target) == 0   # a second hand-back copies nothing
+
+
+def test_wait_all_reports_progress_while_workers_run(tmp_path, capsys):
+    """With a report, the running workers' progress is printed as it changes; each exit code
+    is printed as its worker ends, the failed one's log after."""
+    import time
+
+    script = ("import sys, time, pathlib\n"
+              "for i in range(3):\n"
+              "    time.sleep(0.3); (pathlib.Path(sys.argv[1]) / f'u{i}').write_text('x')\n"
+              "sys.exit(int(sys.argv[2]))")
+    ws = [workers.start(i, [i], tmp_path / f"w{i}",
+                        [sys.executable, "-c", script, str(tmp_path / f"w{i}"), str(i)], tmp_path)
+          for i in (0, 1)]
+
+    def report(w):
+        return f"{len(list(w.folder.glob('u*')))} unit(s)"
+
+    failed = workers.wait_all(ws, "items", time.perf_counter(), report, every_s=0.1)
+    out = capsys.readouterr().out
+    assert [w.index for w in failed] == [1]
+    assert "worker 0 (items [0]) finished with exit code 0" in out
+    assert "worker 1 (items [1]) finished with exit code 1" in out
+    assert "--- worker 1 failed" in out
+    progress = [line for line in out.splitlines() if " min: worker" in line]
+    assert progress and any("unit(s)" in line and "0 unit(s)" not in line for line in progress)
+    assert len(progress) == len(set(progress))   # a line is printed only when it changed
