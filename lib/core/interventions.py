@@ -3,9 +3,9 @@
 An :class:`Intervention` says *where* (a site of :mod:`lib.core.sites`, token positions, batch
 rows, heads) and *what* (replace with a value, add, zero, or any function), as pyvene's
 intervention configs do (Wu et al. 2024, "pyvene: A Library for Understanding and Improving
-PyTorch Models via Interventions"). It is written by one applier, :func:`lib.core.hooks.apply_ops`,
-after becoming an :class:`Op` (:meth:`Intervention.to_op`); the planner
-(:mod:`lib.core.engine`) merges many rows' interventions into one op per group. Nothing here
+PyTorch Models via Interventions"). It is written by one applier,
+:func:`lib.core.hooks.apply_ops`, after becoming an :class:`Op` (:meth:`Intervention.to_op`);
+the planner (:mod:`lib.core.engine`) merges many rows' interventions into one op per group. Nothing here
 touches a model.
 """
 
@@ -43,7 +43,7 @@ class Intervention:
 
     ``value`` and ``fn`` are not serialised; ``source`` is a short free-text label saying where
     ``value`` came from (e.g. ``"run:source prompt 3"``), kept in JSON next to the results.
-    Every intervention is written by :func:`apply_ops` as the :class:`Op` of :meth:`to_op`.
+    Every intervention is written by :func:`lib.core.hooks.apply_ops` as the :class:`Op` of :meth:`to_op`.
     """
 
     site: str
@@ -94,7 +94,7 @@ class Intervention:
 
     def apply(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """A copy of activation ``x`` (site shape) with this intervention applied
-        (:func:`apply_ops`). Differentiable."""
+        (:func:`lib.core.hooks.apply_ops`). Differentiable."""
         from lib.core.hooks import apply_ops   # the applier imports this module
 
         return apply_ops(x, [self.to_op(offset)], self.site)
@@ -115,9 +115,10 @@ class InterventionError(TypeError, ValueError):
 class Op:
     """One operation on a batch at one site: ``kind`` applied to batch rows ``rows`` (None:
     every row) at ``positions`` (relative to the run's first position; None: all) and
-    ``heads``. This is what every intervention becomes before it is written, in :func:`patch`
-    (one op per :class:`Intervention`) and in :mod:`lib.core.engine` (one op per group of rows that
-    share kind, positions and heads, see ``merge_interventions``).
+    ``heads``. This is what every intervention becomes before it is written, in
+    :func:`lib.core.hooks.patch` (one op per :class:`Intervention`) and in
+    :mod:`lib.core.engine` (one op per group of rows that share kind, positions and heads, see
+    ``merge_interventions``).
 
     ``values`` (replace / add): either one value for all the op's rows, which broadcasts to
     the patched slice (rows, positions, features) and so may carry a row axis, or one value
