@@ -5,8 +5,8 @@ rows, heads) and *what* (replace with a value, add, zero, or any function), as p
 intervention configs do (Wu et al. 2024, "pyvene: A Library for Understanding and Improving
 PyTorch Models via Interventions"). It is written by one applier,
 :func:`lib.core.hooks.apply_ops`, after becoming an :class:`Op` (:meth:`Intervention.to_op`);
-the planner (:mod:`lib.core.engine`) merges many rows' interventions into one op per group. Nothing here
-touches a model.
+the planner (:mod:`lib.core.engine`) merges many rows' interventions into one op per group.
+Nothing here touches a model.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Intervention:
 
     ``value`` and ``fn`` are not serialised; ``source`` is a short free-text label saying where
     ``value`` came from (e.g. ``"run:source prompt 3"``), kept in JSON next to the results.
-    Every intervention is written by :func:`lib.core.hooks.apply_ops` as the :class:`Op` of :meth:`to_op`.
+    Every intervention is written by :func:`lib.core.hooks.apply_ops` as the :class:`Op` of
+    :meth:`to_op`.
     """
 
     site: str
