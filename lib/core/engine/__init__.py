@@ -16,8 +16,9 @@ Vocabulary
 ----------
 * :class:`Context`: an input (one prompt, token ids ``(1, T)``) plus interventions that hold in
   every row on it (causal tracing's noise on the subject; nothing for a plain base prompt).
-* :class:`Row`: a context plus the row's own interventions (:class:`lib.core.interventions.Intervention`,
-  positions absolute; their ``rows`` field is ignored: the engine assigns batch rows).
+* :class:`Row`: a context plus the row's own interventions
+  (:class:`lib.core.interventions.Intervention`, positions absolute; their ``rows`` field is
+  ignored: the engine assigns batch rows).
 * A readout: ``"logits"`` (last-position logits, float32, the default), any callable of the
   last-position logits ``(rows, vocab) -> (rows, ...)`` (e.g. two answer probabilities), or
   :class:`Capture` (activations at sites, positions of the caller's choice).

@@ -27,8 +27,8 @@ fixed random rotation (the control beside every learned subspace). :func:`train_
 (Adam, cross-entropy on the counterfactual label) with the network frozen, :func:`iia` measures
 interchange-intervention accuracy (trained rotations are stored as safetensors by
 :mod:`lib.studies.das.rotation_files`), and :func:`hooks_intervention` wraps a module with a bound
-source as a ``lib.core.interventions.Intervention`` (kind ``"function"``), so it runs inside ``lib.core.hooks.patch``
-on a language model, gradients included.
+source as a ``lib.core.interventions.Intervention`` (kind ``"function"``), so it runs inside
+``lib.core.hooks.patch`` on a language model, gradients included.
 """
 
 from __future__ import annotations
@@ -428,7 +428,8 @@ def train_das(module: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
 def hooks_intervention(module: _RotatedBase, site: str, sources, masks: torch.Tensor | None = None,
                        positions: Sequence[int] | None = None, rows: Sequence[int] | None = None,
                        source: str = "das"):
-    """A ``lib.core.interventions.Intervention`` (kind ``"function"``) applying ``module`` at ``site``.
+    """A ``lib.core.interventions.Intervention`` (kind ``"function"``) applying ``module`` at
+    ``site``.
 
     ``sources``: the source activation(s) bound to it, each shaped like the selected slice
     (rows, positions, d) (one tensor, or one per subspace); ``masks`` (rows, n_subspaces).
