@@ -13,14 +13,13 @@ into its own folder ``.cache/das_sweep/<model>/<hash of the parameters>/w<i>`` (
 which starts with the target folder's fine-tune result and every run already stored there
 (hard links), so a worker trains only what the target lacks; while they run, each one's count
 of runs trained so far is printed every 5 minutes (its log holds the rest). When every worker
-has finished,
-their new runs (``das_units``, ``das_rotations``) are copied into the target folder (with any
-run a worker trained again because the stored copy it was linked to could not be read; that copy
-is set aside, not deleted), and 09 runs
-there once with all the causal models: it trains nothing and writes ``das_iia.json``, the
-figures and the executed copy as a single run would. A worker's runs are those of a stack of
-its own causal models, equal to the single process's within float32 rounding (tested in
-``tests/test_das_stacked.py``), not bit for bit.
+has finished, their new runs (``das_units``, ``das_rotations``) are copied into the target
+folder (with any run a worker trained again because the stored copy it was linked to could not
+be read; that copy is set aside, not deleted), and 09 runs there once with all the causal
+models: it trains nothing and writes ``das_iia.json``, the figures and the executed copy as a
+single run would. A worker's runs are those of a stack of its own causal models, equal to the
+single process's within float32 rounding (tested in ``tests/test_das_stacked.py``), not bit for
+bit.
 
 Parameters are checked, with the runner's checks, before any process starts. The target folder
 must hold 09's fine-tune result (``das_finetune.json``; else it is copied there from
@@ -133,9 +132,8 @@ def _copy_back(src: Path, dst: Path) -> int:
 
 
 def _unit_names(folder: Path) -> set[str]:
-    """The finished runs (unit files) in a folder of 09's results."""
-    return {p.name for p in _finished(folder / "das_units")} if (folder / "das_units").is_dir() \
-        else set()
+    """The finished runs (unit files) in a folder of 09's results (none if it has no store)."""
+    return {p.name for p in _finished(folder / "das_units")}
 
 
 def runner_command(args, params: dict, runs_dir: Path) -> list[str]:

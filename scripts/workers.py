@@ -52,15 +52,16 @@ def start(index: int, share: list, folder: Path, command: list[str], cwd: Path) 
 def wait_all(workers: list[Worker], what: str, started: float,
              report: Callable[[Worker], str] | None = None, every_s: float = 300.0
              ) -> list[Worker]:
-    """Wait for every worker, printing each exit code as it comes; returns the failed ones with
-    the end of their logs printed. With ``report``, every ``every_s`` seconds while some still
-    run, one line of each running worker's ``report(worker)`` (e.g. its runs trained so far),
-    when a line changed. Interrupted (Ctrl-C), every worker is stopped."""
+    """Wait for every worker, printing each exit code within ``every_s`` seconds of its end;
+    returns the failed ones with the end of their logs printed. With ``report``, every
+    ``every_s`` seconds while some still run, one line of each running worker's
+    ``report(worker)`` (e.g. its runs trained so far), when a line changed. Interrupted
+    (Ctrl-C), every worker is stopped."""
     failed, running, last = [], list(workers), ""
     try:
         while running:
             try:
-                running[0].proc.wait(timeout=every_s if report else None)
+                running[0].proc.wait(timeout=every_s)
             except subprocess.TimeoutExpired:
                 pass
             for w in [w for w in running if w.proc.poll() is not None]:
